@@ -1,0 +1,133 @@
+"""Runtime set-up and object construction: determinism, strategy, model, loss."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+
+import keras
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import UserError
+from trainer.data import Data
+
+
+def setup_runtime(cfg: DictConfig) -> None:
+    """Seeds (Python, numpy, TF, Keras) and, if asked, op determinism."""
+    keras.utils.set_random_seed(int(cfg.trainer.seed))
+    if cfg.trainer.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def make_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
+    """The tf.distribute strategy the `distribute` group names."""
+    name = cfg.name
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        n = cfg.get("logical_cpus")
+        if n:
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * int(n)
+            )
+        devices = list(cfg.get("devices") or []) or None
+        if devices is None and n and not tf.config.list_physical_devices("GPU"):
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise UserError(
+                "distribute=multi_worker: the TF_CONFIG environment variable is not set"
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise UserError(
+        f"distribute.name: received {name!r}; allowed: default | mirrored | multi_worker"
+    )
+
+
+def _import_class(path: str):
+    module, _, name = str(path).rpartition(".")
+    if not module:
+        raise UserError(
+            f"model._target_: received {path!r}; allowed: a dotted path such as mypkg.MyModel"
+        )
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(
+            f"model._target_: received {path!r}; cannot import it ({e}). "
+            "Is its package on PYTHONPATH?"
+        ) from None
+    if not (inspect.isclass(cls) and issubclass(cls, keras.Model)):
+        raise UserError(f"model._target_: received {path!r}; allowed: a keras.Model subclass")
+    return cls
+
+
+def model_kwargs(model_cfg: DictConfig, data: Data) -> dict:
+    """Constructor arguments: the model group's keys, `output_units: null` filled from the data."""
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    kwargs.pop("_target_", None)
+    if "output_units" in kwargs and kwargs["output_units"] is None:
+        kwargs["output_units"] = data.output_units
+    return kwargs
+
+
+def build_model(model_cfg: DictConfig, data: Data) -> keras.Model:
+    """Instantiate `model._target_` with the model group's keys and build it on one batch."""
+    cls = _import_class(model_cfg._target_)
+    kwargs = model_kwargs(model_cfg, data)
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [
+        p
+        for p, v in params.items()
+        if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)
+    ]
+    for key in kwargs:
+        if key not in allowed and key not in ("name", "dtype", "trainable"):
+            raise UserError(f"model.{key}: not an argument of {cls.__name__}; allowed: {allowed}")
+    try:
+        model = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model: {cls.__name__}({kwargs}) failed: {e}") from None
+    try:
+        model(tf.constant(data.x_train[:1]))  # build every variable before restore/optimizer
+    except Exception as e:
+        raise UserError(
+            f"model: {cls.__name__} cannot take this data's inputs of shape {(None, *data.feature_shape)} "
+            f"({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    out = model(tf.constant(data.x_train[:2]))
+    if out.shape[-1] != data.output_units:
+        raise UserError(
+            f"model: {cls.__name__} outputs {out.shape[-1]} values per example; the data "
+            f"({data.task}) needs {data.output_units}"
+        )
+    return model
+
+
+def per_example_loss(task: str):
+    """The loss per example: mean squared error, or cross-entropy on logits."""
+    if task == "classification":
+        return lambda y, pred: keras.losses.sparse_categorical_crossentropy(
+            y, pred, from_logits=True
+        )
+    return lambda y, pred: tf.reduce_mean(tf.square(tf.cast(y, pred.dtype) - pred), axis=-1)
+
+
+def per_example_metric(task: str) -> tuple[str, callable]:
+    """The task metric per example: ('accuracy', correct) or ('mae', absolute error)."""
+    if task == "classification":
+        return "accuracy", lambda y, pred: tf.cast(
+            tf.equal(tf.cast(y, tf.int64), tf.argmax(pred, axis=-1)), tf.float32
+        )
+    return "mae", lambda y, pred: tf.reduce_mean(tf.abs(tf.cast(y, pred.dtype) - pred), axis=-1)
+
+
+def keras_loss(task: str):
+    """The same loss as a serializable Keras object, for `model.compile` (and so `.keras`)."""
+    if task == "classification":
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return keras.losses.MeanSquaredError()

@@ -1,0 +1,276 @@
+"""The config schema (Hydra structured configs) and the checks a schema cannot express.
+
+Every YAML file in conf/ starts from one of these dataclasses (its `defaults` list names the
+schema), so a typo'd key or a wrong type stops the run while Hydra composes the config,
+before anything is written. `validate()` then checks values: ranges, files, combinations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class UserError(Exception):
+    """A mistake in the user's config or input: reported as one message, exit code 2."""
+
+
+# ---------------------------------------------------------------- trainer, checkpoint, distribute
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    steps_per_execution: int = 1
+    resume: str = "auto"
+    deterministic: bool = True
+    init_from: str | None = None
+    stop_at: int | None = None
+    pause_at: int | None = None
+    debug: bool = False
+
+
+# `async` is a Python keyword, so this schema cannot be written as a `class` body; the
+# dataclass is made from an annotations dict (no generated __init__/__repr__ that would name it).
+CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
+    type(
+        "CheckpointConfig",
+        (),
+        {
+            "__annotations__": {
+                "every": int,
+                "max_to_keep": int,
+                "keep_every_n_hours": float | None,
+                "async": bool,
+            },
+            "every": 100,
+            "max_to_keep": 3,
+            "keep_every_n_hours": None,
+            "async": False,
+        },
+    )
+)
+
+
+@dataclass
+class DistributeConfig:
+    name: str = "default"
+    logical_cpus: int | None = None
+
+
+# ---------------------------------------------------------------- optimizers
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+
+
+@dataclass
+class AdamConfig:
+    name: str = "adam"
+    learning_rate: float = 0.001
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    name: str = "adamw"
+    weight_decay: float = 0.004
+
+
+@dataclass
+class RMSpropConfig:
+    name: str = "rmsprop"
+    learning_rate: float = 0.001
+    momentum: float = 0.0
+    rho: float = 0.9
+
+
+# ---------------------------------------------------------------- schedules
+@dataclass
+class ConstantConfig:
+    name: str = "constant"
+
+
+@dataclass
+class CosineConfig:
+    name: str = "cosine"
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    alpha: float = 0.0
+
+
+@dataclass
+class ExponentialConfig:
+    name: str = "exponential"
+    decay_steps: int = 100
+    decay_rate: float = 0.9
+    staircase: bool = False
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    task: str = "regression"
+    batch_size: int = 32
+    val_fraction: float = 0.2
+
+
+@dataclass
+class SyntheticRegressionConfig(DataConfig):
+    name: str = "synthetic_regression"
+    num_samples: int = 2048
+    num_features: int = 10
+    noise: float = 0.1
+
+
+@dataclass
+class SyntheticSequenceConfig(DataConfig):
+    name: str = "synthetic_sequence"
+    num_samples: int = 1024
+    seq_len: int = 16
+    num_features: int = 4
+    noise: float = 0.05
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    name: str = "digits"
+    task: str = "classification"
+
+
+@dataclass
+class NpzConfig(DataConfig):
+    name: str = "npz"
+    path: str = MISSING
+    task: str = "auto"
+
+
+@dataclass
+class CsvConfig(DataConfig):
+    name: str = "csv"
+    path: str = MISSING
+    target: str = MISSING
+    task: str = "auto"
+
+
+# ---------------------------------------------------------------- verify (scripts/verify_resume.py)
+@dataclass
+class VerifyConfig:
+    interrupt_at: int = 100
+    interrupt: str = "stop"
+    atol: float = 0.0
+    timeout: float = 900.0
+    out: str | None = None
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    data: Any = MISSING
+    trainer: Any = MISSING
+    checkpoint: Any = MISSING
+    distribute: Any = MISSING
+    verify: Any = None
+
+
+SCHEMAS: dict[tuple[str | None, str], Any] = {
+    (None, "schema"): Config,
+    ("trainer", "trainer_schema"): TrainerConfig,
+    ("checkpoint", "checkpoint_schema"): CheckpointConfig,
+    ("distribute", "distribute_schema"): DistributeConfig,
+    ("optimizer", "sgd_schema"): SGDConfig,
+    ("optimizer", "adam_schema"): AdamConfig,
+    ("optimizer", "adamw_schema"): AdamWConfig,
+    ("optimizer", "rmsprop_schema"): RMSpropConfig,
+    ("schedule", "constant_schema"): ConstantConfig,
+    ("schedule", "cosine_schema"): CosineConfig,
+    ("schedule", "exponential_schema"): ExponentialConfig,
+    ("data", "synthetic_regression_schema"): SyntheticRegressionConfig,
+    ("data", "synthetic_sequence_schema"): SyntheticSequenceConfig,
+    ("data", "digits_schema"): DigitsConfig,
+    ("data", "npz_schema"): NpzConfig,
+    ("data", "csv_schema"): CsvConfig,
+    ("verify", "verify_schema"): VerifyConfig,
+}
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)
+
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+# ---------------------------------------------------------------- value checks
+_CHOICES = {
+    "trainer.resume": ("auto", "never"),
+    "data.task": ("regression", "classification", "auto"),
+    "distribute.name": ("default", "mirrored", "multi_worker"),
+}
+
+
+def _bad(key: str, value: Any, allowed: str) -> UserError:
+    return UserError(f"{key}: received {value!r}; allowed: {allowed}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values the schema's types cannot; raise UserError naming key, value, what is allowed."""
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            raise _bad(key, value, " | ".join(allowed))
+    positive_ints = [
+        "trainer.max_steps",
+        "trainer.log_every",
+        "trainer.eval_every",
+        "trainer.steps_per_execution",
+        "checkpoint.every",
+        "checkpoint.max_to_keep",
+        "data.batch_size",
+    ]
+    for key in positive_ints:
+        value = OmegaConf.select(cfg, key)
+        if value is None or value <= 0:
+            raise _bad(key, value, "an integer > 0")
+    lr = cfg.optimizer.learning_rate
+    if not lr > 0:
+        raise _bad("optimizer.learning_rate", lr, "a number > 0")
+    vf = cfg.data.val_fraction
+    if not 0.0 < vf < 1.0:
+        raise _bad("data.val_fraction", vf, "a number strictly between 0 and 1")
+    for key in ("trainer.stop_at", "trainer.pause_at"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0 < value <= cfg.trainer.max_steps:
+            raise _bad(
+                key, value, f"null or a step in 1..trainer.max_steps ({cfg.trainer.max_steps})"
+            )
+    if cfg.checkpoint.keep_every_n_hours is not None and not cfg.checkpoint.keep_every_n_hours > 0:
+        raise _bad(
+            "checkpoint.keep_every_n_hours",
+            cfg.checkpoint.keep_every_n_hours,
+            "null or a number > 0",
+        )
+    if cfg.schedule.name == "cosine":
+        if cfg.schedule.warmup_steps < 0 or cfg.schedule.warmup_steps >= cfg.trainer.max_steps:
+            raise _bad(
+                "schedule.warmup_steps",
+                cfg.schedule.warmup_steps,
+                f"an integer in 0..trainer.max_steps-1 ({cfg.trainer.max_steps - 1})",
+            )
+    if "_target_" not in cfg.model:
+        raise UserError(
+            "model._target_: missing; give the class to train, e.g. model._target_=mypkg.MyModel"
+        )

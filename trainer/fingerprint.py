@@ -1,0 +1,80 @@
+"""What a checkpoint records about its config, and the check that a resume may use it.
+
+The structural part of a config is what a checkpoint's tensors and data position depend
+on: the whole `model` group, the `data` group (except where the file lives) and the
+optimizer kind (its slot variables). Changing any of it under an existing run would load
+tensors into the wrong places or replay other batches, so a resume with a different
+structural part is refused; max_steps, logging, eval and checkpoint cadence may change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.checkpoints import MANIFEST_SUFFIX
+
+_NOT_STRUCTURAL = {"data.path"}
+
+
+def _flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def structural(cfg: DictConfig) -> dict:
+    """The flattened keys that must not change across a resume."""
+    flat = _flatten(
+        "",
+        {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "optimizer": {"name": cfg.optimizer.name},
+        },
+        {},
+    )
+    return {k: v for k, v in flat.items() if k not in _NOT_STRUCTURAL}
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    return hashlib.sha256(json.dumps(structural(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+
+
+def manifest_extra(cfg: DictConfig) -> dict:
+    """Config-derived manifest fields: the whole config, its structural part and fingerprint."""
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "structural": structural(cfg),
+        "config_fingerprint": fingerprint(cfg),
+        "versions": versions(),
+    }
+
+
+def structural_diff(cfg: DictConfig, prefix: str) -> dict[str, tuple]:
+    """{key: (in checkpoint, now)} for structural keys that differ from checkpoint `prefix`."""
+    with open(prefix + MANIFEST_SUFFIX) as f:
+        then = json.load(f).get("structural", {})
+    now = structural(cfg)
+    return {
+        k: (then.get(k), now.get(k))
+        for k in sorted(set(then) | set(now))
+        if then.get(k) != now.get(k)
+    }

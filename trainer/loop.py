@@ -1,0 +1,302 @@
+"""The fit loop: restore-or-initialize, train in tf.function chunks, log, evaluate, checkpoint, export.
+
+Resume order, in this one place (`_restore_or_initialize`):
+  1. the run directory already has a checkpoint: resume from the newest one that verifies;
+  2. `trainer.init_from` names a .keras artifact or a checkpoint: warm start from it;
+  3. otherwise start from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from trainer import build, export, summaries
+from trainer import data as data_lib
+from trainer.checkpoints import CheckpointStore
+from trainer.config import UserError, validate
+from trainer.fingerprint import manifest_extra
+from trainer.optim import build_optimizer, learning_rate_at
+from trainer.signals import StopRequest
+from trainer.state import TrainState
+from trainer.warm_start import warm_start
+
+
+class NonFiniteLoss(Exception):
+    """The loss or gradients became NaN/Inf: nothing is saved past the last good checkpoint."""
+
+
+@dataclass
+class RunResult:
+    status: str  # "completed" | "stopped" (trainer.stop_at) | "interrupted" (signal)
+    step: int
+    resumed_from: int | None
+    run_dir: str
+    final_loss: float | None = None
+    eval: dict = field(default_factory=dict)
+    exports: dict = field(default_factory=dict)
+    signal_name: str | None = None
+
+
+def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: int):
+    """A tf.function running `k` train steps; returns per-step (loss, grad norm, metric)."""
+    replicas = strategy.num_replicas_in_sync
+
+    def step_fn(x, y):
+        with tf.GradientTape() as tape:
+            pred = tf.cast(model(x, training=True), tf.float32)
+            loss = tf.reduce_sum(loss_fn(y, pred)) / global_batch
+            if model.losses:
+                loss += tf.add_n(model.losses) / replicas
+        tvars = model.trainable_variables
+        grads = tape.gradient(loss, tvars)
+        optimizer.apply_gradients(zip(grads, tvars, strict=True))
+        return (
+            loss,
+            tf.linalg.global_norm(grads) / replicas,
+            tf.reduce_sum(metric_fn(y, pred)) / global_batch,
+        )
+
+    @tf.function
+    def chunk(iterator, k):
+        losses = tf.TensorArray(tf.float32, size=k)
+        norms = tf.TensorArray(tf.float32, size=k)
+        metric = tf.TensorArray(tf.float32, size=k)
+        for i in tf.range(k):
+            x, y = next(iterator)
+            loss, norm, m = strategy.run(step_fn, args=(x, y))
+            losses = losses.write(i, strategy.reduce("SUM", loss, axis=None))
+            norms = norms.write(i, strategy.reduce("SUM", norm, axis=None))
+            metric = metric.write(i, strategy.reduce("SUM", m, axis=None))
+        return losses.stack(), norms.stack(), metric.stack()
+
+    return chunk
+
+
+def make_eval_fn(model, loss_fn, metric_fn):
+    @tf.function
+    def batch_sums(x, y):
+        pred = tf.cast(model(x, training=False), tf.float32)
+        return tf.reduce_sum(loss_fn(y, pred)), tf.reduce_sum(metric_fn(y, pred))
+
+    def evaluate(dataset) -> tuple[float, float]:
+        loss = metric = 0.0
+        n = 0
+        for x, y in dataset:
+            a, b = batch_sums(x, y)
+            loss, metric, n = loss + float(a), metric + float(b), n + int(x.shape[0])
+        return loss / n, metric / n
+
+    return evaluate
+
+
+def hparams_of(cfg: DictConfig) -> dict:
+    flat = {
+        "model": str(cfg.model._target_),
+        "optimizer": cfg.optimizer.name,
+        "schedule": cfg.schedule.name,
+        "data": cfg.data.name,
+    }
+    for group in ("model", "optimizer", "data", "trainer", "checkpoint"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            if isinstance(value, (bool, int, float, str)) and key not in ("name", "_target_"):
+                flat[f"{group}.{key}"] = value
+    return flat
+
+
+def fit(cfg: DictConfig, run_dir: str) -> RunResult:
+    """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened."""
+    validate(cfg)
+    tc = cfg.trainer
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    existing = CheckpointStore(
+        ckpt_dir, None, max_to_keep=1, keep_every_n_hours=None, manifest_extra={}, write=False
+    )
+    if tc.resume == "never" and existing.has_checkpoints():
+        raise UserError(
+            f"trainer.resume: received 'never' but {ckpt_dir} already holds checkpoints; "
+            "use another hydra.run.dir or trainer.resume=auto"
+        )
+    build.setup_runtime(cfg)
+    strategy = build.make_strategy(cfg.distribute)
+    data = data_lib.load_data(cfg.data)
+    batch = int(cfg.data.batch_size)
+    spe = data.steps_per_epoch(batch)
+    loss_fn = build.per_example_loss(data.task)
+    metric_name, metric_fn = build.per_example_metric(data.task)
+
+    with strategy.scope():
+        model = build.build_model(cfg.model, data)
+        optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(tc.max_steps))
+        model.compile(optimizer=optimizer, loss=build.keras_loss(data.task))
+        optimizer.build(model.trainable_variables)
+        state = TrainState(model, optimizer)
+    store = CheckpointStore(
+        ckpt_dir,
+        state.checkpoint,
+        max_to_keep=int(cfg.checkpoint.max_to_keep),
+        keep_every_n_hours=cfg.checkpoint.keep_every_n_hours,
+        manifest_extra=manifest_extra(cfg),
+    )
+    step, resumed_from = _restore_or_initialize(cfg, store, state, run_dir)
+
+    writers = summaries.Writers(run_dir)
+    metrics = summaries.MetricsLog(run_dir)
+    if resumed_from is None:
+        writers.hparams(hparams_of(cfg))
+    dataset = data_lib.train_dataset(data, batch, int(tc.seed), step)
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    chunk = make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, batch)
+    evaluate = make_eval_fn(model, loss_fn, metric_fn)
+    eval_ds = data_lib.eval_dataset(data, batch)
+    loop = state.loop
+    result = RunResult("completed", step, resumed_from, run_dir)
+
+    def save(at: int) -> None:
+        state.before_save(at, at // spe)
+        writers.flush()
+        metrics.sync()
+        seconds = store.save(at)
+        writers.scalars(writers.train, at, {"checkpoint_save_seconds": seconds})
+
+    def run_eval(at: int) -> None:
+        eval_loss, eval_metric = evaluate(eval_ds)
+        loop.best_eval_loss = min(loop.best_eval_loss, eval_loss)
+        values = {"loss": eval_loss, metric_name: eval_metric}
+        writers.scalars(writers.eval, at, values)
+        metrics.write({"step": at, "split": "eval", **{f"eval_{k}": v for k, v in values.items()}})
+        result.eval = values
+
+    end = int(tc.stop_at or tc.max_steps)
+    K = int(tc.steps_per_execution)
+    bar = tqdm(
+        total=int(tc.max_steps),
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=None,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
+    window_t0, window_steps = time.perf_counter(), 0
+    last_saved = step if resumed_from is not None else None
+    with StopRequest() as stop:
+        while step < end and stop.signal_name is None:
+            k = min(K, end - step)
+            if tc.pause_at and step < tc.pause_at:
+                k = min(k, tc.pause_at - step)
+            losses, norms, metric_values = (a.numpy() for a in chunk(iterator, tf.constant(k)))
+            if not (np.all(np.isfinite(losses)) and np.all(np.isfinite(norms))):
+                bad = step + 1 + int(np.argmin(np.isfinite(losses) & np.isfinite(norms)))
+                raise NonFiniteLoss(
+                    f"non-finite loss or gradient at step {bad} (loss={losses.tolist()}); nothing was "
+                    f"saved after step {last_saved or 0}. Lower optimizer.learning_rate or check the data."
+                )
+            for i in range(k):
+                s = step + i + 1
+                loop.window_loss_sum += float(losses[i])
+                loop.window_metric_sum += float(metric_values[i])
+                loop.window_count += 1
+                if s % tc.log_every == 0:
+                    now = time.perf_counter()
+                    rate = (window_steps + i + 1) / max(now - window_t0, 1e-9)
+                    record = {
+                        "step": s,
+                        "loss": float(losses[i]),
+                        "loss_avg": loop.window_loss_sum / loop.window_count,
+                        metric_name: loop.window_metric_sum / loop.window_count,
+                        "learning_rate": learning_rate_at(optimizer, s - 1),
+                        "grad_norm": float(norms[i]),
+                    }
+                    metrics.write(record)
+                    tb = {k2: v for k2, v in record.items() if k2 != "step"}
+                    writers.scalars(writers.train, s, {**tb, "steps_per_sec": rate})
+                    loop.reset_window()
+                    window_t0, window_steps = now, -(i + 1)
+                    bar.set_postfix(
+                        loss=f"{losses[i]:.4g}", steps_per_s=f"{rate:.1f}", refresh=False
+                    )
+            window_steps += k
+            prev, step = step, step + k
+            result.final_loss = float(losses[-1])
+            bar.update(k)
+            if step // tc.eval_every > prev // tc.eval_every and step < int(tc.max_steps):
+                run_eval(step)
+            if step // cfg.checkpoint.every > prev // cfg.checkpoint.every:
+                save(step)
+                last_saved = step
+            if tc.pause_at and step == tc.pause_at:
+                _pause(run_dir, step, stop, writers, metrics)
+        bar.close()
+        result.step = step
+        if stop.signal_name is not None:
+            result.status, result.signal_name = "interrupted", stop.signal_name
+        elif step < int(tc.max_steps):
+            result.status = "stopped"
+        else:
+            run_eval(step)
+        if last_saved != step:
+            save(step)
+    if result.status == "completed":
+        result.exports = export.export_all(model, run_dir, data.feature_shape)
+    writers.close()
+    metrics.close()
+    return result
+
+
+def _pause(run_dir, step, stop, writers, metrics) -> None:
+    """Testing hook (`trainer.pause_at`): flush, announce `<run>/PAUSED`, wait for a signal."""
+    writers.flush()
+    metrics.sync()
+    marker = os.path.join(run_dir, "PAUSED")
+    with open(marker, "w") as f:
+        json.dump({"step": step, "pid": os.getpid()}, f)
+    while stop.signal_name is None:
+        time.sleep(0.01)
+    os.remove(marker)
+
+
+def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_dir: str):
+    """Returns (step, resumed_from). See the module docstring for the order."""
+    latest = store.latest_good()
+    if latest is not None:
+        check_compatible(cfg, latest.prefix)
+        store.restore(latest.prefix)
+        step = state.after_restore()
+        iterations = int(state.optimizer.iterations.numpy())
+        if iterations != step:
+            raise RuntimeError(f"restored step {step} but optimizer.iterations={iterations}")
+        dropped = summaries.truncate_metrics(run_dir, step)
+        dropped += summaries.truncate_events(os.path.join(run_dir, "tensorboard"), step)
+        note = f" (dropped {dropped} log records past it)" if dropped else ""
+        print(f"Resuming from step {step}: {latest.prefix}{note}", file=sys.stderr)
+        return step, step
+    summaries.truncate_metrics(run_dir, 0)
+    summaries.truncate_events(os.path.join(run_dir, "tensorboard"), 0)
+    if cfg.trainer.init_from:
+        warm_start(cfg.trainer.init_from, state)
+        print(f"Warm start from {cfg.trainer.init_from}", file=sys.stderr)
+    return 0, None
+
+
+def check_compatible(cfg: DictConfig, prefix: str) -> None:
+    """Refuse to resume with a config that changes the architecture or the data."""
+    from trainer.fingerprint import structural_diff
+
+    diff = structural_diff(cfg, prefix)
+    if diff:
+        lines = "; ".join(
+            f"{k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in sorted(diff.items())
+        )
+        raise UserError(
+            f"resume refused: {os.path.dirname(prefix)} was written with a different model/data config "
+            f"({lines}). Use another hydra.run.dir, or restore those values."
+        )
