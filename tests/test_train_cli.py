@@ -1,0 +1,124 @@
+"""`python -m trainer` end to end: what a run writes, resuming by rerunning, a user's own model."""
+
+import json
+import os
+import textwrap
+
+import pytest
+from conftest import FAST, losses, run_cli, train
+from tensorboard.backend.event_processing import event_accumulator
+
+pytestmark = pytest.mark.slow
+
+
+def tb_tags(logdir):
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("model", ["custom_dense", "custom_bn", "custom_variable"])
+def test_short_run_writes_everything(tmp_path, model):
+    run = tmp_path / "run"
+    r = train(run, f"model={model}", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "completed at step 40" in r.stdout and "export (keras" in r.stdout
+    ckpts = run / "checkpoints"
+    for step in (20, 40):
+        assert (ckpts / f"ckpt-{step}.index").exists()
+        manifest = json.loads((ckpts / f"ckpt-{step}.manifest.json").read_text())
+        assert manifest["step"] == step and manifest["config"]["model"]["_target_"].startswith(
+            "models."
+        )
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "loss" in r]
+    assert train_steps == list(range(1, 41))
+    assert [r["step"] for r in records if r.get("split") == "eval"] == [20, 40]
+    train_tb = tb_tags(run / "tensorboard" / "train")
+    tags = set(train_tb.Tags()["tensors"])
+    assert {
+        "loss",
+        "mae",
+        "learning_rate",
+        "grad_norm",
+        "steps_per_sec",
+        "checkpoint_save_seconds",
+    } <= tags
+    loss_events = train_tb.Tensors("loss")
+    assert [e.step for e in loss_events] == train_steps
+    assert train_tb.PluginTagToContent("hparams")  # the run's hyperparameters
+    assert {"loss", "mae"} <= set(tb_tags(run / "tensorboard" / "eval").Tags()["tensors"])
+    assert (run / "export" / "model.keras").stat().st_size > 0
+    assert (run / "export" / "saved_model" / "saved_model.pb").exists()
+    assert (run / ".hydra" / "config.yaml").exists()
+
+
+def test_rerun_resumes_from_checkpoint_without_redoing_steps(tmp_path):
+    run = tmp_path / "run"
+    first = train(run, "model=custom_bn", *FAST, "trainer.stop_at=20")
+    assert first.returncode == 0, first.stderr
+    assert "stopped early" in first.stdout and not (run / "export").exists()
+    second = train(run, "model=custom_bn", *FAST)
+    assert second.returncode == 0, second.stderr
+    assert "Resuming from step 20" in second.stderr
+    assert "resumed from step 20" in second.stdout
+    assert sorted(losses(run)) == list(range(1, 41))  # every step logged exactly once
+    third = train(run, "model=custom_bn", *FAST)  # already complete: nothing is trained again
+    assert "Resuming from step 40" in third.stderr and third.returncode == 0
+    assert sorted(losses(run)) == list(range(1, 41))
+
+
+def test_resume_never_refuses_and_keeps_the_run_dir(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, *FAST, "trainer.stop_at=20").returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = train(run, *FAST, "trainer.max_steps=80", "trainer.resume=never")
+    assert r.returncode == 2
+    assert "trainer.resume" in r.stderr and "Traceback" not in r.stderr
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_users_own_model_from_pythonpath(tmp_path):
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent("""
+        import keras
+
+        @keras.saving.register_keras_serializable(package="mypkg")
+        class MyModel(keras.Model):
+            def __init__(self, width=4, **kwargs):
+                super().__init__(**kwargs)
+                self.width = width
+                self.hidden = keras.layers.Dense(width, activation="relu")
+                self.out = keras.layers.Dense(1)
+
+            def call(self, x):
+                return self.out(self.hidden(x))
+
+            def get_config(self):
+                return {**super().get_config(), "width": self.width}
+    """)
+    )
+    os.environ["PYTHONPATH"] = str(tmp_path)
+    try:
+        run = tmp_path / "run"
+        r = run_cli(
+            "trainer",
+            "model=custom",
+            "model._target_=mypkg.MyModel",
+            "+model.width=16",
+            *FAST,
+            f"hydra.run.dir={run}",
+        )
+    finally:
+        del os.environ["PYTHONPATH"]
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((run / "checkpoints" / "ckpt-40.manifest.json").read_text())
+    assert manifest["config"]["model"] == {"_target_": "mypkg.MyModel", "width": 16}
+    assert (run / "export" / "model.keras").exists()
+    bad = run_cli(
+        "trainer", "model=custom", "model._target_=mypkg.Nope", f"hydra.run.dir={tmp_path / 'r2'}"
+    )
+    assert bad.returncode == 2 and "model._target_" in bad.stderr and "Traceback" not in bad.stderr
