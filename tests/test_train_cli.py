@@ -66,6 +66,8 @@ def test_rerun_resumes_from_checkpoint_without_redoing_steps(tmp_path):
     third = train(run, "model=custom_bn", *FAST)  # already complete: nothing is trained again
     assert "Resuming from step 40" in third.stderr and third.returncode == 0
     assert sorted(losses(run)) == list(range(1, 41))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("split") == "eval"] == [20, 40]
 
 
 def test_resume_never_refuses_and_keeps_the_run_dir(tmp_path):

@@ -174,6 +174,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         writers.scalars(writers.eval, at, values)
         metrics.write({"step": at, "split": "eval", **{f"eval_{k}": v for k, v in values.items()}})
         result.eval = values
+        tqdm.write(f"step {at}: " + "  ".join(f"eval_{k} {v:.5g}" for k, v in values.items()))
 
     end = int(tc.stop_at or tc.max_steps)
     K = int(tc.steps_per_execution)
@@ -241,7 +242,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             result.status, result.signal_name = "interrupted", stop.signal_name
         elif step < int(tc.max_steps):
             result.status = "stopped"
-        else:
+        elif resumed_from != step:  # (a rerun of a finished run only re-exports)
             run_eval(step)
         if last_saved != step:
             save(step)
