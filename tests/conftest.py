@@ -12,7 +12,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for CLI runs in tests.
-FAST = ["trainer.max_steps=40", "trainer.log_every=1", "trainer.eval_every=20", "checkpoint.every=20"]
+FAST = [
+    "trainer.max_steps=40",
+    "trainer.log_every=1",
+    "trainer.eval_every=20",
+    "checkpoint.every=20",
+]
 
 
 def env() -> dict:
@@ -22,7 +27,9 @@ def env() -> dict:
     return e
 
 
-def run_cli(module_or_script: str, *args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(
+    module_or_script: str, *args: str, timeout: float = 300, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """Run `python -m trainer ...` (module_or_script='trainer') or a scripts/*.py file."""
     if module_or_script.endswith(".py"):
         cmd = [sys.executable, str(REPO / module_or_script), *args]
