@@ -197,7 +197,8 @@ class Placement:
         )
         # Its own bookkeeping checkpoint lives in a scratch dir: our saves go through save_fn,
         # so they keep the manifests and chief-only rules of the run's own checkpoints.
-        scratch = tempfile.mkdtemp(prefix="preemption-", dir=self.write_dir or None)
+        scratch = tempfile.mkdtemp(prefix="trainer-preemption-")
+        atexit.register(shutil.rmtree, scratch, True)
         self._preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
             self.strategy.cluster_resolver,
             tf.train.Checkpoint(),
