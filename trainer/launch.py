@@ -5,7 +5,10 @@ Every worker gets the same overrides, `distribute=multi_worker` and the same run
 worker 0 is the chief. Non-chief workers do not write Hydra's `.hydra/` files or log file
 into the run directory (the trainer itself keeps their other writes in a temp dir).
 
-The launcher forwards SIGINT/SIGTERM to every worker, and is bounded: once a worker fails,
+Signals: workers run in their own session (a Ctrl-C in the terminal reaches only the
+launcher), and the launcher turns a first SIGINT/SIGTERM into SIGTERM for every worker: that
+is the preemption notice the workers agree on, so all save the same step and exit 3. A
+second signal kills the workers at once (the last checkpoint stays). The launcher is bounded: once a worker fails,
 the others (likely stuck in a collective) get `grace` seconds before they are terminated,
 and the whole job is stopped after `timeout` seconds.
 """
@@ -93,7 +96,13 @@ def launch(
         env = {**os.environ, "TF_CONFIG": tf_config(ports, i)}
         cmd = [python, "-m", "trainer", *worker_overrides(overrides, i)]
         p = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
         procs.append(p)
         print(f"launch: worker {i} pid {p.pid} on 127.0.0.1:{ports[i]}", file=sys.stderr)
@@ -102,10 +111,17 @@ def launch(
             t.start()
             pumps.append(t)
 
+    signals_seen = []
+
     def forward(signum, frame):
+        signals_seen.append(signum)
+        first = len(signals_seen) == 1
+        name = signal.Signals(signum).name
+        what = "SIGTERM to every worker" if first else "killing the workers"
+        print(f"launch: {name} received, {what}", file=sys.stderr)
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM if first else signal.SIGKILL)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
