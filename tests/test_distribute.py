@@ -80,6 +80,37 @@ def test_multi_worker_needs_tf_config(compose, monkeypatch):
         make_strategy(compose(["distribute=multi_worker"]).distribute)
 
 
+def test_mirrored_devices_must_exist(compose):
+    from trainer.distribute import make_strategy
+
+    cfg = compose(["distribute=mirrored", "distribute.devices=[/cpu:0,/cpu:7]"])
+    with pytest.raises(UserError, match=r"distribute.devices: received '/cpu:7'"):
+        make_strategy(cfg.distribute)
+
+
+def test_launcher_exits_with_a_failing_workers_code(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "launch_local_workers.py"), "2", "--"]
+    cmd += ["trainer.max_stepz=5", f"hydra.run.dir={tmp_path / 'run'}"]  # a typo: exit 2
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "launch: worker exit codes [2, 2]" in r.stderr
+
+
+def test_launcher_stops_the_others_once_one_worker_fails(tmp_path, capsys):
+    """Bounded: a worker left waiting in a collective is stopped `grace` seconds after a failure."""
+    from trainer.launch import launch
+
+    fake = tmp_path / "fake_python"  # worker 0 fails at once, worker 1 would hang
+    fake.write_text(
+        '#!/bin/sh\ncase "$TF_CONFIG" in *\'"index": 0\'*) exit 1;; esac\nexec sleep 600\n'
+    )
+    fake.chmod(0o755)
+    t0 = time.monotonic()
+    code = launch(2, [f"hydra.run.dir={tmp_path}"], grace=1.0, timeout=60, python=str(fake))
+    assert code == 1 and time.monotonic() - t0 < 20
+    assert "worker exit codes [1, -15]" in capsys.readouterr().err
+
+
 def test_tf_config_for_local_workers():
     import json
 

@@ -62,6 +62,8 @@ def make_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
         if n_cpus:
             configure_logical_cpus(int(n_cpus))
         devices = list(cfg.get("devices") or []) or None
+        if devices:
+            _check_devices(devices)
         if devices is None and n_cpus and not tf.config.list_physical_devices("GPU"):
             devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         try:
@@ -95,6 +97,20 @@ def make_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
     raise UserError(
         f"distribute.name: received {name!r}; allowed: default | mirrored | multi_worker"
     )
+
+
+def _check_devices(devices: list[str]) -> None:
+    """Every listed device exists here (TensorFlow would silently place on another one)."""
+    have = [tf.DeviceSpec.from_string(d.name) for d in tf.config.list_logical_devices()]
+    known = {(d.device_type, d.device_index) for d in have}
+    for name in devices:
+        try:
+            spec = tf.DeviceSpec.from_string(name)
+        except ValueError:
+            spec = None
+        if spec is None or (spec.device_type, spec.device_index or 0) not in known:
+            allowed = ", ".join(f"/{t.lower()}:{i}" for t, i in sorted(known))
+            raise UserError(f"distribute.devices: received {name!r}; devices here: {allowed}")
 
 
 def _worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, str | None, int]:
