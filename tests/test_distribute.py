@@ -80,6 +80,33 @@ def test_multi_worker_needs_tf_config(compose, monkeypatch):
         make_strategy(compose(["distribute=multi_worker"]).distribute)
 
 
+def _fake_checkpoint(run: Path, config: dict) -> None:
+    import json
+
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-10.index").write_bytes(b"")
+    (run / "checkpoints" / "ckpt-10.manifest.json").write_text(json.dumps({"config": config}))
+
+
+def test_resume_refuses_switching_loss_scaling(compose, tmp_path):
+    from trainer.distribute import check_resume
+
+    _fake_checkpoint(tmp_path, {"trainer": {"precision": "float32"}, "distribute": {}})
+    with pytest.raises(UserError, match=r"trainer.precision: received 'mixed_float16'.*'float32'"):
+        check_resume(compose(["trainer.precision=mixed_float16"]), str(tmp_path))
+    check_resume(compose(["trainer.precision=mixed_bfloat16"]), str(tmp_path))  # allowed
+
+
+def test_resume_notes_a_topology_change(compose, tmp_path, capsys):
+    from trainer.distribute import check_resume
+
+    _fake_checkpoint(tmp_path, {"distribute": {"name": "mirrored", "logical_cpus": 2}})
+    check_resume(compose(["distribute=mirrored", "distribute.logical_cpus=2"]), str(tmp_path))
+    assert "bit-exact only on the same topology" not in capsys.readouterr().err
+    check_resume(compose([]), str(tmp_path))
+    assert "bit-exact only on the same topology" in capsys.readouterr().err
+
+
 def test_mirrored_devices_must_exist(compose):
     from trainer.distribute import make_strategy
 

@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 
 import tensorflow as tf
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer import precision
-from trainer.checkpoints import CheckpointStore
+from trainer.checkpoints import MANIFEST_SUFFIX, CheckpointStore, list_checkpoints
 from trainer.config import UserError
 
 
@@ -244,8 +244,43 @@ class Placement:
             shutil.rmtree(self.write_dir, ignore_errors=True)
 
 
+def _latest_manifest_config(run_dir: str) -> dict | None:
+    """The config recorded in the newest readable checkpoint manifest of `run_dir`, if any."""
+    for prefix in reversed(list_checkpoints(os.path.join(run_dir, "checkpoints"))):
+        try:
+            with open(prefix + MANIFEST_SUFFIX) as f:
+                return json.load(f).get("config") or {}
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_resume(cfg: DictConfig, run_dir: str) -> None:
+    """Before resuming: refuse a loss-scaling change, say so when the topology changed."""
+    then = _latest_manifest_config(run_dir)
+    if then is None or cfg.trainer.resume == "never":
+        return
+    was = (then.get("trainer") or {}).get("precision", "float32")
+    now = cfg.trainer.get("precision", "float32")
+    if (was == "mixed_float16") != (now == "mixed_float16"):
+        raise UserError(
+            f"trainer.precision: received {now!r}, but {run_dir}/checkpoints was written with "
+            f"{was!r}; mixed_float16 adds loss-scale state to the optimizer, so it cannot be "
+            "switched on or off across a resume (float32 <-> mixed_bfloat16 can)"
+        )
+    old = {k: v for k, v in (then.get("distribute") or {}).items() if v is not None}
+    new = {k: v for k, v in OmegaConf.to_container(cfg.distribute).items() if v is not None}
+    if old != new:
+        print(
+            f"note: resuming a checkpoint written with distribute {old} under {new}: the state "
+            "carries over, but the loss curve is bit-exact only on the same topology",
+            file=sys.stderr,
+        )
+
+
 def setup(cfg: DictConfig, run_dir: str) -> Placement:
     """Precision policy, strategy (logging its replicas), batch check and this worker's role."""
+    check_resume(cfg, run_dir)
     precision.set_policy(cfg.trainer.get("precision", "float32"))
     strategy = make_strategy(cfg.distribute)
     is_chief, task_type, task_id = _worker_role(strategy)
