@@ -80,6 +80,14 @@ def test_multi_worker_needs_tf_config(compose, monkeypatch):
         make_strategy(compose(["distribute=multi_worker"]).distribute)
 
 
+def test_batch_size_must_divide_replicas():
+    from trainer.distribute import check_global_batch
+
+    check_global_batch(32, 2, "mirrored")
+    with pytest.raises(UserError, match=r"data.batch_size: received 31.*by the 2 replicas"):
+        check_global_batch(31, 2, "mirrored")
+
+
 def _fake_checkpoint(run: Path, config: dict) -> None:
     import json
 
@@ -155,15 +163,6 @@ def test_tf_config_for_local_workers():
 
 
 # ---------------------------------------------------------------- mirrored (2 logical CPUs)
-@pytest.mark.slow
-def test_batch_size_must_divide_replicas(tmp_path):
-    r = train(tmp_path / "run", *BASE, *TOPOLOGIES["mirrored"], "data.batch_size=31")
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "data.batch_size: received 31" in r.stderr and "2 replicas" in r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
 @pytest.mark.slow
 def test_mirrored_logs_replicas_and_resumes_exactly(refs, tmp_path):
     ref_dir, ref_err = refs["mirrored"]

@@ -278,6 +278,15 @@ def check_resume(cfg: DictConfig, run_dir: str) -> None:
         )
 
 
+def check_global_batch(batch: int, replicas: int, name: str) -> None:
+    """data.batch_size is the global batch: it must split evenly over the replicas."""
+    if batch % replicas:
+        raise UserError(
+            f"data.batch_size: received {batch}; with distribute={name} it must be divisible "
+            f"by the {replicas} replicas in sync (each replica gets batch_size/{replicas})"
+        )
+
+
 def setup(cfg: DictConfig, run_dir: str) -> Placement:
     """Precision policy, strategy (logging its replicas), batch check and this worker's role."""
     check_resume(cfg, run_dir)
@@ -287,11 +296,7 @@ def setup(cfg: DictConfig, run_dir: str) -> Placement:
     task = "chief" if task_type is None else f"{task_type}:{task_id}"
     n = strategy.num_replicas_in_sync
     batch = int(cfg.data.batch_size)
-    if batch % n:
-        raise UserError(
-            f"data.batch_size: received {batch}; with distribute={cfg.distribute.name} it must "
-            f"be divisible by the {n} replicas in sync (each replica gets batch_size/{n})"
-        )
+    check_global_batch(batch, n, cfg.distribute.name)
     try:
         devices = tuple(strategy.extended.worker_devices)
     except RuntimeError:  # the default strategy has no device list
