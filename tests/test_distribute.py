@@ -20,6 +20,7 @@ from conftest import REPO, env, losses, train
 
 from trainer.checkpoints import list_checkpoints, step_of, verify
 from trainer.config import UserError
+from trainer.summaries import read_metrics
 
 BASE = [
     "trainer.max_steps=30",
@@ -240,9 +241,10 @@ def test_multi_worker_sigterm_saves_on_all_and_resumes(refs, tmp_path):
     long = ["trainer.log_every=1", "trainer.eval_every=100000", "checkpoint.every=100000"]
     proc = _launch(run, tmpdir, log, "trainer.max_steps=100000", *long)
     try:
-        metrics = run / "metrics.jsonl"
-        _wait_for(
-            lambda: metrics.exists() and len(losses(run)) >= 10, 120, "10 steps from the chief"
+        _wait_for(  # read_metrics skips a line the chief is still writing
+            lambda: len([r for r in read_metrics(str(run)) if "loss" in r]) >= 10,
+            120,
+            "10 steps from the chief",
         )
         pid = int(
             next(ln.split()[4] for ln in log.read_text().splitlines() if "worker 1 pid" in ln)
