@@ -38,14 +38,33 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return r
 
 
+def train_together(*runs: tuple[Path, list[str]]) -> list[subprocess.CompletedProcess]:
+    """Like conftest.train for several independent runs, side by side (2 cores in CI)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run}"],
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run, overrides in runs
+    ]
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Uninterrupted 30-step runs with 2 replicas (mirrored) and 1 (default): (run dir, stderr)."""
     root = tmp_path_factory.mktemp("refs")
-    return {
-        name: (root / name, ok(train(root / name, *BASE, *extra)).stderr)
-        for name, extra in TOPOLOGIES.items()
-    }
+    names = list(TOPOLOGIES)
+    results = train_together(*((root / n, [*BASE, *TOPOLOGIES[n]]) for n in names))
+    return {n: (root / n, ok(r).stderr) for n, r in zip(names, results, strict=True)}
 
 
 def read_checkpoint(prefix: str) -> dict[str, np.ndarray]:
@@ -206,8 +225,8 @@ def test_topology_change_resumes_weights_optimizer_and_counters(refs, tmp_path, 
 def test_bfloat16_trains_and_resumes_exactly(refs, tmp_path):
     bf16 = [*BASE, "trainer.precision=mixed_bfloat16"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    ok(train(full, *bf16))
-    ok(train(resumed, *bf16, "trainer.stop_at=15"))
+    for r in train_together((full, bf16), (resumed, [*bf16, "trainer.stop_at=15"])):
+        ok(r)
     r = ok(train(resumed, *bf16))
     assert "Resuming from step 15" in r.stderr
     assert losses(resumed) == losses(full)
