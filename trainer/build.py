@@ -1,10 +1,9 @@
-"""Runtime set-up and object construction: determinism, strategy, model, loss."""
+"""Runtime set-up and object construction: determinism, model, loss (strategy: distribute.py)."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import os
 
 import keras
 import tensorflow as tf
@@ -19,33 +18,6 @@ def setup_runtime(cfg: DictConfig) -> None:
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
-
-
-def make_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
-    """The tf.distribute strategy the `distribute` group names."""
-    name = cfg.name
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        n = cfg.get("logical_cpus")
-        if n:
-            cpu = tf.config.list_physical_devices("CPU")[0]
-            tf.config.set_logical_device_configuration(
-                cpu, [tf.config.LogicalDeviceConfiguration()] * int(n)
-            )
-        devices = list(cfg.get("devices") or []) or None
-        if devices is None and n and not tf.config.list_physical_devices("GPU"):
-            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise UserError(
-                "distribute=multi_worker: the TF_CONFIG environment variable is not set"
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise UserError(
-        f"distribute.name: received {name!r}; allowed: default | mirrored | multi_worker"
-    )
 
 
 def _import_class(path: str):

@@ -33,6 +33,7 @@ class TrainerConfig:
     stop_at: int | None = None
     pause_at: int | None = None
     debug: bool = False
+    precision: str = "float32"
 
 
 # `async` is a Python keyword, so this schema cannot be written as a `class` body; the
@@ -61,6 +62,18 @@ CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
 class DistributeConfig:
     name: str = "default"
     logical_cpus: int | None = None
+
+
+@dataclass
+class MirroredConfig(DistributeConfig):
+    name: str = "mirrored"
+    devices: list[str] | None = None
+
+
+@dataclass
+class MultiWorkerConfig(DistributeConfig):
+    name: str = "multi_worker"
+    communication: str = "auto"
 
 
 # ---------------------------------------------------------------- optimizers
@@ -189,6 +202,8 @@ SCHEMAS: dict[tuple[str | None, str], Any] = {
     ("trainer", "trainer_schema"): TrainerConfig,
     ("checkpoint", "checkpoint_schema"): CheckpointConfig,
     ("distribute", "distribute_schema"): DistributeConfig,
+    ("distribute", "mirrored_schema"): MirroredConfig,
+    ("distribute", "multi_worker_schema"): MultiWorkerConfig,
     ("optimizer", "sgd_schema"): SGDConfig,
     ("optimizer", "adam_schema"): AdamConfig,
     ("optimizer", "adamw_schema"): AdamWConfig,
@@ -219,6 +234,8 @@ _CHOICES = {
     "trainer.resume": ("auto", "never"),
     "data.task": ("regression", "classification", "auto"),
     "distribute.name": ("default", "mirrored", "multi_worker"),
+    "distribute.communication": ("auto", "ring", "nccl"),
+    "trainer.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
 }
 
 

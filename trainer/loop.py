@@ -19,7 +19,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from trainer import build, export, summaries
+from trainer import build, distribute, export, precision, summaries
 from trainer import data as data_lib
 from trainer.checkpoints import CheckpointStore
 from trainer.config import UserError, validate
@@ -56,12 +56,13 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: 
             loss = tf.reduce_sum(loss_fn(y, pred)) / global_batch
             if model.losses:
                 loss += tf.add_n(model.losses) / replicas
+            scaled = optimizer.scale_loss(loss)  # loss scaling under mixed_float16, else loss
         tvars = model.trainable_variables
-        grads = tape.gradient(loss, tvars)
+        grads = tape.gradient(scaled, tvars)
         optimizer.apply_gradients(zip(grads, tvars, strict=True))
         return (
             loss,
-            tf.linalg.global_norm(grads) / replicas,
+            precision.grad_norm(optimizer, grads) / replicas,
             tf.reduce_sum(metric_fn(y, pred)) / global_batch,
         )
 
@@ -113,7 +114,11 @@ def hparams_of(cfg: DictConfig) -> dict:
 
 
 def fit(cfg: DictConfig, run_dir: str) -> RunResult:
-    """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened."""
+    """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened.
+
+    Under multi-worker training only the chief writes into `run_dir`; the other workers
+    write into `place.write_dir`, a temporary directory (trainer/distribute.py).
+    """
     validate(cfg)
     tc = cfg.trainer
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -126,7 +131,8 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             "use another hydra.run.dir or trainer.resume=auto"
         )
     build.setup_runtime(cfg)
-    strategy = build.make_strategy(cfg.distribute)
+    place = distribute.setup(cfg, run_dir)  # strategy, replicas, chief or not
+    strategy, write_dir = place.strategy, place.write_dir
     data = data_lib.load_data(cfg.data)
     batch = int(cfg.data.batch_size)
     spe = data.steps_per_epoch(batch)
@@ -136,24 +142,25 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     with strategy.scope():
         model = build.build_model(cfg.model, data)
         optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(tc.max_steps))
+        optimizer = precision.wrap_optimizer(optimizer, tc.get("precision", "float32"))
         model.compile(optimizer=optimizer, loss=build.keras_loss(data.task))
         optimizer.build(model.trainable_variables)
         state = TrainState(model, optimizer)
-    store = CheckpointStore(
+    store = place.checkpoint_store(
         ckpt_dir,
         state.checkpoint,
         max_to_keep=int(cfg.checkpoint.max_to_keep),
         keep_every_n_hours=cfg.checkpoint.keep_every_n_hours,
         manifest_extra=manifest_extra(cfg),
     )
-    step, resumed_from = _restore_or_initialize(cfg, store, state, run_dir)
+    step, resumed_from = _restore_or_initialize(cfg, store, state, write_dir)
 
-    writers = summaries.Writers(run_dir)
-    metrics = summaries.MetricsLog(run_dir)
+    writers = summaries.Writers(write_dir)
+    metrics = summaries.MetricsLog(write_dir)
     if resumed_from is None:
         writers.hparams(hparams_of(cfg))
     dataset = data_lib.train_dataset(data, batch, int(tc.seed), step)
-    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    iterator = iter(place.distribute_dataset(dataset, batch))
     chunk = make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, batch)
     evaluate = make_eval_fn(model, loss_fn, metric_fn)
     eval_ds = data_lib.eval_dataset(data, batch)
@@ -190,6 +197,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     window_t0, window_steps = time.perf_counter(), 0
     last_saved = step if resumed_from is not None else None
     with StopRequest() as stop:
+        place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop
         while step < end and stop.signal_name is None:
             k = min(K, end - step)
             if tc.pause_at and step < tc.pause_at:
@@ -227,6 +235,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
                     )
             window_steps += k
             prev, step = step, step + k
+            precision.sync_iterations(optimizer, step)
             result.final_loss = float(losses[-1])
             bar.update(k)
             if step // tc.eval_every > prev // tc.eval_every and step < int(tc.max_steps):
@@ -234,8 +243,10 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             if step // cfg.checkpoint.every > prev // cfg.checkpoint.every:
                 save(step)
                 last_saved = step
+            if place.preempted(save, step):
+                stop.signal_name, last_saved = "SIGTERM (preemption)", step
             if tc.pause_at and step == tc.pause_at:
-                _pause(run_dir, step, stop, writers, metrics)
+                _pause(write_dir, step, stop, writers, metrics)
         bar.close()
         result.step = step
         if stop.signal_name is not None:
@@ -247,9 +258,10 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         if last_saved != step:
             save(step)
     if result.status == "completed":
-        result.exports = export.export_all(model, run_dir, data.feature_shape)
+        result.exports = export.export_all(model, write_dir, data.feature_shape)
     writers.close()
     metrics.close()
+    place.cleanup()
     return result
 
 

@@ -53,4 +53,4 @@ def learning_rate_at(optimizer: keras.optimizers.Optimizer, iteration: int) -> f
     lr = optimizer._learning_rate  # the schedule object or a variable
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
         return float(lr(iteration))
-    return float(optimizer.learning_rate)
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # also a MirroredVariable
