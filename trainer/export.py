@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 
 import keras
@@ -83,9 +84,37 @@ def export_saved_model(model: keras.Model, path: str, feature_shape: tuple[int, 
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sweep(root: str) -> None:
+    """Clear what a killed export left in `root`: put back a swapped-out SavedModel, drop temps."""
+    for name in sorted(os.listdir(root)):
+        m = re.search(r"\.(tmp|old)-(\d+)(\.keras)?$", name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        leftover = os.path.join(root, name)
+        final = os.path.join(root, name[: m.start()] + (m.group(3) or ""))
+        if m.group(1) == "old" and not os.path.exists(final):
+            os.replace(leftover, final)  # killed between the two renames of the fallback swap
+        elif os.path.isdir(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            os.remove(leftover)
+
+
 def export_all(model: keras.Model, run_dir: str, feature_shape: tuple[int, ...]) -> dict[str, str]:
     """Both artifacts under `<run>/export/`; returns their paths."""
     root = os.path.join(run_dir, "export")
+    if os.path.isdir(root):
+        sweep(root)
     return {
         "keras": export_keras(model, os.path.join(root, "model.keras")),
         "saved_model": export_saved_model(model, os.path.join(root, "saved_model"), feature_shape),
