@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, env, run_cli, train
+from conftest import REPO, env, run_cli
 
 import models
 from trainer import export
@@ -95,7 +95,9 @@ def test_model_keras_holds_optimizer_iterations_and_slots(runs):
     reader = tf.train.load_checkpoint(_latest_prefix(run))
     opt = loaded.optimizer
     assert type(opt).__name__ == "Adam"
-    assert int(opt.iterations.numpy()) == STEPS == reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
+    assert (
+        int(opt.iterations.numpy()) == STEPS == reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
+    )
     n_slots = 2 * len(loaded.trainable_variables)  # Adam: momentum and velocity per weight
     slots = opt.variables[2:]
     assert len(slots) == n_slots
@@ -353,19 +355,19 @@ def test_warm_start_refuses_another_architecture(runs, compose, source):
         warm_start(str(path), state)
 
 
-@pytest.mark.slow
-def test_a_warm_started_run_resumes(runs, tmp_path):
-    run = tmp_path / "warm"
-    args = [
+def test_a_warm_started_run_resumes(runs, compose, tmp_path, capsys):
+    """Regression: copying the source's optimizer.iterations made the resume check fail."""
+    from trainer.loop import fit
+
+    overrides = [
         "model=custom_bn",
         f"trainer.init_from={runs['custom_bn'] / 'export' / 'model.keras'}",
         "trainer.max_steps=10",
         "checkpoint.every=5",
         "trainer.log_every=5",
     ]
-    first = train(run, *args, "trainer.stop_at=5")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "Warm start copied weights and Adam slot variables" in first.stderr
-    second = train(run, *args)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "Resuming from step 5" in second.stderr
+    first = fit(compose([*overrides, "trainer.stop_at=5"]), str(tmp_path))
+    assert first.status == "stopped" and first.step == 5
+    assert "Warm start copied weights and Adam slot variables" in capsys.readouterr().err
+    second = fit(compose(overrides), str(tmp_path))
+    assert second.status == "completed" and second.resumed_from == 5 and second.step == 10

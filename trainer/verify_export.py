@@ -121,6 +121,8 @@ def _logged_eval(run_dir: str, step: int) -> dict | None:
 
 def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 40) -> dict:
     """Run every comparison; return the report (`report["ok"]` is the verdict)."""
+    run_dir = os.path.abspath(run_dir)
+    keras_path, sm_path = _artifact_paths(run_dir)  # before importing TensorFlow: fast errors
     import keras
     import tensorflow as tf
 
@@ -132,8 +134,6 @@ def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 40) -> dict:
     from trainer.optim import build_optimizer
     from trainer.state import TrainState
 
-    run_dir = os.path.abspath(run_dir)
-    keras_path, sm_path = _artifact_paths(run_dir)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     finder = CheckpointStore(
         ckpt_dir, None, max_to_keep=1, keep_every_n_hours=None, manifest_extra={}, write=False
@@ -286,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=0.0, help="allowed |difference| (CPU: 0)")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved latency rounds")
     args = parser.parse_args(argv)
-    from trainer.checkpoints import write_json_atomic
-
     try:
         report = verify_export(args.run, atol=args.atol, rounds=args.rounds)
     except UserError as e:
@@ -296,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     except _ArtifactError as e:
         print(f"FAIL: {e}", file=sys.stderr)
         return EXIT_DIFFERS
+    from trainer.checkpoints import write_json_atomic
+
     out = args.out or os.path.join(report["run"], "report.json")
     write_json_atomic(out, report)
     print(format_table(report))
