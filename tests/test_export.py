@@ -43,7 +43,7 @@ KEY_VARIABLES = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Train the article's three models through the CLI, concurrently; {model: run dir}."""
+    """Train the article's three models and a Dropout one through the CLI, concurrently."""
     root = tmp_path_factory.mktemp("export_runs")
     procs = {
         m: subprocess.Popen(
@@ -54,12 +54,12 @@ def runs(tmp_path_factory) -> dict:
             stderr=subprocess.PIPE,
             text=True,
         )
-        for m in ARTICLE
+        for m in [*ARTICLE, "dropout_mlp"]
     }
     for m, p in procs.items():
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, f"{m}: {err[-3000:]}"
-    return {m: root / m for m in ARTICLE}
+    return {m: root / m for m in procs}
 
 
 def _latest_prefix(run) -> str:
@@ -160,6 +160,15 @@ def test_verify_export_reports_a_changed_moving_statistic(runs, tmp_path):
     assert "bn/moving_variance" not in failed["variables model.keras"]
     assert report["outputs"]["model.keras"] > 0
     assert "outputs saved_model" not in failed and "optimizer model.keras" not in failed
+
+
+def test_verify_export_compares_dropout_rng_states_in_the_saved_model(runs):
+    report = verify_export(str(runs["dropout_mlp"]), rounds=3)
+    assert report["ok"], _failed(report)
+    rng = report["rng_states_not_in_model_keras"]
+    assert len(rng) == 2 and all("seed_generator" in n for n in rng)
+    assert {r["name"] for r in report["variables"]["saved_model"]} >= set(rng)
+    assert len(report["variables"]["model.keras"]) == 6  # 3 Dense layers: kernel + bias
 
 
 def test_verify_export_requires_the_optimizer_state(runs, tmp_path):
