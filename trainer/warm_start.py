@@ -10,7 +10,9 @@ Copying the source's iteration count would break this run's own resume check
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import sys
 
@@ -106,6 +108,17 @@ def _source_optimizer(prefix: str, state: TrainState, model: keras.Model):
     return optimizer
 
 
+def _collect_quietly() -> None:
+    """Collect a failed restore's objects without TensorFlow's 'unrestored values' warnings."""
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        gc.collect()
+    finally:
+        logger.setLevel(level)
+
+
 def _from_checkpoint(path: str, state: TrainState) -> str:
     prefix = _checkpoint_prefix(path)
     # Restore into a twin of the model (same class and config, not compiled) so that no
@@ -115,14 +128,18 @@ def _from_checkpoint(path: str, state: TrainState) -> str:
     shape = state.model.get_build_config()["input_shape"]
     twin(tf.zeros([1, *shape[1:]]))  # build every variable, as build.build_model does
     source = _source_optimizer(prefix, state, twin)
+    problem = None
+    ckpt = tf.train.Checkpoint(model=twin, optimizer=source)
     try:
-        ckpt = tf.train.Checkpoint(model=twin, optimizer=source)
         ckpt.restore(prefix).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if problem is not None:
+        del ckpt, twin, source
+        _collect_quietly()
         raise UserError(
-            f"trainer.init_from: checkpoint {prefix!r} does not match this model ({first})"
-        ) from None
+            f"trainer.init_from: checkpoint {prefix!r} does not match this model ({problem})"
+        )
     _assign_all(state.model.weights, twin.weights, "model", path)
     return _copy_slots(state.optimizer, source, path)
 
