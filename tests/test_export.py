@@ -180,6 +180,15 @@ def test_verify_export_requires_the_optimizer_state(runs, tmp_path):
     assert verify_main([str(run), "--rounds", "3", "--out", str(tmp_path / "r.json")]) == 1
 
 
+def test_verify_export_fails_on_a_torn_model_keras(runs, tmp_path, capsys):
+    run = _copy(runs["custom_dense"], tmp_path)
+    path = run / "export" / "model.keras"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert verify_main([str(run), "--rounds", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "export/model.keras does not load" in err and "Traceback" not in err
+
+
 def test_verify_export_bad_input_is_one_message(runs, tmp_path, capsys):
     assert verify_main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

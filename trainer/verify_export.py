@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: print the table, write report.json, return the exit code."""
     parser = argparse.ArgumentParser(prog="verify_export.py", description=__doc__.splitlines()[0])
     parser.add_argument("run", metavar="RUN", help="a run directory with checkpoints/ and export/")
-    parser.add_argument("--out", help="where to write the report (default: RUN/report.json)")
+    parser.add_argument("--out", help="report file or directory (default: RUN/report.json)")
     parser.add_argument("--atol", type=float, default=0.0, help="allowed |difference| (CPU: 0)")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved latency rounds")
     args = parser.parse_args(argv)
@@ -305,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIFFERS
     from trainer.checkpoints import write_json_atomic
 
-    out = args.out or os.path.join(report["run"], "report.json")
+    out = args.out or report["run"]
+    if os.path.isdir(out):
+        out = os.path.join(out, "report.json")
     write_json_atomic(out, report)
     print(format_table(report))
     print(f"report: {out}")
