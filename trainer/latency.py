@@ -36,7 +36,7 @@ def compare_latency(
     x,
     *,
     baseline: str,
-    rounds: int = 40,
+    rounds: int = 80,
     block_seconds: float = 0.004,
     warmup: int = 10,
     seed: int = 0,

@@ -119,7 +119,7 @@ def _logged_eval(run_dir: str, step: int) -> dict | None:
     return found
 
 
-def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 40) -> dict:
+def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 80) -> dict:
     """Run every comparison; return the report (`report["ok"]` is the verdict)."""
     run_dir = os.path.abspath(run_dir)
     keras_path, sm_path = _artifact_paths(run_dir)  # before importing TensorFlow: fast errors
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", metavar="RUN", help="a run directory with checkpoints/ and export/")
     parser.add_argument("--out", help="report file or directory (default: RUN/report.json)")
     parser.add_argument("--atol", type=float, default=0.0, help="allowed |difference| (CPU: 0)")
-    parser.add_argument("--rounds", type=int, default=40, help="interleaved latency rounds")
+    parser.add_argument("--rounds", type=int, default=80, help="interleaved latency rounds")
     args = parser.parse_args(argv)
     try:
         report = verify_export(args.run, atol=args.atol, rounds=args.rounds)
