@@ -119,11 +119,53 @@ def _logged_eval(run_dir: str, step: int) -> dict | None:
     return found
 
 
+def _reference(cfg, data, ckpt_dir: str, prefix: str):
+    """A freshly built model + optimizer with checkpoint `prefix` restored, as a resume does."""
+    from trainer import build
+    from trainer.checkpoints import CheckpointStore
+    from trainer.optim import build_optimizer
+    from trainer.state import TrainState
+
+    model = build.build_model(cfg.model, data)
+    optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
+    model.compile(optimizer=optimizer, loss=build.keras_loss(data.task))
+    optimizer.build(model.trainable_variables)
+    state = TrainState(model, optimizer)
+    reader = CheckpointStore(
+        ckpt_dir,
+        state.checkpoint,
+        max_to_keep=1,
+        keep_every_n_hours=None,
+        manifest_extra={},
+        write=False,  # read only: nothing in the run directory changes
+    )
+    reader.restore(prefix)
+    return model, optimizer
+
+
+def _load_artifacts(keras_path: str, sm_path: str, x_one):
+    """(model.keras loaded in safe mode, the SavedModel, its serving function)."""
+    import keras
+    import tensorflow as tf
+
+    import models  # noqa: F401  (registers the project's classes for safe-mode loading)
+
+    try:
+        reloaded = keras.models.load_model(keras_path, safe_mode=True)
+        reloaded(x_one)  # build every layer (a no-op when already built)
+    except Exception as e:  # a torn or foreign file is a finding, not a crash
+        raise _ArtifactError(f"export/model.keras does not load: {type(e).__name__}: {e}") from None
+    try:
+        saved = tf.saved_model.load(sm_path)
+        return reloaded, saved, _serving_fn(saved)
+    except Exception as e:
+        raise _ArtifactError(f"export/saved_model does not load: {type(e).__name__}: {e}") from None
+
+
 def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 80) -> dict:
     """Run every comparison; return the report (`report["ok"]` is the verdict)."""
     run_dir = os.path.abspath(run_dir)
     keras_path, sm_path = _artifact_paths(run_dir)  # before importing TensorFlow: fast errors
-    import keras
     import tensorflow as tf
 
     from trainer import build
@@ -131,8 +173,6 @@ def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 80) -> dict:
     from trainer.checkpoints import CheckpointStore
     from trainer.latency import compare_latency
     from trainer.loop import make_eval_fn
-    from trainer.optim import build_optimizer
-    from trainer.state import TrainState
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     finder = CheckpointStore(
@@ -144,36 +184,11 @@ def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 80) -> dict:
     cfg = load_config(run_dir, good.prefix)
     build.setup_runtime(cfg)
     data = data_lib.load_data(cfg.data)
-
-    # The reference: a freshly built model with the latest good checkpoint restored.
-    model = build.build_model(cfg.model, data)
-    optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
-    model.compile(optimizer=optimizer, loss=build.keras_loss(data.task))
-    optimizer.build(model.trainable_variables)
-    state = TrainState(model, optimizer)
-    CheckpointStore(
-        ckpt_dir,
-        state.checkpoint,
-        max_to_keep=1,
-        keep_every_n_hours=None,
-        manifest_extra={},
-        write=False,
-    ).restore(good.prefix)
+    model, optimizer = _reference(cfg, data, ckpt_dir, good.prefix)
+    reloaded, saved, serve = _load_artifacts(keras_path, sm_path, tf.constant(data.x_val[:1]))
 
     checks: list[dict] = []
     report: dict = {"run": run_dir, "checkpoint": good.prefix, "step": good.step, "atol": atol}
-    import models  # noqa: F401  (registers the project's classes for safe-mode loading)
-
-    try:
-        reloaded = keras.models.load_model(keras_path, safe_mode=True)
-        reloaded(tf.constant(data.x_val[:1]))  # build every layer (a no-op when already built)
-    except Exception as e:  # a torn or foreign file is a finding, not a crash
-        raise _ArtifactError(f"export/model.keras does not load: {type(e).__name__}: {e}") from None
-    try:
-        saved = tf.saved_model.load(sm_path)
-        serve = _serving_fn(saved)
-    except Exception as e:
-        raise _ArtifactError(f"export/saved_model does not load: {type(e).__name__}: {e}") from None
 
     # Outputs on the whole validation split; every candidate runs as a graph, as served.
     original_fn = tf.function(lambda x: model(x, training=False))
