@@ -2,26 +2,61 @@
 
 Each artifact is first written under a temporary name in the same directory and then
 renamed into place, so a crash during export leaves the previous artifact or the new one,
-never a torn file.
+never a torn file. A file is swapped with one `os.replace`; a directory is swapped with
+Linux `renameat2(RENAME_EXCHANGE)`, which exchanges both names in one step (elsewhere: two
+renames, with a moment in which only `saved_model.old-*` exists). A failed export removes
+its temporary files and leaves the previous artifact untouched.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
 
 import keras
 import tensorflow as tf
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush a file, or every file and directory under `path`, to disk."""
+    paths = [path]
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            paths += [os.path.join(root, n) for n in dirs + files]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap the names `a` and `b` (Linux renameat2); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def export_keras(model: keras.Model, path: str) -> str:
     """`model.save` (config + weights + compiled optimizer state) to `path`, atomically."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
-    model.save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        _fsync_tree(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -33,17 +68,53 @@ def export_saved_model(model: keras.Model, path: str, feature_shape: tuple[int, 
     old = f"{path}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     signature = [tf.TensorSpec((None, *feature_shape), tf.float32, name="inputs")]
-    model.export(tmp, format="tf_saved_model", verbose=False, input_signature=signature)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        model.export(tmp, format="tf_saved_model", verbose=False, input_signature=signature)
+        _fsync_tree(tmp)
+        if not os.path.exists(path):
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp)  # now holds the previous artifact
+        else:
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sweep(root: str) -> None:
+    """Clear what a killed export left in `root`: put back a swapped-out SavedModel, drop temps."""
+    for name in sorted(os.listdir(root)):
+        m = re.search(r"\.(tmp|old)-(\d+)(\.keras)?$", name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        leftover = os.path.join(root, name)
+        final = os.path.join(root, name[: m.start()] + (m.group(3) or ""))
+        if m.group(1) == "old" and not os.path.exists(final):
+            os.replace(leftover, final)  # killed between the two renames of the fallback swap
+        elif os.path.isdir(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            os.remove(leftover)
 
 
 def export_all(model: keras.Model, run_dir: str, feature_shape: tuple[int, ...]) -> dict[str, str]:
     """Both artifacts under `<run>/export/`; returns their paths."""
     root = os.path.join(run_dir, "export")
+    if os.path.isdir(root):
+        sweep(root)
     return {
         "keras": export_keras(model, os.path.join(root, "model.keras")),
         "saved_model": export_saved_model(model, os.path.join(root, "saved_model"), feature_shape),
