@@ -295,8 +295,7 @@ def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_d
     summaries.truncate_metrics(run_dir, 0)
     summaries.truncate_events(os.path.join(run_dir, "tensorboard"), 0)
     if cfg.trainer.init_from:
-        warm_start(cfg.trainer.init_from, state)
-        print(f"Warm start from {cfg.trainer.init_from}", file=sys.stderr)
+        warm_start(cfg.trainer.init_from, state)  # prints what it copied
     return 0, None
 
 
