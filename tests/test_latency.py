@@ -23,9 +23,11 @@ def _taking(seconds: float):
 
 
 def test_compare_latency_flags_a_slower_candidate_only():
-    fns = {"original": _taking(200e-6), "same": _taking(200e-6), "slower": _taking(300e-6)}
+    # A 2x slower candidate, so that the test holds on a loaded 2-core machine too (seen:
+    # an equally fast twin measured 1.14 while four other jobs ran).
+    fns = {"original": _taking(200e-6), "same": _taking(200e-6), "slower": _taking(400e-6)}
     report = compare_latency(fns, np.zeros((8, 3)), baseline="original", rounds=25)
     assert report["batch_size"] == 8 and report["calls_per_round"] >= 3
-    assert report["ratio"]["same"] <= 1.1 < report["ratio"]["slower"]
-    assert 1.3 < report["ratio"]["slower"] < 1.7
+    assert report["ratio"]["same"] <= 1.25 < 1.5 < report["ratio"]["slower"]
+    assert report["ratio"]["slower"] < 2.5
     assert set(report["median_seconds"]) == set(fns)
