@@ -138,7 +138,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(tc.max_steps))
         model.compile(optimizer=optimizer, loss=build.keras_loss(data.task))
         optimizer.build(model.trainable_variables)
-        state = TrainState(model, optimizer)
+        state = TrainState(model, optimizer, include_rng=bool(cfg.checkpoint.restore_rng))
     store = CheckpointStore(
         ckpt_dir,
         state.checkpoint,
