@@ -147,7 +147,7 @@ def compare_curves(a: Curve, b: Curve, atol: float = 0.0, same_steps: bool = Tru
     if same_steps:
         suspects += d.missing_in_a + d.missing_in_b
     d.first_divergent_step = min(suspects, default=None)
-    d.ok = d.first_divergent_step is None and d.steps_compared > 0
+    d.ok = d.first_divergent_step is None and (d.steps_compared > 0 or not same_steps)
     return d
 
 
@@ -169,11 +169,13 @@ def compare_other_tags(run_a: str, run_b: str, skip: str, atol: float) -> dict[s
 
 
 def newest_checkpoint(run: str) -> str | None:
-    """The newest checkpoint prefix under `<run>/checkpoints`, or None."""
-    from trainer.checkpoints import list_checkpoints
+    """The newest checkpoint under `<run>/checkpoints` that verifies against its manifest, or None."""
+    from trainer.checkpoints import list_checkpoints, verify
 
-    prefixes = list_checkpoints(os.path.join(run, "checkpoints"))
-    return prefixes[-1] if prefixes else None
+    for prefix in reversed(list_checkpoints(os.path.join(run, "checkpoints"))):
+        if verify(prefix).ok:
+            return prefix
+    return None
 
 
 def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> StateDiff:
@@ -231,60 +233,3 @@ def compare_runs(run_a: str, run_b: str, tag: str = "loss", atol: float = 0.0) -
         "final_state": asdict(state) if state else None,
         "points": {"a": a.points, "b": b.points},
     }
-
-
-def _steps(steps: list[int]) -> str:
-    """'3 steps (81..83)' style summary of a list of steps."""
-    if not steps:
-        return "none"
-    return f"{len(steps)} step{'s' if len(steps) > 1 else ''} ({steps[0]}..{steps[-1]})"
-
-
-def format_report(report: dict, labels: tuple[str, str] = ("A", "B")) -> str:
-    """The short human-readable report printed by verify_resume and compare_runs."""
-    c, la, lb = report["curve"], *labels
-    exact = "bit for bit" if report["atol"] == 0 else f"within atol={report['atol']:g}"
-    first = c["first_divergent_step"]
-    lines = [
-        f"{report['tag']}: {c['steps_compared']} steps compared, first divergent step: "
-        f"{first if first is not None else 'none'}, max abs difference: {c['max_abs_diff']:.6g}",
-    ]
-    for key, who in (("missing_in_a", la), ("missing_in_b", lb)):
-        if c[key]:
-            lines.append(f"  steps missing from {who}: {_steps(c[key])}")
-    for key, who in (("duplicates_a", la), ("duplicates_b", lb)):
-        if c[key]:
-            lines.append(f"  {who} holds {_steps(c[key])} more than once (not one clean curve)")
-    others = report["other_tags"]
-    bad = {k: d for k, d in others.items() if not d["ok"]}
-    if others:
-        detail = ", ".join(
-            f"{k} (first at step {d['first_divergent_step']})" for k, d in bad.items()
-        )
-        lines.append(
-            f"other tags: {len(others)} compared, " + (f"differ: {detail}" if bad else "all equal")
-        )
-    s = report["final_state"]
-    if s is None:
-        lines.append("final weights and optimizer state: not compared (a run has no checkpoint)")
-    else:
-        where = f"step {s['step_a']}" + (f" vs {s['step_b']}" if s["step_b"] != s["step_a"] else "")
-        verdict = "equal" if s["equal"] else "DIFFERENT"
-        lines.append(
-            f"final weights and optimizer state ({s['tensors_compared']} tensors at {where}): {verdict}"
-        )
-        for name in s["differing"][:10]:
-            lines.append(f"  differs: {name}")
-        for name in s["missing"][:10]:
-            lines.append(f"  only in one run: {name}")
-    lines.append(f"RESULT: {'MATCH (' + exact + ')' if report['ok'] else 'DIFFERENT'}")
-    return "\n".join(lines)
-
-
-def write_report(report: dict, path: str) -> str:
-    """Write `report` as JSON without the raw curve points (they live in the event files)."""
-    import json
-
-    with open(path, "w") as f:
-        json.dump({k: v for k, v in report.items() if k != "points"}, f, indent=1)
-    return path

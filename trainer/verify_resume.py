@@ -158,17 +158,6 @@ def wait_paused(phase: Phase, run_dir: str, step: int, timeout: float) -> None:
     finish(phase, 0.0, expect=())
 
 
-def last_checkpoint_step(run_dir: str) -> int | None:
-    """The step of the newest checkpoint in `run_dir` that verifies against its manifest."""
-    from trainer.checkpoints import list_checkpoints, verify
-
-    for prefix in reversed(list_checkpoints(os.path.join(run_dir, "checkpoints"))):
-        verdict = verify(prefix)
-        if verdict.ok:
-            return verdict.step
-    return None
-
-
 def interrupt(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) -> Phase:
     """Phase 2: start the run and interrupt it at verify.interrupt_at by verify.interrupt."""
     v = cfg.verify
@@ -186,6 +175,8 @@ def interrupt(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say
 def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=print) -> dict:
     """Run the three phases and compare; return the report (report["ok"] is the verdict)."""
     from trainer import compare, plot
+    from trainer.checkpoints import step_of
+    from trainer.report import write_report
 
     v, max_steps = cfg.verify, int(cfg.trainer.max_steps)
     at, timeout = int(v.interrupt_at), float(v.timeout)
@@ -201,7 +192,8 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=print) -> d
         phases.append(interrupt(cfg, overrides, res_dir, out, say))
         expect = {"stop": (0,), "sigterm": (3,), "sigkill": (-signal.SIGKILL,)}[v.interrupt]
         finish(phases[1], timeout, expect)
-        resume_from = last_checkpoint_step(res_dir)
+        newest = compare.newest_checkpoint(res_dir)
+        resume_from = step_of(newest) if newest else None
         train_dir = os.path.join(res_dir, "tensorboard", "train")
         logged = [step for step, _ in compare.read_all_scalars(train_dir).get("loss", [])]
         if not resume_from or (v.interrupt != "sigkill" and resume_from != at):
@@ -209,14 +201,10 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=print) -> d
                 f"interrupted run left its newest checkpoint at {resume_from}, not {at}"
             )
         redone = sorted(s for s in logged if s > resume_from)
+        note = f"; steps {redone[0]}..{redone[-1]} were logged and will be redone" if redone else ""
         say(
             f"[2/3] interrupted run: ended ({v.interrupt}, exit {phases[1].exit_code}) in "
-            f"{phases[1].seconds:.1f} s; newest checkpoint: step {resume_from}"
-            + (
-                f"; steps {redone[0]}..{redone[-1]} were logged and will be redone"
-                if redone
-                else ""
-            )
+            f"{phases[1].seconds:.1f} s; newest checkpoint: step {resume_from}{note}"
         )
         finish(phases[0], timeout, (0,))
         say(f"[1/3] reference run: done, {max_steps} steps in {phases[0].seconds:.1f} s")
@@ -251,13 +239,14 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=print) -> d
     report["plot"] = plot.plot_comparison(
         report, os.path.join(out, "curves.png"), ("reference", "resumed"), marks
     )
-    compare.write_report(report, os.path.join(out, "report.json"))
+    write_report(report, os.path.join(out, "report.json"))
     return report
 
 
 def run(cfg: DictConfig, out: str, task_overrides: list[str]) -> int:
     """verify_resume from a composed config to an exit code (0 match, 1 differ, 2 bad input)."""
-    from trainer import compare, hydra_callbacks
+    from trainer import hydra_callbacks
+    from trainer.report import format_report
 
     try:
         check(cfg, out)
@@ -269,7 +258,7 @@ def run(cfg: DictConfig, out: str, task_overrides: list[str]) -> int:
     except PhaseFailed as e:
         print(f"error: verification could not finish: {e}", file=sys.stderr)
         return 1
-    print(compare.format_report(report, ("reference", "resumed")))
+    print(format_report(report, ("reference", "resumed")))
     return 0 if report["ok"] else 1
 
 
