@@ -168,8 +168,6 @@ def test_tensorboard_serves_one_clean_curve_per_run(bn_sigkill, tmp_path):
             "false",
             "--reload_interval",
             "1",
-            "--samples_per_plugin",
-            "scalars=0",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
