@@ -155,7 +155,11 @@ def wait_paused(phase: Phase, run_dir: str, step: int, timeout: float) -> None:
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.05)
-    finish(phase, 0.0, expect=())
+    phase.proc.kill()
+    phase.proc.wait()
+    raise PhaseFailed(
+        f"interrupted run did not reach step {step} within verify.timeout={timeout:g} s"
+    )
 
 
 def interrupt(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) -> Phase:
@@ -172,7 +176,11 @@ def interrupt(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say
     return phase
 
 
-def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=print) -> dict:
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> dict:
     """Run the three phases and compare; return the report (report["ok"] is the verdict)."""
     from trainer import compare, plot
     from trainer.checkpoints import step_of
