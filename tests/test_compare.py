@@ -113,3 +113,29 @@ def test_compare_runs_bad_input_exits_2(tmp_path, capsys, args, message):
     assert compare_main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def save_checkpoint(directory, values: dict[str, list[float]], saves: int = 1) -> str:
+    """A tf.train.Checkpoint of float variables, saved `saves` times (save_counter differs)."""
+    import tensorflow as tf
+
+    ckpt = tf.train.Checkpoint(**{k: tf.Variable(v, dtype=tf.float32) for k, v in values.items()})
+    for _ in range(saves):
+        prefix = ckpt.save(os.path.join(directory, "ckpt"))
+    return prefix
+
+
+def test_final_state_compares_every_tensor_but_save_counter(tmp_path):
+    inf = float("inf")
+    state = {"w": [1.0, 2.0], "best": [inf]}  # inf == inf is equal, not a NaN gap
+    a = save_checkpoint(tmp_path / "a", state, saves=1)
+    b = save_checkpoint(tmp_path / "b", state, saves=3)
+    same = compare.compare_checkpoints(a, b)
+    assert not same.differing and not same.missing and same.max_abs_diff == 0.0
+    c = save_checkpoint(tmp_path / "c", {"w": [1.0, 2.5], "best": [inf]})
+    diff = compare.compare_checkpoints(a, c)
+    assert diff.differing == ["w/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert diff.max_abs_diff == 0.5
+    assert compare.compare_checkpoints(a, c, atol=0.5).differing == []
+    d = save_checkpoint(tmp_path / "d", {"w": [1.0, 2.0]})
+    assert compare.compare_checkpoints(a, d).missing == ["best/.ATTRIBUTES/VARIABLE_VALUE"]

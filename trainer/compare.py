@@ -195,9 +195,12 @@ def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> Stat
             differing.append(name)
             continue
         if x.dtype.kind in "fc":
-            gap = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
+            with np.errstate(invalid="ignore"):  # inf - inf: equal infinities count as no gap
+                equal = (x == y) | (np.isnan(x) & np.isnan(y))
+                gaps = np.where(equal, 0.0, np.abs(x.astype(np.float64) - y.astype(np.float64)))
+            gap = float(np.max(gaps, initial=0.0))  # NaN when only one side is NaN
             worst = max(worst, gap) if not math.isnan(gap) else worst
-            same = np.array_equal(x, y, equal_nan=True) if atol == 0 else gap <= atol
+            same = gap <= atol  # False for NaN
         else:
             same = np.array_equal(x, y)
         if not same:
