@@ -267,6 +267,8 @@ def run(cfg: DictConfig, out: str, task_overrides: list[str]) -> int:
         print(f"error: verification could not finish: {e}", file=sys.stderr)
         return 1
     print(format_report(report, ("reference", "resumed")))
+    print(f"report: {os.path.join(out, 'report.json')}  plot: {report['plot']}")
+    print(f"both runs in TensorBoard: tensorboard --logdir {out}")
     return 0 if report["ok"] else 1
 
 
