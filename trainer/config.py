@@ -48,11 +48,13 @@ CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
                 "max_to_keep": int,
                 "keep_every_n_hours": float | None,
                 "async": bool,
+                "restore_rng": bool,
             },
             "every": 100,
             "max_to_keep": 3,
             "keep_every_n_hours": None,
             "async": False,
+            "restore_rng": True,
         },
     )
 )

@@ -145,7 +145,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         optimizer = precision.wrap_optimizer(optimizer, tc.get("precision", "float32"))
         model.compile(optimizer=optimizer, loss=build.keras_loss(data.task))
         optimizer.build(model.trainable_variables)
-        state = TrainState(model, optimizer)
+        state = TrainState(model, optimizer, include_rng=bool(cfg.checkpoint.restore_rng))
     store = place.checkpoint_store(
         ckpt_dir,
         state.checkpoint,
@@ -240,7 +240,9 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             bar.update(k)
             if step // tc.eval_every > prev // tc.eval_every and step < int(tc.max_steps):
                 run_eval(step)
-            if step // cfg.checkpoint.every > prev // cfg.checkpoint.every:
+            # (the final step is saved after the final eval, so its checkpoint includes it)
+            final = step == int(tc.max_steps)
+            if step // cfg.checkpoint.every > prev // cfg.checkpoint.every and not final:
                 save(step)
                 last_saved = step
             if place.preempted(save, step):

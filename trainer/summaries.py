@@ -75,12 +75,32 @@ def _event_files(logdir: str) -> list[str]:
     )
 
 
+def _read_records(path: str) -> tuple[list[bytes], bool]:
+    """The records of a TFRecord file up to the first torn one; (records, torn?).
+
+    A SIGKILL while the writer flushes leaves a half-written last record, which
+    TFRecordDataset reports as DataLossError after yielding every complete record.
+    """
+    records = []
+    try:
+        for record in tf.data.TFRecordDataset(path):
+            records.append(record.numpy())
+    except tf.errors.DataLossError:
+        return records, True
+    return records, False
+
+
+def _keep(event, max_step: int) -> bool:
+    return event.step <= max_step or event.HasField("file_version")
+
+
 def truncate_events(logdir: str, max_step: int) -> int:
     """Rewrite every event file under `logdir` without events past `max_step`.
 
     A file is rewritten to `<name>.truncating` (not read by TensorBoard), the original is
     removed, then the copy is renamed into place; a copy left by a crash is finished first.
-    Returns the number of events dropped.
+    A torn last record (a kill during a flush) is dropped too. Returns the number of
+    events dropped.
     """
     for tmp in glob.glob(
         os.path.join(glob.escape(logdir), "**", "*" + _TMP_SUFFIX), recursive=True
@@ -88,12 +108,9 @@ def truncate_events(logdir: str, max_step: int) -> int:
         os.replace(tmp, tmp[: -len(_TMP_SUFFIX)])
     dropped = 0
     for path in _event_files(logdir):
-        kept, n = [], 0
-        for record in tf.data.TFRecordDataset(path):
-            n += 1
-            event = event_pb2.Event.FromString(record.numpy())
-            if event.step <= max_step or event.HasField("file_version"):
-                kept.append(record.numpy())
+        records, torn = _read_records(path)
+        kept = [r for r in records if _keep(event_pb2.Event.FromString(r), max_step)]
+        n = len(records) + int(torn)  # a torn last record counts as dropped
         if len(kept) == n:
             continue
         dropped += n - len(kept)

@@ -1,0 +1,238 @@
+"""Compare two runs as TensorBoard shows them: scalar curves step by step, then final state.
+
+Curves are read from the runs' event files with TensorBoard's own loader, every file of a
+run in TensorBoard's order, so a step written twice (a killed run's steps that a resume
+wrote again) is seen twice here as well and reported. Values are float32 in the event
+files and compared exactly unless an absolute tolerance is given.
+The final state is every tensor of the two runs' newest checkpoints, except bookkeeping
+that legitimately differs between an interrupted and an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+from trainer.config import UserError
+
+# Scalars that measure wall-clock time: they differ between any two runs.
+TIMING_TAGS = ("steps_per_sec", "checkpoint_save_seconds")
+# Checkpoint keys that count saves, not training: a resumed run saved more often.
+BOOKKEEPING_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+@dataclass
+class Curve:
+    """One scalar tag of one TensorBoard run, in file order (duplicates kept)."""
+
+    logdir: str
+    tag: str
+    points: list[tuple[int, float]]
+
+    @property
+    def duplicate_steps(self) -> list[int]:
+        seen, dup = set(), set()
+        for step, _ in self.points:
+            (dup if step in seen else seen).add(step)
+        return sorted(dup)
+
+    def by_step(self) -> dict[int, float]:
+        """{step: value}; where a step repeats, the last value wins (as a resume writes it)."""
+        return dict(self.points)
+
+
+@dataclass
+class CurveDiff:
+    tag: str
+    steps_compared: int
+    first_divergent_step: int | None
+    max_abs_diff: float
+    missing_in_a: list[int] = field(default_factory=list)
+    missing_in_b: list[int] = field(default_factory=list)
+    duplicates_a: list[int] = field(default_factory=list)
+    duplicates_b: list[int] = field(default_factory=list)
+    ok: bool = True
+
+
+@dataclass
+class StateDiff:
+    step_a: int
+    step_b: int
+    tensors_compared: int
+    differing: list[str]
+    missing: list[str]
+    max_abs_diff: float
+    equal: bool
+
+
+# ---------------------------------------------------------------- reading
+def tensorboard_dir(path: str, split: str = "train") -> str:
+    """The directory holding `split` event files for `path`: a run dir, its tensorboard/, or the dir itself."""
+    candidates = [os.path.join(path, "tensorboard", split), os.path.join(path, split)]
+    for candidate in candidates + ([path] if split == "train" else []):
+        if glob.glob(os.path.join(glob.escape(candidate), "*tfevents*")):
+            return candidate
+    if not os.path.isdir(path):
+        raise UserError(f"run: received {path!r}; no such directory")
+    raise UserError(
+        f"run: received {path!r}; no TensorBoard event files in it, in its {split}/ "
+        f"or in its tensorboard/{split}/ (allowed: a run directory or a TensorBoard log dir)"
+    )
+
+
+def _scalar(value) -> float | None:
+    if value.HasField("tensor"):
+        if value.metadata.plugin_data.plugin_name != "scalars":
+            return None  # hparams, text, histograms...
+        from tensorboard.util import tensor_util
+
+        array = tensor_util.make_ndarray(value.tensor)
+        return float(array) if array.size == 1 else None
+    if value.HasField("simple_value"):
+        return float(value.simple_value)
+    return None
+
+
+def read_all_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} for every scalar in `logdir`'s event files, in TensorBoard's file order."""
+    from tensorboard.backend.event_processing import event_file_loader
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(logdir), "*tfevents*"))):
+        for event in event_file_loader.EventFileLoader(path).Load():
+            for value in event.summary.value:
+                v = _scalar(value)
+                if v is not None:
+                    out.setdefault(value.tag, []).append((int(event.step), v))
+    return out
+
+
+def read_curve(run: str, tag: str = "loss", split: str = "train") -> Curve:
+    """Scalar `tag` of `run` (see `tensorboard_dir`); UserError naming the tags there if absent."""
+    logdir = tensorboard_dir(run, split)
+    scalars = read_all_scalars(logdir)
+    if tag not in scalars:
+        raise UserError(
+            f"--tag: received {tag!r}; {logdir} has scalar tags: {', '.join(sorted(scalars)) or 'none'}"
+        )
+    return Curve(logdir, tag, scalars[tag])
+
+
+# ---------------------------------------------------------------- comparing
+def _differs(a: float, b: float, atol: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return not (math.isnan(a) and math.isnan(b))
+    return a != b if atol == 0 else abs(a - b) > atol
+
+
+def compare_curves(a: Curve, b: Curve, atol: float = 0.0, same_steps: bool = True) -> CurveDiff:
+    """Step-by-step comparison; a step written twice, or (if `same_steps`) held by one run only, diverges."""
+    va, vb = a.by_step(), b.by_step()
+    common = sorted(set(va) & set(vb))
+    gaps = [abs(va[s] - vb[s]) for s in common if not (math.isnan(va[s]) or math.isnan(vb[s]))]
+    d = CurveDiff(
+        tag=a.tag,
+        steps_compared=len(common),
+        first_divergent_step=None,
+        max_abs_diff=max(gaps, default=0.0),
+        missing_in_a=sorted(set(vb) - set(va)),
+        missing_in_b=sorted(set(va) - set(vb)),
+        duplicates_a=a.duplicate_steps,
+        duplicates_b=b.duplicate_steps,
+    )
+    suspects = [s for s in common if _differs(va[s], vb[s], atol)]
+    suspects += d.duplicates_a + d.duplicates_b
+    if same_steps:
+        suspects += d.missing_in_a + d.missing_in_b
+    d.first_divergent_step = min(suspects, default=None)
+    d.ok = d.first_divergent_step is None and (d.steps_compared > 0 or not same_steps)
+    return d
+
+
+def compare_other_tags(run_a: str, run_b: str, skip: str, atol: float) -> dict[str, CurveDiff]:
+    """Every other scalar tag (train and eval) both runs hold, timing tags excepted, on common steps."""
+    out = {}
+    for split in ("train", "eval"):
+        try:
+            sa = read_all_scalars(tensorboard_dir(run_a, split))
+            sb = read_all_scalars(tensorboard_dir(run_b, split))
+        except UserError:
+            continue
+        for tag in sorted(set(sa) & set(sb)):
+            if tag in TIMING_TAGS or (split == "train" and tag == skip):
+                continue
+            curves = Curve("", tag, sa[tag]), Curve("", tag, sb[tag])
+            out[f"{split}/{tag}"] = compare_curves(*curves, atol=atol, same_steps=False)
+    return out
+
+
+def newest_checkpoint(run: str) -> str | None:
+    """The newest checkpoint under `<run>/checkpoints` that verifies against its manifest, or None."""
+    from trainer.checkpoints import list_checkpoints, verify
+
+    for prefix in reversed(list_checkpoints(os.path.join(run, "checkpoints"))):
+        if verify(prefix).ok:
+            return prefix
+    return None
+
+
+def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> StateDiff:
+    """Every tensor of two checkpoints (weights, optimizer slots, counters, RNG and loop state)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.checkpoints import step_of
+
+    ra, rb = tf.train.load_checkpoint(prefix_a), tf.train.load_checkpoint(prefix_b)
+    ka = {n for n, _ in tf.train.list_variables(prefix_a)} - set(BOOKKEEPING_KEYS)
+    kb = {n for n, _ in tf.train.list_variables(prefix_b)} - set(BOOKKEEPING_KEYS)
+    differing, worst = [], 0.0
+    for name in sorted(ka & kb):
+        x, y = np.asarray(ra.get_tensor(name)), np.asarray(rb.get_tensor(name))
+        if x.shape != y.shape or x.dtype != y.dtype:
+            differing.append(name)
+            continue
+        if x.dtype.kind in "fc":
+            with np.errstate(invalid="ignore"):  # inf - inf: equal infinities count as no gap
+                equal = (x == y) | (np.isnan(x) & np.isnan(y))
+                gaps = np.where(equal, 0.0, np.abs(x.astype(np.float64) - y.astype(np.float64)))
+            gap = float(np.max(gaps, initial=0.0))  # NaN when only one side is NaN
+            worst = max(worst, gap) if not math.isnan(gap) else worst
+            same = gap <= atol  # False for NaN
+        else:
+            same = np.array_equal(x, y)
+        if not same:
+            differing.append(name)
+    missing = sorted(ka ^ kb)
+    return StateDiff(
+        step_a=step_of(prefix_a),
+        step_b=step_of(prefix_b),
+        tensors_compared=len(ka & kb),
+        differing=differing,
+        missing=missing,
+        max_abs_diff=worst,
+        equal=not differing and not missing and step_of(prefix_a) == step_of(prefix_b),
+    )
+
+
+def compare_runs(run_a: str, run_b: str, tag: str = "loss", atol: float = 0.0) -> dict:
+    """The full comparison of two run directories as a JSON-ready report (key "ok": the verdict)."""
+    a, b = read_curve(run_a, tag), read_curve(run_b, tag)
+    curve = compare_curves(a, b, atol)
+    others = compare_other_tags(run_a, run_b, tag, atol)
+    pa, pb = newest_checkpoint(run_a), newest_checkpoint(run_b)
+    state = compare_checkpoints(pa, pb, atol) if pa and pb else None
+    ok = curve.ok and all(d.ok for d in others.values()) and (state is None or state.equal)
+    return {
+        "ok": ok,
+        "tag": tag,
+        "atol": atol,
+        "runs": {"a": run_a, "b": run_b},
+        "logdirs": {"a": a.logdir, "b": b.logdir},
+        "curve": asdict(curve),
+        "other_tags": {k: asdict(v) for k, v in others.items()},
+        "final_state": asdict(state) if state else None,
+        "points": {"a": a.points, "b": b.points},
+    }

@@ -1,0 +1,299 @@
+"""scripts/verify_resume.py: prove that an interrupted, resumed run equals the uninterrupted one.
+
+Three fresh `python -m trainer` processes with the user's overrides (trainer.log_every=1
+unless given, so that every step is compared):
+  1. reference: uninterrupted to trainer.max_steps                    -> <out>/reference
+  2. the same run interrupted at verify.interrupt_at by verify.interrupt -> <out>/resumed
+       stop: trainer.stop_at ends it there with a checkpoint (exit 0);
+       sigterm / sigkill: trainer.pause_at holds it there, then it gets the real signal
+       (SIGTERM: it saves and exits 3; SIGKILL: it dies, its resume redoes the steps
+       since the last periodic checkpoint);
+  3. the resume of (2) in a new process, to trainer.max_steps             -> <out>/resumed
+(1) and (2) run side by side. trainer.compare then compares the two runs from their
+TensorBoard event files and checkpoints; report.json and curves.png go into <out>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from trainer.config import UserError, validate
+
+MODES = ("stop", "sigterm", "sigkill")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SAFE_VALUE = re.compile(r"^[\w./:-]+$")
+
+
+class PhaseFailed(Exception):
+    """A training process did not do what its phase needs (crash, timeout, no resume)."""
+
+
+@dataclass
+class Phase:
+    name: str
+    log: str
+    proc: subprocess.Popen
+    t0: float
+    seconds: float = 0.0
+    exit_code: int | None = None
+
+
+def check(cfg: DictConfig, out: str) -> None:
+    """Validate the verify group and what it needs from the trainer config; UserError if not."""
+    v, tc = cfg.verify, cfg.trainer
+    if v.interrupt not in MODES:
+        raise UserError(f"verify.interrupt: received {v.interrupt!r}; allowed: {' | '.join(MODES)}")
+    validate(cfg)
+    if not 0 < v.interrupt_at < tc.max_steps:
+        raise UserError(
+            f"verify.interrupt_at: received {v.interrupt_at}; allowed: a step in "
+            f"1..trainer.max_steps-1 ({tc.max_steps - 1})"
+        )
+    if v.interrupt == "sigkill" and v.interrupt_at < cfg.checkpoint.every:
+        raise UserError(
+            f"verify.interrupt_at: received {v.interrupt_at}; with verify.interrupt=sigkill it must "
+            f"be >= checkpoint.every ({cfg.checkpoint.every}), or no checkpoint exists to resume from"
+        )
+    if not v.atol >= 0:
+        raise UserError(f"verify.atol: received {v.atol}; allowed: a number >= 0")
+    if not v.timeout > 0:
+        raise UserError(f"verify.timeout: received {v.timeout}; allowed: seconds > 0")
+    for key in ("stop_at", "pause_at"):
+        if tc[key] is not None:
+            raise UserError(
+                f"trainer.{key}: received {tc[key]}; verify_resume sets it (allowed: null)"
+            )
+    if tc.resume != "auto":
+        raise UserError(f"trainer.resume: received {tc.resume!r}; verify_resume needs 'auto'")
+    for sub in ("reference", "resumed"):
+        if os.path.exists(os.path.join(out, sub)):
+            raise UserError(
+                f"verify.out: received {out!r}, which already holds a verification ({sub}/); "
+                "choose another directory"
+            )
+
+
+def trainer_overrides(task_overrides: list[str]) -> list[str]:
+    """The user's overrides minus the verify group, plus trainer.log_every=1 unless given."""
+    keys = [o.lstrip("~+").split("=", 1)[0] for o in task_overrides]
+    kept = [o for o, k in zip(task_overrides, keys, strict=True) if k.split(".")[0] != "verify"]
+    return kept if "trainer.log_every" in keys else [*kept, "trainer.log_every=1"]
+
+
+def _path_override(key: str, path: str) -> str:
+    if _SAFE_VALUE.match(path):
+        return f"{key}={path}"
+    if "'" in path or "\\" in path:
+        raise UserError(f"verify.out: received {path!r}; a path without quotes or backslashes")
+    return f"{key}='{path}'"
+
+
+def start(name: str, overrides: list[str], run_dir: str, out: str) -> Phase:
+    """Start `python -m trainer <overrides> hydra.run.dir=<run_dir>`; output to <out>/logs/<name>.log."""
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    log = os.path.join(out, "logs", f"{name}.log")
+    cmd = [sys.executable, "-m", "trainer", *overrides, _path_override("hydra.run.dir", run_dir)]
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return Phase(name, log, proc, time.perf_counter())
+
+
+def _tail(phase: Phase, n: int = 15) -> str:
+    with open(phase.log) as f:
+        return "".join(f.readlines()[-n:])
+
+
+def finish(phase: Phase, timeout: float, expect: tuple[int, ...]) -> Phase:
+    """Wait for the process; PhaseFailed unless its exit code is in `expect` (UserError for 2)."""
+    try:
+        phase.exit_code = phase.proc.wait(timeout=max(1.0, timeout - _age(phase)))
+    except subprocess.TimeoutExpired:
+        phase.proc.kill()
+        phase.proc.wait()
+        raise PhaseFailed(f"{phase.name} run timed out (verify.timeout={timeout:g} s)") from None
+    phase.seconds = _age(phase)
+    if phase.exit_code == 2:
+        errors = [ln for ln in _tail(phase, 40).splitlines() if ln.startswith("error:")]
+        raise UserError(f"{phase.name} run refused its config: {errors[-1] if errors else ''}")
+    if phase.exit_code not in expect:
+        raise PhaseFailed(
+            f"{phase.name} run exited with {phase.exit_code} (expected {expect}); "
+            f"end of {phase.log}:\n{_tail(phase)}"
+        )
+    return phase
+
+
+def _age(phase: Phase) -> float:
+    return time.perf_counter() - phase.t0
+
+
+def wait_paused(phase: Phase, run_dir: str, step: int, timeout: float) -> None:
+    """Wait until the run announces `<run>/PAUSED` at `step` (trainer.pause_at)."""
+    marker = os.path.join(run_dir, "PAUSED")
+    while _age(phase) < timeout:
+        if phase.proc.poll() is not None:
+            finish(phase, timeout, expect=())  # exited before the pause: always a failure
+        try:
+            with open(marker) as f:
+                paused = json.load(f)
+            if paused["step"] == step and paused["pid"] == phase.proc.pid:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    phase.proc.kill()
+    phase.proc.wait()
+    raise PhaseFailed(
+        f"interrupted run did not reach step {step} within verify.timeout={timeout:g} s"
+    )
+
+
+def interrupt(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) -> Phase:
+    """Phase 2: start the run and interrupt it at verify.interrupt_at by verify.interrupt."""
+    v = cfg.verify
+    at, timeout = int(v.interrupt_at), float(v.timeout)
+    if v.interrupt == "stop":
+        return start("interrupted", [*overrides, f"trainer.stop_at={at}"], run_dir, out)
+    phase = start("interrupted", [*overrides, f"trainer.pause_at={at}"], run_dir, out)
+    wait_paused(phase, run_dir, at, timeout)
+    sig = signal.SIGTERM if v.interrupt == "sigterm" else signal.SIGKILL
+    say(f"[2/3] interrupted run: at step {at}, sending {sig.name} to pid {phase.proc.pid}")
+    phase.proc.send_signal(sig)
+    return phase
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> dict:
+    """Run the three phases and compare; return the report (report["ok"] is the verdict)."""
+    from trainer import compare, plot
+    from trainer.checkpoints import step_of
+    from trainer.report import write_report
+
+    v, max_steps = cfg.verify, int(cfg.trainer.max_steps)
+    at, timeout = int(v.interrupt_at), float(v.timeout)
+    overrides = trainer_overrides(task_overrides)
+    ref_dir, res_dir = os.path.join(out, "reference"), os.path.join(out, "resumed")
+    say(f"Verify resume in {out}: {v.interrupt} at step {at} of {max_steps}")
+    say(f"  trainer overrides: {' '.join(overrides)}")
+    phases: list[Phase] = []
+    try:
+        say(f"[1/3] reference run: started, uninterrupted to step {max_steps}")
+        phases.append(start("reference", overrides, ref_dir, out))
+        say(f"[2/3] interrupted run: started, {v.interrupt} at step {at}")
+        phases.append(interrupt(cfg, overrides, res_dir, out, say))
+        expect = {"stop": (0,), "sigterm": (3,), "sigkill": (-signal.SIGKILL,)}[v.interrupt]
+        finish(phases[1], timeout, expect)
+        newest = compare.newest_checkpoint(res_dir)
+        resume_from = step_of(newest) if newest else None
+        train_dir = os.path.join(res_dir, "tensorboard", "train")
+        logged = [step for step, _ in compare.read_all_scalars(train_dir).get("loss", [])]
+        if not resume_from or (v.interrupt != "sigkill" and resume_from != at):
+            raise PhaseFailed(
+                f"interrupted run left its newest checkpoint at {resume_from}, not {at}"
+            )
+        redone = sorted(s for s in logged if s > resume_from)
+        note = f"; steps {redone[0]}..{redone[-1]} were logged and will be redone" if redone else ""
+        say(
+            f"[2/3] interrupted run: ended ({v.interrupt}, exit {phases[1].exit_code}) in "
+            f"{phases[1].seconds:.1f} s; newest checkpoint: step {resume_from}{note}"
+        )
+        finish(phases[0], timeout, (0,))
+        say(f"[1/3] reference run: done, {max_steps} steps in {phases[0].seconds:.1f} s")
+        say(f"[3/3] resumed run: started, from step {resume_from} to {max_steps}")
+        phases.append(finish(start("resume", overrides, res_dir, out), timeout, (0,)))
+        with open(phases[2].log) as f:
+            if f"Resuming from step {resume_from}:" not in f.read():
+                raise PhaseFailed(
+                    f"resumed run did not resume from step {resume_from}: {phases[2].log}"
+                )
+        say(f"[3/3] resumed run: done in {phases[2].seconds:.1f} s")
+    finally:
+        for p in phases:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+    report = compare.compare_runs(ref_dir, res_dir, atol=float(v.atol))
+    report["verify"] = {
+        "interrupt": v.interrupt,
+        "interrupt_at": at,
+        "max_steps": max_steps,
+        "resumed_from": resume_from,
+        "steps_redone": [redone[0], redone[-1]] if redone else None,
+        "trainer_overrides": overrides,
+        "phases": {
+            p.name: {"exit_code": p.exit_code, "seconds": round(p.seconds, 2)} for p in phases
+        },
+    }
+    marks = {f"{v.interrupt} at {at}": at}
+    if resume_from != at:
+        marks[f"resumed from {resume_from}"] = resume_from
+    report["plot"] = plot.plot_comparison(
+        report, os.path.join(out, "curves.png"), ("reference", "resumed"), marks
+    )
+    write_report(report, os.path.join(out, "report.json"))
+    return report
+
+
+def run(cfg: DictConfig, out: str, task_overrides: list[str]) -> int:
+    """verify_resume from a composed config to an exit code (0 match, 1 differ, 2 bad input)."""
+    from trainer import hydra_callbacks
+    from trainer.report import format_report
+
+    try:
+        check(cfg, out)
+        report = verify(cfg, task_overrides, out)
+    except UserError as e:
+        hydra_callbacks.restore()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PhaseFailed as e:
+        print(f"error: verification could not finish: {e}", file=sys.stderr)
+        return 1
+    print(format_report(report, ("reference", "resumed")))
+    print(f"report: {os.path.join(out, 'report.json')}  plot: {report['plot']}")
+    print(f"both runs in TensorBoard: tensorboard --logdir {out}")
+    return 0 if report["ok"] else 1
+
+
+def main() -> None:
+    """The Hydra entry behind scripts/verify_resume.py (config conf/verify_resume.yaml)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer.config import CONF_DIR, register_schemas
+
+    register_schemas()
+    started = False
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="verify_resume")
+    def entry(cfg: DictConfig) -> None:
+        nonlocal started
+        started = True
+        hc = HydraConfig.get()
+        code = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+        if code:
+            sys.exit(code)
+
+    try:
+        entry()
+    except SystemExit as e:
+        if not started and e.code not in (0, None):  # Hydra could not compose: bad input
+            sys.exit(2)
+        raise
