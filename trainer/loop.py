@@ -145,6 +145,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         max_to_keep=int(cfg.checkpoint.max_to_keep),
         keep_every_n_hours=cfg.checkpoint.keep_every_n_hours,
         manifest_extra=manifest_extra(cfg),
+        async_write=bool(cfg.checkpoint["async"]),
     )
     step, resumed_from = _restore_or_initialize(cfg, store, state, run_dir)
 
@@ -188,7 +189,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     )
     window_t0, window_steps = time.perf_counter(), 0
     last_saved = step if resumed_from is not None else None
-    with StopRequest() as stop:
+    with StopRequest() as stop, store.pending_writes():  # waits for an async write
         while step < end and stop.signal_name is None:
             k = min(K, end - step)
             if tc.pause_at and step < tc.pause_at:
