@@ -69,9 +69,9 @@ def snapshot(checkpoint: tf.train.Checkpoint) -> object_identity.ObjectIdentityD
                 f"checkpoint.async: {type(obj).__name__} is not supported; use checkpoint.async=false"
             )
         if saveable_object_util.trackable_has_serialize_to_tensor(obj):
-            tensors = obj._serialize_to_tensors()  # noqa: SLF001 (the Trackable protocol)
+            tensors = obj._serialize_to_tensors()  # the Trackable protocol
             frozen[obj] = _Frozen({k: _materialize(v) for k, v in tensors.items()})
-        elif obj._gather_saveables_for_checkpoint():  # noqa: SLF001
+        elif obj._gather_saveables_for_checkpoint():
             raise NotImplementedError(
                 f"checkpoint.async: {type(obj).__name__} uses legacy SaveableObjects; "
                 "use checkpoint.async=false"
@@ -102,16 +102,16 @@ class AsyncCheckpointWriter:
         self._thread.start()
 
     def _run(self, step: int, write: Callable[[int], None], frozen) -> None:
-        saver = self.checkpoint._saver  # noqa: SLF001: the hook TF's own async helper uses
+        saver = self.checkpoint._saver  # the hook TF's own async helper uses
         t0 = time.perf_counter()
-        saver._object_map = frozen  # noqa: SLF001
+        saver._object_map = frozen
         try:
             write(step)
             self.last_write_seconds = time.perf_counter() - t0
         except BaseException as e:  # surfaced on the loop thread by wait()
             self._error = e
         finally:
-            saver._object_map = None  # noqa: SLF001
+            saver._object_map = None
 
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
