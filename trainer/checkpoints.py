@@ -173,17 +173,17 @@ class CheckpointStore:
     def restore(self, prefix: str) -> None:
         self.checkpoint.restore(prefix).assert_existing_objects_matched()
 
-    def save(self, step: int) -> float:
+    def save(self, step: int, before_write=None) -> float:
         """Write checkpoint `ckpt-<step>` and then its manifest; return the seconds it blocked.
 
-        With async writes the state is snapshotted here and written by `_write` on the
-        writer's thread; `wait()` (or `async_writer.pending()`) waits for the last write.
+        `before_write()` runs first (the loop syncs its logs). With async writes the state is
+        snapshotted here and both run on the writer's thread; `wait()` waits for the last write.
         """
         t0 = time.perf_counter()
         if self.async_writer is not None:
-            self.async_writer.submit(step, self._write)
+            self.async_writer.submit(step, lambda s: self._write(s, before_write))
         else:
-            self._write(step)
+            self._write(step, before_write)
         return time.perf_counter() - t0
 
     def wait(self) -> None:
@@ -195,7 +195,9 @@ class CheckpointStore:
         """A context manager that, on exit, waits for the last background write."""
         return self.async_writer.pending() if self.async_writer else contextlib.nullcontext()
 
-    def _write(self, step: int) -> None:
+    def _write(self, step: int, before_write=None) -> None:
+        if before_write is not None:
+            before_write()
         prefix = self.manager.save(checkpoint_number=step)
         self.write_manifest(prefix, step)
         self._sweep_manifests()

@@ -161,11 +161,13 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     loop = state.loop
     result = RunResult("completed", step, resumed_from, run_dir)
 
+    def sync_logs() -> None:  # logs up to a checkpoint's step reach the disk before it counts
+        writers.flush()
+        metrics.fsync()
+
     def save(at: int) -> None:
         state.before_save(at, at // spe)
-        writers.flush()
-        metrics.sync()
-        seconds = store.save(at)
+        seconds = store.save(at, before_write=sync_logs)  # async: on the writer's thread
         writers.scalars(writers.train, at, {"checkpoint_save_seconds": seconds})
 
     def run_eval(at: int) -> None:

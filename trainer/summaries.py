@@ -8,8 +8,11 @@ resume both logs are cut back to the restored step first: one curve per tag.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
+import threading
+import time
 
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
@@ -30,6 +33,11 @@ class MetricsLog:
 
     def sync(self) -> None:
         self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def fsync(self) -> None:
+        """The lines written so far (line-buffered: already handed to the OS) to disk; safe to
+        call from another thread while the loop keeps writing."""
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
@@ -120,6 +128,24 @@ def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
     return out
 
 
+def _scalar_rows_fn(writer, tags: tuple[str, ...]):
+    """fn(steps [n], values [n, len(tags)]): the events tf.summary.scalar(tag, v, step) writes."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([None, len(tags)], tf.float32),
+        ]
+    )
+    def fn(steps, values):
+        with writer.as_default():
+            for i in tf.range(tf.shape(steps)[0]):
+                for j, tag in enumerate(tags):
+                    tf.summary.scalar(tag, values[i, j], step=steps[i])
+
+    return fn
+
+
 class Writers:
     """TensorBoard writers for `<run>/tensorboard/train` and `eval`."""
 
@@ -127,26 +153,34 @@ class Writers:
         root = os.path.join(run_dir, "tensorboard")
         self.train = tf.summary.create_file_writer(os.path.join(root, "train"))
         self.eval = tf.summary.create_file_writer(os.path.join(root, "eval"))
-        self._write_fns = {}  # (writer, tags) -> tf.function writing those scalars
+        # Scalars are queued and written in batches, one tf.function call per batch: eager
+        # tf.summary.scalar calls were the largest cost of a logged step (BENCHMARKS.md).
+        # TF's writer buffers events for up to 2 minutes anyway; flush() writes everything.
+        self._fns = {}  # (writer, tags) -> tf.function writing rows of those scalars
+        self._queue: list[tuple[object, int, dict]] = []
+        self._lock = threading.Lock()  # flush() may run on the checkpoint writer's thread
+        self._drained = time.monotonic()
 
     def scalars(self, writer, step: int, values: dict[str, float]) -> None:
-        """One tf.function call per log line: 4-5x cheaper than eager tf.summary.scalar calls,
-        which were the largest cost of a logged step in the profile (BENCHMARKS.md)."""
-        tags = tuple(values)
-        fn = self._write_fns.get((id(writer), tags))
-        if fn is None:
+        with self._lock:
+            self._queue.append((writer, step, values))
+            due = len(self._queue) >= 200 or time.monotonic() - self._drained > 5.0
+        if due:
+            self._drain()
 
-            @tf.function
-            def fn(step, vector):
-                with writer.as_default(step=step):
-                    for i, tag in enumerate(tags):
-                        tf.summary.scalar(tag, vector[i])
-
-            self._write_fns[(id(writer), tags)] = fn
-        fn(
-            tf.constant(step, tf.int64),
-            tf.constant([float(v) for v in values.values()], tf.float32),
-        )
+    def _drain(self) -> None:
+        with self._lock:
+            queue, self._queue, self._drained = self._queue, [], time.monotonic()
+        for (_, tags), rows in itertools.groupby(queue, key=lambda r: (id(r[0]), tuple(r[2]))):
+            rows = list(rows)
+            writer = rows[0][0]
+            fn = self._fns.get((id(writer), tags))
+            if fn is None:
+                fn = self._fns[(id(writer), tags)] = _scalar_rows_fn(writer, tags)
+            fn(
+                tf.constant([r[1] for r in rows], tf.int64),
+                tf.constant([[float(v) for v in r[2].values()] for r in rows], tf.float32),
+            )
 
     def hparams(self, hparams: dict) -> None:
         from tensorboard.plugins.hparams import api as hp
@@ -155,9 +189,11 @@ class Writers:
             hp.hparams(hparams)
 
     def flush(self) -> None:
+        self._drain()
         self.train.flush()
         self.eval.flush()
 
     def close(self) -> None:
+        self._drain()
         self.train.close()
         self.eval.close()
