@@ -16,6 +16,7 @@ from conftest import REPO, env, losses, train
 
 from trainer.checkpoints import CheckpointStore, list_checkpoints, verify
 from trainer.state import TrainState
+from trainer.summaries import read_scalars
 
 
 def _state() -> tuple[TrainState, callable]:
@@ -181,6 +182,8 @@ def test_async_and_steps_per_execution_resume_exactly(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Resuming from step 20" in second.stderr
     assert losses(a) == losses(b) and len(losses(b)) == 40
+    tb = read_scalars(str(b / "tensorboard" / "train"), "loss")  # batched TensorBoard writes
+    assert [s for s, _ in tb] == list(range(1, 41))
     # chunks end on checkpoint steps: the checkpoints are at multiples of 10, and all verify
     prefixes = list_checkpoints(str(b / "checkpoints"))
     assert [os.path.basename(p) for p in prefixes] == ["ckpt-20", "ckpt-30", "ckpt-40"]

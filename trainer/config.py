@@ -26,7 +26,7 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
-    steps_per_execution: int = 1
+    steps_per_execution: int = 10
     resume: str = "auto"
     deterministic: bool = True
     init_from: str | None = None
