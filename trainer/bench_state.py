@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.checkpoints import CheckpointStore, checkpoint_files
+from trainer.checkpoints import CheckpointStore, checkpoint_files, sha256_file
 from trainer.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def state_io(m: dict, workdir: str, log) -> dict:
 
     update()  # trace / warm up
     t = {k: [] for k in ("sync", "hash", "async_block", "async_total", "numpy", "restore")}
-    t |= {"update": [], "update_after_snapshot": []}
+    t |= {"update": [], "update_after_snapshot": [], "numpy_sha256": [], "tf_write": []}
     for r in range(m["state_rounds"]):
         step = r + 1
         state.before_save(step, 0)
@@ -102,6 +102,14 @@ def state_io(m: dict, workdir: str, log) -> dict:
         stores["async"].wait()
         t["async_total"].append(time.perf_counter() - t0)
         t["numpy"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
+        t0 = time.perf_counter()
+        sha256_file(os.path.join(workdir, "numpy.bin"))  # what our manifest adds, on numpy's file
+        t["numpy_sha256"].append(t["numpy"][-1] + time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        raw = state.checkpoint.write(os.path.join(workdir, "raw", "ckpt"))  # TF alone
+        t["tf_write"].append(time.perf_counter() - t0)
+        for path in checkpoint_files(raw):
+            os.remove(path)
         t0 = time.perf_counter()
         stores["sync"].restore(prefix)
         t["restore"].append(time.perf_counter() - t0)
@@ -122,6 +130,10 @@ def state_io(m: dict, workdir: str, log) -> dict:
         "async_total_s": med["async_total"],
         "async_write_thread_s": stores["async"].async_writer.last_write_seconds,
         "numpy_write_s": med["numpy"],
+        "numpy_write_plus_sha256_s": med["numpy_sha256"],
+        "tf_checkpoint_write_s": med["tf_write"],
+        "save_vs_numpy_plus_sha256": med["sync"] / med["numpy_sha256"],
+        "tf_write_vs_numpy": med["tf_write"] / med["numpy"],
         "restore_s": med["restore"],
         "optimizer_update_s": med["update"],
         "optimizer_update_after_snapshot_s": med["update_after_snapshot"],
