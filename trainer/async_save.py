@@ -23,16 +23,21 @@ so the interpreter also waits for it at exit.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable
 
+import keras
 import tensorflow as tf
 from tensorflow.python.checkpoint import graph_view
+from tensorflow.python.ops import resource_variable_ops
 from tensorflow.python.trackable import base as trackable_base
 from tensorflow.python.trackable import python_state
 from tensorflow.python.training.saving import saveable_object, saveable_object_util
 from tensorflow.python.util import object_identity
+
+_SWITCH_INTERVAL = 0.0002  # seconds: sys.setswitchinterval while a background write runs
 
 
 class _Frozen(trackable_base.Trackable):
@@ -56,11 +61,24 @@ def _materialize(value):
     return tf.identity(value)
 
 
-def snapshot(checkpoint: tf.train.Checkpoint) -> object_identity.ObjectIdentityDictionary:
+def _plain_variable(obj) -> tf.Variable | None:
+    """The local tf.Variable whose value is `obj`'s whole checkpoint entry, if it is one
+    (a TF resource variable, or a Keras 3 variable wrapping one); None otherwise."""
+    inner = obj.value if isinstance(obj, keras.Variable) else obj
+    return inner if type(inner) is resource_variable_ops.ResourceVariable else None
+
+
+def snapshot(checkpoint: tf.train.Checkpoint, readers: dict | None = None):
     """{trackable: frozen copy} for every saveable object of `checkpoint` (but its save counter,
-    which the CheckpointManager increments as part of the write)."""
+    which the CheckpointManager increments as part of the write).
+
+    Plain variables are read in one tf.function call (cached in `readers`): ~0.3 ms instead
+    of ~0.1 ms per variable read eagerly (profiled). The reads alias the variables' buffers;
+    copy-on-write keeps them intact when training updates the variables.
+    """
     objects, _ = graph_view.ObjectGraphView(checkpoint).breadth_first_traversal()
     frozen = object_identity.ObjectIdentityDictionary()
+    plain: list[tuple[object, tf.Variable]] = []
     for obj in objects:
         if obj is checkpoint.save_counter:
             continue
@@ -68,7 +86,9 @@ def snapshot(checkpoint: tf.train.Checkpoint) -> object_identity.ObjectIdentityD
             raise NotImplementedError(
                 f"checkpoint.async: {type(obj).__name__} is not supported; use checkpoint.async=false"
             )
-        if saveable_object_util.trackable_has_serialize_to_tensor(obj):
+        if (var := _plain_variable(obj)) is not None:
+            plain.append((obj, var))
+        elif saveable_object_util.trackable_has_serialize_to_tensor(obj):
             tensors = obj._serialize_to_tensors()  # the Trackable protocol
             frozen[obj] = _Frozen({k: _materialize(v) for k, v in tensors.items()})
         elif obj._gather_saveables_for_checkpoint():
@@ -76,6 +96,14 @@ def snapshot(checkpoint: tf.train.Checkpoint) -> object_identity.ObjectIdentityD
                 f"checkpoint.async: {type(obj).__name__} uses legacy SaveableObjects; "
                 "use checkpoint.async=false"
             )
+    if plain:
+        variables = [v for _, v in plain]
+        key = tuple(id(v) for v in variables)
+        readers = {} if readers is None else readers
+        if key not in readers:
+            readers[key] = tf.function(lambda: [v.read_value() for v in variables])
+        for (obj, _), value in zip(plain, readers[key](), strict=True):
+            frozen[obj] = _Frozen({trackable_base.VARIABLE_VALUE_KEY: value})
     return frozen
 
 
@@ -91,11 +119,12 @@ class AsyncCheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_write_seconds: float | None = None  # wall time of the last completed write
+        self._readers: dict = {}  # snapshot()'s cached tf.functions
 
     def submit(self, step: int, write: Callable[[int], None]) -> None:
         """Wait for the previous write (raising its error), snapshot, start writing `step`."""
         self.wait()
-        frozen = snapshot(self.checkpoint)
+        frozen = snapshot(self.checkpoint, self._readers)
         self._thread = threading.Thread(
             target=self._run, args=(step, write, frozen), name=f"checkpoint-{step}"
         )
@@ -105,12 +134,19 @@ class AsyncCheckpointWriter:
         saver = self.checkpoint._saver  # the hook TF's own async helper uses
         t0 = time.perf_counter()
         saver._object_map = frozen
+        # While this thread runs Python, the loop thread waits for the GIL each time a train
+        # chunk returns: up to the switch interval (5 ms). Profiled on a small model, that
+        # made an async save cost the loop 2-3x a sync one; a short interval during the write
+        # hands the GIL back promptly.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, _SWITCH_INTERVAL))
         try:
             write(step)
             self.last_write_seconds = time.perf_counter() - t0
         except BaseException as e:  # surfaced on the loop thread by wait()
             self._error = e
         finally:
+            sys.setswitchinterval(interval)
             saver._object_map = None
 
     def in_flight(self) -> bool:

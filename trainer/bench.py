@@ -43,6 +43,7 @@ MODES = {
         features=1000,
         state_rounds=5,
         rss_steps=1000,
+        rss_big_state=True,
     ),
     "quick": dict(
         steps=2000,
@@ -53,6 +54,7 @@ MODES = {
         features=1000,
         state_rounds=3,
         rss_steps=300,
+        rss_big_state=False,
     ),
     "smoke": dict(
         steps=400,
@@ -63,6 +65,7 @@ MODES = {
         features=16,
         state_rounds=1,
         rss_steps=20,
+        rss_big_state=False,
     ),
 }
 SAME_SPE = 10  # the shared steps_per_execution of the "same K" comparison

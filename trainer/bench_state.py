@@ -156,7 +156,7 @@ def peak_rss(m: dict) -> dict:
                 [f"trainer.max_steps={m['rss_steps']}"], os.path.join(d, "default")
             )
         }
-        if m["units"] < 10_000:  # smoke mode: the default run only
+        if not m["rss_big_state"]:  # quick and smoke modes: the default run only
             return out
         big = [
             f"model.num_units={m['units']}",

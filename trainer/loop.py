@@ -162,11 +162,12 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     result = RunResult("completed", step, resumed_from, run_dir)
 
     def sync_logs() -> None:  # logs up to a checkpoint's step reach the disk before it counts
-        writers.flush()
+        writers.flush_files()
         metrics.fsync()
 
     def save(at: int) -> None:
         state.before_save(at, at // spe)
+        writers.drain()  # here, not on the async writer's thread: tracing there stalls the loop
         seconds = store.save(at, before_write=sync_logs)  # async: on the writer's thread
         writers.scalars(writers.train, at, {"checkpoint_save_seconds": seconds})
 

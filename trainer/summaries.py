@@ -162,6 +162,7 @@ class Writers:
         self._fns = {}  # (writer, tags) -> tf.function writing rows of those scalars
         self._queue: list[tuple[object, int, dict]] = []
         self._lock = threading.Lock()  # flush() may run on the checkpoint writer's thread
+        self._drain_lock = threading.Lock()
         self._drained = time.monotonic()
 
     def scalars(self, writer, step: int, values: dict[str, float]) -> None:
@@ -169,11 +170,16 @@ class Writers:
             self._queue.append((writer, step, values))
             due = len(self._queue) >= 200 or time.monotonic() - self._drained > 5.0
         if due:
-            self._drain()
+            self.drain()
 
-    def _drain(self) -> None:
-        with self._lock:
-            queue, self._queue, self._drained = self._queue, [], time.monotonic()
+    def drain(self) -> None:
+        """Hand the queued scalars to TensorFlow's writers (tf.functions are traced here)."""
+        with self._drain_lock:  # one drain at a time: events stay in step order
+            with self._lock:
+                queue, self._queue, self._drained = self._queue, [], time.monotonic()
+            self._write_rows(queue)
+
+    def _write_rows(self, queue: list) -> None:
         for (_, tags), rows in itertools.groupby(queue, key=lambda r: (id(r[0]), tuple(r[2]))):
             rows = list(rows)
             writer = rows[0][0]
@@ -192,11 +198,15 @@ class Writers:
             hp.hparams(hparams)
 
     def flush(self) -> None:
-        self._drain()
+        self.drain()
+        self.flush_files()
+
+    def flush_files(self) -> None:
+        """What the writers hold to their files, without draining the queue (any thread)."""
         self.train.flush()
         self.eval.flush()
 
     def close(self) -> None:
-        self._drain()
+        self.drain()
         self.train.close()
         self.eval.close()
