@@ -89,22 +89,28 @@ def state_io(m: dict, workdir: str, log) -> dict:
     for r in range(m["state_rounds"]):
         step = r + 1
         state.before_save(step, 0)
+        # os.sync() before each timed write: every write starts with no dirty pages queued
+        # by the previous one (kernel writeback throttling made the order matter otherwise)
+        os.sync()
         t["sync"].append(stores["sync"].save(step))
         prefix = stores["sync"].manager.latest_checkpoint
         t0 = time.perf_counter()
         stores["sync"].write_manifest(prefix, step)  # the SHA-256 part of a save, on its own
         t["hash"].append(time.perf_counter() - t0)
         t["update"].append(update())
+        os.sync()
         t0 = time.perf_counter()
         t["async_block"].append(stores["async"].save(step))
         # the first update after a snapshot copies each variable it changes (copy-on-write)
         t["update_after_snapshot"].append(update())
         stores["async"].wait()
         t["async_total"].append(time.perf_counter() - t0)
+        os.sync()
         t["numpy"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
         t0 = time.perf_counter()
         sha256_file(os.path.join(workdir, "numpy.bin"))  # what our manifest adds, on numpy's file
         t["numpy_sha256"].append(t["numpy"][-1] + time.perf_counter() - t0)
+        os.sync()
         t0 = time.perf_counter()
         raw = state.checkpoint.write(os.path.join(workdir, "raw", "ckpt"))  # TF alone
         t["tf_write"].append(time.perf_counter() - t0)
