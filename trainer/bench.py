@@ -4,8 +4,9 @@ Everything is measured side by side in one process, on the same model, data pipe
 (`data.train_dataset`) and batch size. The machine may be shared, so each comparison is
 run in interleaved rounds and the ratio of medians is reported, never a lone timing.
 
-Throughput is steady-state steps/s: our loop's own per-window `steps_per_sec` TensorBoard
-scalars after a warm-up, and Model.fit's epoch times after a warm-up epoch. Both run
+Throughput is steady-state steps/s in 200-step blocks (`steady_rate`): from our loop's own
+per-window `steps_per_sec` TensorBoard scalars, and from Model.fit's 200-step epochs, after a
+warm-up. Checkpoint cost is the time near save steps (`save_excess`). Both loops run
 without evaluation; our loop keeps its logging (metrics.jsonl + TensorBoard every
 `log_every` steps); fit runs with verbose=0 and no callbacks but an epoch timer.
 The checkpoint-state part (300 MB of weights + Adam slots, sizes, RSS) is in bench_state.py.
@@ -31,43 +32,18 @@ from trainer.loop import fit
 from trainer.optim import build_optimizer
 from trainer.summaries import read_scalars
 
-# name -> (throughput steps per trial, warm-up steps, rounds, checkpoint-overhead steps,
-#          big-state units, big-state features, big-state rounds, RSS run steps)
+# Per mode: throughput steps per trial and warm-up, rounds, checkpoint-run steps, the big
+# state's width (units x features), its rounds, the RSS run's steps, RSS of the big state too.
+# fmt: off
 MODES = {
-    "full": dict(
-        steps=4000,
-        warmup=400,
-        rounds=5,
-        ckpt_steps=5000,
-        units=25_000,
-        features=1000,
-        state_rounds=5,
-        rss_steps=1000,
-        rss_big_state=True,
-    ),
-    "quick": dict(
-        steps=2000,
-        warmup=400,
-        rounds=3,
-        ckpt_steps=2500,
-        units=25_000,
-        features=1000,
-        state_rounds=3,
-        rss_steps=300,
-        rss_big_state=False,
-    ),
-    "smoke": dict(
-        steps=400,
-        warmup=200,
-        rounds=1,
-        ckpt_steps=200,
-        units=256,
-        features=16,
-        state_rounds=1,
-        rss_steps=20,
-        rss_big_state=False,
-    ),
+    "full": dict(steps=4000, warmup=400, rounds=5, ckpt_steps=5000, units=25_000,
+                 features=1000, state_rounds=5, rss_steps=1000, rss_big_state=True),
+    "quick": dict(steps=2000, warmup=400, rounds=3, ckpt_steps=2500, units=25_000,
+                  features=1000, state_rounds=3, rss_steps=300, rss_big_state=False),
+    "smoke": dict(steps=400, warmup=200, rounds=1, ckpt_steps=200, units=256,
+                  features=16, state_rounds=1, rss_steps=20, rss_big_state=False),
 }
+# fmt: on
 SAME_SPE = 10  # the shared steps_per_execution of the "same K" comparison
 CKPT_EVERY = 500  # the checkpoint cadence of the overhead comparison (issue 6)
 NO_EVAL = 10**9
