@@ -9,6 +9,7 @@ reported and skipped on resume.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from trainer.async_save import AsyncCheckpointWriter
 from trainer.config import UserError
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -122,10 +124,13 @@ class CheckpointStore:
         keep_every_n_hours: float | None,
         manifest_extra: dict,
         write: bool = True,
+        async_write: bool = False,
     ):
         self.directory = directory
         self.checkpoint = checkpoint
         self.manifest_extra = manifest_extra
+        # checkpoint.async: snapshot in save(), write on a background thread (async_save.py)
+        self.async_writer = AsyncCheckpointWriter(checkpoint) if async_write else None
         self.manager = (
             tf.train.CheckpointManager(
                 checkpoint,
@@ -168,13 +173,34 @@ class CheckpointStore:
     def restore(self, prefix: str) -> None:
         self.checkpoint.restore(prefix).assert_existing_objects_matched()
 
-    def save(self, step: int) -> float:
-        """Write checkpoint `ckpt-<step>` and then its manifest; return the seconds it took."""
+    def save(self, step: int, before_write=None) -> float:
+        """Write checkpoint `ckpt-<step>` and then its manifest; return the seconds it blocked.
+
+        `before_write()` runs first (the loop syncs its logs). With async writes the state is
+        snapshotted here and both run on the writer's thread; `wait()` waits for the last write.
+        """
         t0 = time.perf_counter()
+        if self.async_writer is not None:
+            self.async_writer.submit(step, lambda s: self._write(s, before_write))
+        else:
+            self._write(step, before_write)
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Return once no checkpoint write is in flight (raises a failed background write)."""
+        if self.async_writer is not None:
+            self.async_writer.wait()
+
+    def pending_writes(self):
+        """A context manager that, on exit, waits for the last background write."""
+        return self.async_writer.pending() if self.async_writer else contextlib.nullcontext()
+
+    def _write(self, step: int, before_write=None) -> None:
+        if before_write is not None:
+            before_write()
         prefix = self.manager.save(checkpoint_number=step)
         self.write_manifest(prefix, step)
         self._sweep_manifests()
-        return time.perf_counter() - t0
 
     def write_manifest(self, prefix: str, step: int) -> None:
         files = {}

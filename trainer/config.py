@@ -26,7 +26,7 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
-    steps_per_execution: int = 1
+    steps_per_execution: int = 10
     resume: str = "auto"
     deterministic: bool = True
     init_from: str | None = None
@@ -289,6 +289,10 @@ def validate(cfg: DictConfig) -> None:
                 cfg.schedule.warmup_steps,
                 f"an integer in 0..trainer.max_steps-1 ({cfg.trainer.max_steps - 1})",
             )
+    if cfg.checkpoint["async"] and cfg.distribute.name == "multi_worker":
+        raise _bad(
+            "checkpoint.async", True, "false with distribute=multi_worker (saves are collective)"
+        )
     if "_target_" not in cfg.model:
         raise UserError(
             "model._target_: missing; give the class to train, e.g. model._target_=mypkg.MyModel"

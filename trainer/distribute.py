@@ -132,8 +132,10 @@ class _NonChiefStore(CheckpointStore):
         super().__init__(write_dir, checkpoint, **{**kwargs, "max_to_keep": 1})
         self.directory = read_dir  # latest_good()/has_checkpoints() look at the chief's
 
-    def save(self, step: int) -> float:
+    def save(self, step: int, before_write=None) -> float:
         t0 = time.perf_counter()
+        if before_write is not None:
+            before_write()
         self.manager.save(checkpoint_number=step)
         return time.perf_counter() - t0
 

@@ -8,8 +8,11 @@ resume both logs are cut back to the restored step first: one curve per tag.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
+import threading
+import time
 
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
@@ -30,6 +33,11 @@ class MetricsLog:
 
     def sync(self) -> None:
         self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def fsync(self) -> None:
+        """The lines written so far (line-buffered: already handed to the OS) to disk; safe to
+        call from another thread while the loop keeps writing."""
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
@@ -137,6 +145,27 @@ def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
     return out
 
 
+def _scalar_rows_fn(writer, tags: tuple[str, ...]):
+    """fn(steps [n], values [n, len(tags)]): the events tf.summary.scalar(tag, v, step) writes."""
+    from tensorboard.plugins.scalar import metadata
+
+    md = metadata.create_summary_metadata(display_name=None, description=None)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([None, len(tags)], tf.float32),
+        ]
+    )
+    def fn(steps, values):
+        with writer.as_default():
+            for i in tf.range(tf.shape(steps)[0]):
+                for j, tag in enumerate(tags):  # summary.write: the tag as is, no name scope
+                    tf.summary.write(tag, values[i, j], step=steps[i], metadata=md)
+
+    return fn
+
+
 class Writers:
     """TensorBoard writers for `<run>/tensorboard/train` and `eval`."""
 
@@ -144,11 +173,40 @@ class Writers:
         root = os.path.join(run_dir, "tensorboard")
         self.train = tf.summary.create_file_writer(os.path.join(root, "train"))
         self.eval = tf.summary.create_file_writer(os.path.join(root, "eval"))
+        # Scalars are queued and written in batches, one tf.function call per batch: eager
+        # tf.summary.scalar calls were the largest cost of a logged step (BENCHMARKS.md).
+        # TF's writer buffers events for up to 2 minutes anyway; flush() writes everything.
+        self._fns = {}  # (writer, tags) -> tf.function writing rows of those scalars
+        self._queue: list[tuple[object, int, dict]] = []
+        self._lock = threading.Lock()  # flush() may run on the checkpoint writer's thread
+        self._drain_lock = threading.Lock()
+        self._drained = time.monotonic()
 
     def scalars(self, writer, step: int, values: dict[str, float]) -> None:
-        with writer.as_default(step=step):
-            for tag, v in values.items():
-                tf.summary.scalar(tag, v)
+        with self._lock:
+            self._queue.append((writer, step, values))
+            due = len(self._queue) >= 200 or time.monotonic() - self._drained > 5.0
+        if due:
+            self.drain()
+
+    def drain(self) -> None:
+        """Hand the queued scalars to TensorFlow's writers (tf.functions are traced here)."""
+        with self._drain_lock:  # one drain at a time: events stay in step order
+            with self._lock:
+                queue, self._queue, self._drained = self._queue, [], time.monotonic()
+            self._write_rows(queue)
+
+    def _write_rows(self, queue: list) -> None:
+        for (_, tags), rows in itertools.groupby(queue, key=lambda r: (id(r[0]), tuple(r[2]))):
+            rows = list(rows)
+            writer = rows[0][0]
+            fn = self._fns.get((id(writer), tags))
+            if fn is None:
+                fn = self._fns[(id(writer), tags)] = _scalar_rows_fn(writer, tags)
+            fn(
+                tf.constant([r[1] for r in rows], tf.int64),
+                tf.constant([[float(v) for v in r[2].values()] for r in rows], tf.float32),
+            )
 
     def hparams(self, hparams: dict) -> None:
         from tensorboard.plugins.hparams import api as hp
@@ -157,9 +215,15 @@ class Writers:
             hp.hparams(hparams)
 
     def flush(self) -> None:
+        self.drain()
+        self.flush_files()
+
+    def flush_files(self) -> None:
+        """What the writers hold to their files, without draining the queue (any thread)."""
         self.train.flush()
         self.eval.flush()
 
     def close(self) -> None:
+        self.drain()
         self.train.close()
         self.eval.close()

@@ -1,0 +1,190 @@
+"""checkpoint.async=true: snapshot semantics, integrity, errors, one write at a time, exact resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO, env, losses, train
+
+from trainer.checkpoints import CheckpointStore, list_checkpoints, verify
+from trainer.state import TrainState
+from trainer.summaries import read_scalars
+
+
+def _state() -> tuple[TrainState, callable]:
+    """A TrainState with BatchNorm statistics, Dropout RNG state and Adam slots; and a train step."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.layers.Dense(16),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(1),
+        ]
+    )
+    model(tf.zeros((2, 4)))
+    optimizer = keras.optimizers.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+    x, y = tf.random.normal((8, 4)), tf.random.normal((8, 1))
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x, training=True) - y) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+
+    return TrainState(model, optimizer), step
+
+
+def _values(state: TrainState) -> list[np.ndarray]:
+    return [np.array(v) for v in state.checkpoint.model.variables + state.optimizer.variables] + [
+        np.array(v) for v in state.rng
+    ]
+
+
+def _store(directory, state, **kw) -> CheckpointStore:
+    return CheckpointStore(
+        str(directory),
+        state.checkpoint,
+        max_to_keep=5,
+        keep_every_n_hours=None,
+        manifest_extra={},
+        async_write=True,
+        **kw,
+    )
+
+
+def test_async_save_writes_the_values_of_the_save_step_while_training_goes_on(tmp_path):
+    state, step = _state()
+    store = _store(tmp_path, state)
+    release = threading.Event()
+    write = store._write
+    store._write = lambda s, *a: (release.wait(), write(s, *a))  # held until training moved on
+    expected = {}
+    for at in (1, 2, 3):  # three saves: TF's own async checkpoint fails on the second
+        step()
+        state.before_save(at, 0)
+        expected[at] = _values(state)
+        store.save(at)
+        for _ in range(3):
+            step()  # BN statistics, slots, weights and RNG state all change under the write
+        release.set()
+        store.wait()
+        release.clear()
+    for at, values in expected.items():
+        prefix = str(tmp_path / f"ckpt-{at}")
+        assert verify(prefix).ok
+        fresh, _ = _state()
+        fresh.checkpoint.restore(prefix).assert_existing_objects_matched()
+        assert fresh.after_restore() == at
+        for a, b in zip(values, _values(fresh), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_background_write_surfaces_and_leaves_no_good_checkpoint(tmp_path):
+    state, _ = _state()
+    store = _store(tmp_path, state)
+
+    def broken(prefix, step):
+        raise OSError("disk full")
+
+    store.write_manifest = broken
+    store.save(1)  # returns at once: the failure happens on the writer's thread
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.wait()
+    assert not verify(str(tmp_path / "ckpt-1")).ok
+    store.wait()  # reported once
+
+
+def test_at_most_one_write_in_flight_and_saves_keep_their_order(tmp_path):
+    state, _ = _state()
+    store = _store(tmp_path, state)
+    active, peak, order = [0], [0], []
+    lock = threading.Lock()
+    write = store._write
+
+    def counting(s, *a):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        threading.Event().wait(0.05)
+        write(s, *a)
+        order.append(s)
+        with lock:
+            active[0] -= 1
+
+    store._write = counting
+    for at in (1, 2, 3):
+        state.before_save(at, 0)
+        store.save(at)
+    store.wait()
+    assert peak[0] == 1 and order == [1, 2, 3]
+    assert [verify(p).ok for p in list_checkpoints(str(tmp_path))] == [True, True, True]
+
+
+CRASH = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    from test_async_checkpoint import _state, _store
+    state, step = _state()
+    store = _store({d!r}, state)
+    state.before_save(1, 0); store.save(1); store.wait()
+    # Die on the writer's thread after TensorFlow wrote ckpt-2's files, before its manifest.
+    store.write_manifest = lambda prefix, s: os._exit(9)
+    step(); state.before_save(2, 0); store.save(2)
+    store.wait()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_crash_during_a_background_write_leaves_the_previous_checkpoint_as_latest(tmp_path):
+    script = CRASH.format(tests=str(REPO / "tests"), d=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env(), capture_output=True, timeout=120
+    )
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    assert os.path.exists(tmp_path / "ckpt-2.index")  # the files are there...
+    assert not verify(str(tmp_path / "ckpt-2")).ok  # ...but they do not verify
+    latest = CheckpointStore(
+        str(tmp_path), None, max_to_keep=1, keep_every_n_hours=None, manifest_extra={}, write=False
+    ).latest_good(report=open(os.devnull, "w"))
+    assert latest.step == 1
+
+
+@pytest.mark.slow
+def test_async_and_steps_per_execution_resume_exactly(tmp_path):
+    """Interrupted + resumed (async saves, K=3 not dividing checkpoint.every) equals an
+    uninterrupted synchronous K=1 run bit for bit, Dropout included."""
+    common = [
+        "model=dropout_mlp",
+        "trainer.max_steps=40",
+        "trainer.log_every=1",
+        "trainer.eval_every=20",
+        "checkpoint.every=10",
+    ]
+    fast = ["trainer.steps_per_execution=3", "checkpoint.async=true"]
+    a, b = tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert train(a, *common).returncode == 0
+    first = train(b, *common, *fast, "trainer.stop_at=20")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = train(b, *common, *fast)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Resuming from step 20" in second.stderr
+    assert losses(a) == losses(b) and len(losses(b)) == 40
+    tb = read_scalars(str(b / "tensorboard" / "train"), "loss")  # batched TensorBoard writes
+    assert [s for s, _ in tb] == list(range(1, 41))
+    # chunks end on checkpoint steps: the checkpoints are at multiples of 10, and all verify
+    prefixes = list_checkpoints(str(b / "checkpoints"))
+    assert [os.path.basename(p) for p in prefixes] == ["ckpt-20", "ckpt-30", "ckpt-40"]
+    assert all(verify(p).ok for p in prefixes)

@@ -1,0 +1,30 @@
+"""scripts/bench.py runs end to end (its tiny smoke mode) and writes bench.json with the ratios."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import run_cli
+
+RATIOS = [
+    "loop_vs_fit",
+    "loop_vs_fit_same_spe",
+    "checkpoint_overhead",
+    "async_block_ratio",
+    "save_vs_numpy",
+]
+
+
+@pytest.mark.slow
+def test_bench_writes_bench_json_with_the_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("scripts/bench.py", "--smoke", "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in RATIOS:
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+        assert key in proc.stdout  # the printed table names every ratio
+    assert result["state"]["checkpoint_mb"] > 0 and result["memory"]["train_default_mb"] > 0
+    assert result["state"]["data_position_bytes"] == 16

@@ -1,0 +1,328 @@
+"""`python scripts/bench.py`: our loop against Keras `Model.fit`, and what checkpoints cost.
+
+Everything is measured side by side in one process, on the same model, data pipeline
+(`data.train_dataset`) and batch size. The machine may be shared, so each comparison is
+run in interleaved rounds and the ratio of medians is reported, never a lone timing.
+
+Throughput is steady-state steps/s in 200-step blocks (`steady_rate`): from our loop's own
+per-window `steps_per_sec` TensorBoard scalars, and from Model.fit's 200-step epochs, after a
+warm-up. Checkpoint cost is the time near save steps (`save_excess`). Both loops run
+without evaluation; our loop keeps its logging (metrics.jsonl + TensorBoard every
+`log_every` steps); fit runs with verbose=0 and no callbacks but an epoch timer.
+The checkpoint-state part (300 MB of weights + Adam slots, sizes, RSS) is in bench_state.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import bench_state, build
+from trainer import data as data_lib
+from trainer.loop import fit
+from trainer.optim import build_optimizer
+from trainer.summaries import read_scalars
+
+# Per mode: throughput steps per trial and warm-up, rounds, checkpoint-run steps, the big
+# state's width (units x features), its rounds, the RSS run's steps, RSS of the big state too.
+# fmt: off
+MODES = {
+    "full": dict(steps=4000, warmup=400, rounds=5, ckpt_steps=5000, units=25_000,
+                 features=1000, state_rounds=5, rss_steps=1000, rss_big_state=True),
+    "quick": dict(steps=2000, warmup=400, rounds=3, ckpt_steps=2500, units=25_000,
+                  features=1000, state_rounds=3, rss_steps=300, rss_big_state=False),
+    "smoke": dict(steps=400, warmup=200, rounds=1, ckpt_steps=200, units=256,
+                  features=16, state_rounds=1, rss_steps=20, rss_big_state=False),
+}
+# fmt: on
+SAME_SPE = 10  # the shared steps_per_execution of the "same K" comparison
+CKPT_EVERY = 500  # the checkpoint cadence of the overhead comparison (issue 6)
+NO_EVAL = 10**9
+
+
+def compose(overrides: list[str]):
+    """The config `python -m trainer <overrides>` would get."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer.config import CONF_DIR, register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+BLOCK = 200  # steps per throughput block (a Model.fit epoch; 20 of our loop's log windows)
+
+
+def loop_windows(overrides: list[str], steps: int, workdir: str) -> list[tuple[int, int, float]]:
+    """Run `trainer.loop.fit` for `steps` steps; return its log windows (end step, steps, seconds).
+
+    The loop logs `steps_per_sec` for each window between log steps, from its own clock.
+    """
+    run_dir = tempfile.mkdtemp(prefix="loop-", dir=workdir)
+    cfg = compose(
+        [
+            f"trainer.max_steps={steps + 1}",  # stop_at < max_steps: no final eval or export
+            f"trainer.stop_at={steps}",
+            f"trainer.eval_every={NO_EVAL}",
+            *overrides,
+        ]
+    )
+    fit(cfg, run_dir)
+    points = read_scalars(os.path.join(run_dir, "tensorboard", "train"), "steps_per_sec")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    out, prev = [], 0
+    for step, rate in points:
+        out.append((step, step - prev, (step - prev) / rate))
+        prev = step
+    return out
+
+
+def steady_rate(block_seconds: list[float]) -> float:
+    """steps/s of a run on a shared machine: the 80th percentile of its BLOCK-step blocks' rates
+    (other jobs only ever slow a block down, so the upper blocks are the run's own speed)."""
+    return float(np.percentile([BLOCK / t for t in block_seconds], 80))
+
+
+def loop_rate(overrides: list[str], steps: int, warmup: int, workdir: str) -> float:
+    windows = [w for w in loop_windows(overrides, steps, workdir) if w[0] > warmup]
+    blocks, acc, n = [], 0.0, 0
+    for _, k, t in windows:
+        acc, n = acc + t, n + k
+        if n >= BLOCK:
+            blocks.append(acc * BLOCK / n)
+            acc, n = 0.0, 0
+    return steady_rate(blocks)
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._t0)
+
+
+def fit_rate(overrides: list[str], steps: int, warmup: int, spe: int) -> float:
+    """Steady-state steps/s of Keras Model.fit on our model, optimizer, loss and data stream."""
+    cfg = compose(overrides)
+    build.setup_runtime(cfg)
+    data = data_lib.load_data(cfg.data)
+    model = build.build_model(cfg.model, data)
+    optimizer = build_optimizer(cfg.optimizer, cfg.schedule, steps)
+    model.compile(optimizer=optimizer, loss=build.keras_loss(data.task), steps_per_execution=spe)
+    dataset = data_lib.train_dataset(data, int(cfg.data.batch_size), int(cfg.trainer.seed), 0)
+    timer = _EpochTimer()
+    epochs = max(2, steps // BLOCK)  # BLOCK-step epochs; the warm-up ones are dropped
+    model.fit(dataset, epochs=epochs, steps_per_epoch=BLOCK, verbose=0, callbacks=[timer])
+    return steady_rate(timer.seconds[max(1, warmup // BLOCK) :])
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def throughput(m: dict, workdir: str, log) -> dict:
+    """Our loop vs Model.fit: both at their defaults, then both at steps_per_execution=10."""
+    default_k = int(compose([]).trainer.steps_per_execution)
+    quiet = [f"checkpoint.every={NO_EVAL}"]  # only the final checkpoint, after the window
+    runs = {
+        "loop_default": lambda: loop_rate(quiet, m["steps"], m["warmup"], workdir),
+        "fit_default": lambda: fit_rate([], m["steps"], m["warmup"], 1),
+        "loop_k1": lambda: loop_rate(
+            [*quiet, "trainer.steps_per_execution=1"], m["steps"], m["warmup"], workdir
+        ),
+        "loop_same_spe": lambda: loop_rate(
+            [*quiet, f"trainer.steps_per_execution={SAME_SPE}"], m["steps"], m["warmup"], workdir
+        ),
+        "fit_same_spe": lambda: fit_rate([], m["steps"], m["warmup"], SAME_SPE),
+    }
+    if default_k == SAME_SPE:  # the same configuration twice: run it once per round
+        runs.pop("loop_same_spe")
+    rates = {k: [] for k in runs}
+    for r in range(m["rounds"]):
+        for name, run in runs.items():
+            rates[name].append(run())
+        log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
+    if "loop_same_spe" not in rates:
+        rates["loop_same_spe"] = rates["loop_default"]
+    med = {k: _median(v) for k, v in rates.items()}
+    return {
+        "loop_vs_fit": med["loop_default"] / med["fit_default"],
+        "loop_vs_fit_same_spe": med["loop_same_spe"] / med["fit_same_spe"],
+        "loop_k1_vs_fit": med["loop_k1"] / med["fit_default"],
+        "steps_per_sec": med,
+        "steps_per_sec_trials": rates,
+        "loop_default_steps_per_execution": default_k,
+        "same_steps_per_execution": SAME_SPE,
+    }
+
+
+def save_excess(windows: list[tuple[int, int, float]], warmup: int, every: int) -> float:
+    """The time checkpoints cost, as a fraction of the training time between two checkpoints.
+
+    For each multiple of `every` after the warm-up: the time of the log windows in the next
+    100 steps (the save, its write thread, the copy-on-write of the first update) beyond what
+    those steps take at the run's median pace; the median over the saves, over `every` steps'
+    time at that pace. Robust to other jobs slowing a random part of the run.
+    """
+    windows = [w for w in windows if w[0] > warmup]
+    pace = float(np.median([t / k for _, k, t in windows]))  # seconds per step
+    excess = []
+    for save in range(every * (warmup // every + 1), windows[-1][0] - 100 + 1, every):
+        near = [(k, t) for s, k, t in windows if save < s <= save + 100]
+        excess.append(sum(t - k * pace for k, t in near))
+    return _median(excess) / (every * pace) if excess else float("nan")
+
+
+def checkpoint_cost(m: dict, workdir: str, log) -> dict:
+    """A checkpoint every 500 steps (sync, async) against none, interleaved, same runs."""
+    # the warm-up covers the first save too: one-time costs (thread start, tracing) stay out
+    steps, warmup = m["ckpt_steps"], min(CKPT_EVERY + 100, m["ckpt_steps"] // 3)
+    every = min(CKPT_EVERY, max(10, steps // 4))  # smoke runs are shorter than 500 steps
+    variants = {
+        "none": [f"checkpoint.every={NO_EVAL}"],
+        "sync": [f"checkpoint.every={every}", "checkpoint.async=false"],
+        "async": [f"checkpoint.every={every}", "checkpoint.async=true"],
+    }
+    excess = {k: [] for k in variants}
+    rates = {k: [] for k in variants}
+    for r in range(m["rounds"]):
+        for name, extra in variants.items():
+            windows = loop_windows(extra, steps, workdir)
+            excess[name].append(save_excess(windows, warmup, every))
+            kept = [w for w in windows if w[0] > warmup]
+            rates[name].append(sum(k for _, k, _ in kept) / sum(t for _, _, t in kept))
+        log(
+            f"  round {r + 1}: time near save steps / time of {every} steps: "
+            + ", ".join(f"{k} {v[-1]:+.3f}" for k, v in excess.items())
+            + " | steps/s "
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items())
+        )
+    med = {k: _median(v) for k, v in excess.items()}
+    return {
+        # the "none" runs measure the estimator's own noise at the same steps: subtracted
+        "checkpoint_overhead": med["async"] - med["none"],
+        "checkpoint_overhead_sync": med["sync"] - med["none"],
+        "excess_none_control": med["none"],
+        "checkpoint_every": every,
+        "excess_trials": excess,
+        # plain whole-run throughput too (noisy on a shared machine: other jobs come and go)
+        "steps_per_sec": {k: _median(v) for k, v in rates.items()},
+        "steps_per_sec_trials": rates,
+        "throughput_loss_async": 1 - _median(rates["async"]) / _median(rates["none"]),
+        "throughput_loss_sync": 1 - _median(rates["sync"]) / _median(rates["none"]),
+    }
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def run(mode: str = "full", out: str | None = "bench.json", log=print) -> dict:
+    """Run every measurement of `mode` (full | quick | smoke); write `out`; return the results."""
+    m = MODES[mode]
+    # Many runs in one process: TF would warn about tf.functions traced once per run.
+    tf.get_logger().setLevel("ERROR")
+    t0 = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="bench-")
+    result: dict = {"mode": mode, "machine": machine()}
+    try:
+        log("peak RSS of training runs (subprocesses)...")
+        result["memory"] = bench_state.peak_rss(m)
+        log("throughput: our loop vs Model.fit...")
+        tp = throughput(m, workdir, log)
+        log("throughput with checkpoints every 500 steps...")
+        cc = checkpoint_cost(m, workdir, log)
+        log(f"checkpoint of a {'~300 MB' if mode != 'smoke' else 'tiny'} state...")
+        st = bench_state.state_io(m, workdir, log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result.update(
+        loop_vs_fit=tp.pop("loop_vs_fit"),
+        loop_vs_fit_same_spe=tp.pop("loop_vs_fit_same_spe"),
+        checkpoint_overhead=cc.pop("checkpoint_overhead"),
+        async_block_ratio=st.pop("async_block_ratio"),
+        save_vs_numpy=st.pop("save_vs_numpy"),
+        throughput=tp,
+        checkpoints=cc,
+        state=st,
+        seconds=time.perf_counter() - t0,
+    )
+    result["table"] = table(result)
+    log(result["table"])
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"wrote {out}")
+    return result
+
+
+TARGETS = {
+    "loop_vs_fit": (">=", 1.2),
+    "loop_vs_fit_same_spe": (">=", 1.0),
+    "checkpoint_overhead": ("<=", 0.03),
+    "async_block_ratio": ("<=", 0.15),
+    "save_vs_numpy": ("<=", 1.5),
+}
+
+
+def table(r: dict) -> str:
+    """The human-readable summary printed at the end."""
+    lines = [f"{'ratio':<24}{'value':>9}  target   met", "-" * 46]
+    for key, (op, target) in TARGETS.items():
+        v = r[key]
+        ok = v >= target if op == ">=" else v <= target
+        lines.append(f"{key:<24}{v:>9.3f}  {op} {target:<5} {'yes' if ok else 'NO'}")
+    sps = r["throughput"]["steps_per_sec"]
+    cps = r["checkpoints"]["steps_per_sec"]
+    st, mem = r["state"], r["memory"]
+    lines += [
+        "",
+        f"steps/s  loop(K={r['throughput']['loop_default_steps_per_execution']}) "
+        f"{sps['loop_default']:.0f}  fit(spe=1) {sps['fit_default']:.0f}  "
+        f"loop(K={SAME_SPE}) {sps['loop_same_spe']:.0f}  fit(spe={SAME_SPE}) {sps['fit_same_spe']:.0f}"
+        f"  loop(K=1) {sps['loop_k1']:.0f}",
+        f"ckpt every {r['checkpoints']['checkpoint_every']}: overhead sync "
+        f"{r['checkpoints']['checkpoint_overhead_sync']:.3f}, async {r['checkpoint_overhead']:.3f}"
+        f" (whole-run steps/s: none {cps['none']:.0f}, sync {cps['sync']:.0f}, "
+        f"async {cps['async']:.0f})",
+        f"state {st['state_mb']:.0f} MB: sync save {st['sync_save_s']:.3f} s, async blocks "
+        f"{st['async_block_s']:.4f} s (write {st['async_total_s']:.3f} s), numpy "
+        f"{st['numpy_write_s']:.3f} s, restore {st['restore_s']:.3f} s",
+        f"  sync save = TF write {st['sync_save_s'] - st['sync_save_manifest_hash_s']:.3f} s + "
+        f"SHA-256 manifest {st['sync_save_manifest_hash_s']:.3f} s; against numpy + SHA-256 of "
+        f"its file: {st['save_vs_numpy_plus_sha256']:.2f}x",
+        f"checkpoint {st['checkpoint_mb']:.1f} MB for {st['state_mb']:.1f} MB of weights+slots; "
+        f"data position {st['data_position_bytes']} B (a tf.data shuffle-buffer iterator: "
+        f"{st['tf_data_iterator_bytes'] / 1e6:.2f} MB)",
+        "peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items() if k.endswith("_mb")),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""The checkpoint-state part of the benchmark: a ~300 MB TrainState's save and restore, sizes, RSS.
+
+The state is the repository's own `models.MySubclassedModel` made wide (25M parameters for
+the default sizes) with Adam's two slots: 100 MB of weights + 200 MB of slots, all random.
+It goes through the real `CheckpointStore` (TensorFlow write + SHA-256 manifest), sync and
+async, against writing the same arrays with numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.checkpoints import CheckpointStore, checkpoint_files, sha256_file
+from trainer.state import TrainState
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _big_state(units: int, features: int) -> TrainState:
+    from models import MySubclassedModel
+
+    model = MySubclassedModel(num_units=units, output_units=1)
+    model(tf.zeros((1, features)))
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    for v in model.weights + optimizer.variables:
+        if v.dtype == "float32":  # real-looking (incompressible) values, not fresh zeros
+            v.assign(rng.standard_normal(tuple(v.shape), dtype=np.float32))
+    return TrainState(model, optimizer)
+
+
+def _numpy_write(arrays: list[np.ndarray], path: str) -> float:
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for a in arrays:
+            np.save(f, a)
+    return time.perf_counter() - t0
+
+
+def _iterator_checkpoint_bytes(features: int, workdir: str, buffer: int = 1024) -> int:
+    """Size of a tf.data iterator checkpoint for a shuffle buffer of `buffer` examples."""
+    x = np.random.default_rng(0).standard_normal((2 * buffer, features), dtype=np.float32)
+    ds = tf.data.Dataset.from_tensor_slices(x).shuffle(buffer, seed=0).batch(32).repeat()
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    prefix = tf.train.Checkpoint(iterator=it).write(os.path.join(workdir, "iterator", "ckpt"))
+    return sum(os.path.getsize(p) for p in checkpoint_files(prefix))
+
+
+def state_io(m: dict, workdir: str, log) -> dict:
+    """Sync vs async save of a big TrainState, the numpy baseline, restore, sizes."""
+    state = _big_state(m["units"], m["features"])
+    variables = state.model.weights + state.optimizer.variables
+    arrays = [v.numpy() for v in variables]
+    state_bytes = sum(a.nbytes for a in arrays)
+    stores = {
+        kind: CheckpointStore(
+            os.path.join(workdir, kind),
+            state.checkpoint,
+            max_to_keep=1,
+            keep_every_n_hours=None,
+            manifest_extra={},
+            async_write=kind == "async",
+        )
+        for kind in ("sync", "async")
+    }
+    grads = [tf.ones_like(v) * 1e-3 for v in state.model.trainable_variables]
+
+    def update() -> float:  # one optimizer step over every weight and slot
+        t0 = time.perf_counter()
+        state.optimizer.apply_gradients(zip(grads, state.model.trainable_variables, strict=True))
+        _ = [v.numpy() for v in state.optimizer.variables[:1]]  # wait for the update
+        return time.perf_counter() - t0
+
+    update()  # trace / warm up
+    t = {k: [] for k in ("sync", "hash", "async_block", "async_total", "numpy", "restore")}
+    t |= {"update": [], "update_after_snapshot": [], "numpy_sha256": [], "tf_write": []}
+    for r in range(m["state_rounds"]):
+        step = r + 1
+        state.before_save(step, 0)
+        # os.sync() before each timed write: every write starts with no dirty pages queued
+        # by the previous one (kernel writeback throttling made the order matter otherwise)
+        os.sync()
+        t["sync"].append(stores["sync"].save(step))
+        prefix = stores["sync"].manager.latest_checkpoint
+        t0 = time.perf_counter()
+        stores["sync"].write_manifest(prefix, step)  # the SHA-256 part of a save, on its own
+        t["hash"].append(time.perf_counter() - t0)
+        t["update"].append(update())
+        os.sync()
+        t0 = time.perf_counter()
+        t["async_block"].append(stores["async"].save(step))
+        # the first update after a snapshot copies each variable it changes (copy-on-write)
+        t["update_after_snapshot"].append(update())
+        stores["async"].wait()
+        t["async_total"].append(time.perf_counter() - t0)
+        os.sync()
+        t["numpy"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
+        t0 = time.perf_counter()
+        sha256_file(os.path.join(workdir, "numpy.bin"))  # what our manifest adds, on numpy's file
+        t["numpy_sha256"].append(t["numpy"][-1] + time.perf_counter() - t0)
+        os.sync()
+        t0 = time.perf_counter()
+        raw = state.checkpoint.write(os.path.join(workdir, "raw", "ckpt"))  # TF alone
+        t["tf_write"].append(time.perf_counter() - t0)
+        for path in checkpoint_files(raw):
+            os.remove(path)
+        t0 = time.perf_counter()
+        stores["sync"].restore(prefix)
+        t["restore"].append(time.perf_counter() - t0)
+        log(
+            f"  round {r + 1}: sync {t['sync'][-1]:.3f} s (hash {t['hash'][-1]:.3f}), async "
+            f"blocks {t['async_block'][-1]:.4f} s / writes {t['async_total'][-1]:.3f} s, numpy "
+            f"{t['numpy'][-1]:.3f} s, restore {t['restore'][-1]:.3f} s"
+        )
+    med = {k: float(statistics.median(v)) for k, v in t.items()}
+    ckpt_bytes = sum(os.path.getsize(p) for p in checkpoint_files(prefix))
+    return {
+        "async_block_ratio": med["async_block"] / med["sync"],
+        "save_vs_numpy": med["sync"] / med["numpy"],
+        "state_mb": state_bytes / 1e6,
+        "sync_save_s": med["sync"],
+        "sync_save_manifest_hash_s": med["hash"],
+        "async_block_s": med["async_block"],
+        "async_total_s": med["async_total"],
+        "async_write_thread_s": stores["async"].async_writer.last_write_seconds,
+        "numpy_write_s": med["numpy"],
+        "numpy_write_plus_sha256_s": med["numpy_sha256"],
+        # tf.train.Checkpoint.write() alone: no manager bookkeeping, no manifest
+        "tf_checkpoint_write_s": med["tf_write"],
+        "save_vs_numpy_plus_sha256": med["sync"] / med["numpy_sha256"],
+        "tf_write_vs_numpy": med["tf_write"] / med["numpy"],
+        "restore_s": med["restore"],
+        "optimizer_update_s": med["update"],
+        "optimizer_update_after_snapshot_s": med["update_after_snapshot"],
+        "checkpoint_mb": ckpt_bytes / 1e6,
+        "checkpoint_over_state": ckpt_bytes / state_bytes,
+        # Our data position is the step counter (+ epoch): two int64 variables in the checkpoint.
+        "data_position_bytes": state.step.dtype.size + state.epoch.dtype.size,
+        "tf_data_iterator_bytes": _iterator_checkpoint_bytes(m["features"], workdir),
+        "tf_data_iterator_note": "iterator checkpoint of shuffle(1024).batch(32) over the "
+        "big state's feature size, for comparison (not used by this trainer)",
+        "trials_s": t,
+    }
+
+
+def peak_rss(m: dict) -> dict:
+    """Peak RSS of a default training run, and of the big state trained with sync/async saves."""
+    with tempfile.TemporaryDirectory(prefix="bench-rss-") as d:
+        out = {
+            "train_default_mb": _rss(
+                [f"trainer.max_steps={m['rss_steps']}"], os.path.join(d, "default")
+            )
+        }
+        if not m["rss_big_state"]:  # quick and smoke modes: the default run only
+            return out
+        big = [
+            f"model.num_units={m['units']}",
+            f"data.num_features={m['features']}",
+            "trainer.max_steps=21",
+            "trainer.stop_at=20",  # stopped, not completed: no export of the big model
+            "trainer.log_every=5",
+            "trainer.eval_every=1000",
+            "checkpoint.every=10",
+        ]
+        for kind in ("sync", "async"):
+            out[f"train_big_state_{kind}_mb"] = _rss(
+                [*big, f"checkpoint.async={str(kind == 'async').lower()}"], os.path.join(d, kind)
+            )
+        out["note"] = "big state: the ~300 MB state trained 20 steps with a checkpoint every 10"
+    return out
+
+
+def _rss(args: list[str], run_dir: str) -> float:
+    """Peak RSS (MB) of one `python -m trainer` run in a subprocess (this repository's code)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode()[-2000:]}")
+    return usage.ru_maxrss / 1024
