@@ -33,6 +33,8 @@ class TrainerConfig:
     stop_at: int | None = None
     pause_at: int | None = None
     debug: bool = False
+    on_nonfinite: str = "stop"
+    max_rollbacks: int = 3
 
 
 # `async` is a Python keyword, so this schema cannot be written as a `class` body; the
@@ -217,6 +219,7 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # ---------------------------------------------------------------- value checks
 _CHOICES = {
     "trainer.resume": ("auto", "never"),
+    "trainer.on_nonfinite": ("stop", "rollback"),
     "data.task": ("regression", "classification", "auto"),
     "distribute.name": ("default", "mirrored", "multi_worker"),
 }
@@ -228,6 +231,12 @@ def _bad(key: str, value: Any, allowed: str) -> UserError:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the schema's types cannot; raise UserError naming key, value, what is allowed."""
+    for key in OmegaConf.missing_keys(cfg):
+        if key.startswith("hydra.") or key.startswith("verify."):
+            continue
+        raise UserError(
+            f"{key}: no value given (it is required here); add {key}=... to the command"
+        )
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
@@ -245,6 +254,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or value <= 0:
             raise _bad(key, value, "an integer > 0")
+    if cfg.trainer.get("max_rollbacks", 0) < 0:
+        raise _bad("trainer.max_rollbacks", cfg.trainer.max_rollbacks, "an integer >= 0")
     lr = cfg.optimizer.learning_rate
     if not lr > 0:
         raise _bad("optimizer.learning_rate", lr, "a number > 0")
