@@ -7,6 +7,7 @@ before anything is written. `validate()` then checks values: ranges, files, comb
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -231,16 +232,21 @@ def _bad(key: str, value: Any, allowed: str) -> UserError:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the schema's types cannot; raise UserError naming key, value, what is allowed."""
-    for key in OmegaConf.missing_keys(cfg):
-        if key.startswith("hydra.") or key.startswith("verify."):
-            continue
-        raise UserError(
-            f"{key}: no value given (it is required here); add {key}=... to the command"
-        )
+    for group in ("model", "optimizer", "schedule", "data", "trainer", "checkpoint", "distribute"):
+        for key in sorted(OmegaConf.missing_keys(cfg[group])):
+            raise UserError(f"{key}: no value given (it is required here); add {key}=...")
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             raise _bad(key, value, " | ".join(allowed))
+    for group in ("trainer", "checkpoint", "optimizer", "schedule", "data"):
+        known = {f.name for f in dataclasses.fields(OmegaConf.get_type(cfg[group]))}
+        extra = sorted(set(cfg[group]) - known)
+        if extra:
+            raise UserError(
+                f"{group}.{extra[0]}: unknown key (received {cfg[group][extra[0]]!r}); "
+                f"allowed keys in {group}: {', '.join(sorted(known))}"
+            )
     positive_ints = [
         "trainer.max_steps",
         "trainer.log_every",

@@ -138,6 +138,13 @@ def recover(
     newest = chosen.step if chosen else -1
     # Temporary files of an interrupted write that never produced an index or a manifest.
     listed = set(list_checkpoints(directory))
+    # Older checkpoints are not hashed (that could take long) but their files must all be
+    # there: a kill during a retention sweep leaves a half-deleted one behind.
+    for prefix in listed:
+        if prefix not in known and step_of(prefix) < newest:
+            verdict = verify(prefix, hashes=False)
+            if not verdict.ok:
+                bad.append(verdict)
     strays = [
         Verdict(p, step_of(p), False, "temporary files of an interrupted write")
         for p in _leftovers(directory)
