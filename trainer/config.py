@@ -263,8 +263,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.get("max_rollbacks", 0) < 0:
         raise _bad("trainer.max_rollbacks", cfg.trainer.max_rollbacks, "an integer >= 0")
     lr = cfg.optimizer.learning_rate
-    if not lr > 0:
-        raise _bad("optimizer.learning_rate", lr, "a number > 0")
+    if not 0 < lr < float("inf"):
+        raise _bad("optimizer.learning_rate", lr, "a finite number > 0")
     vf = cfg.data.val_fraction
     if not 0.0 < vf < 1.0:
         raise _bad("data.val_fraction", vf, "a number strictly between 0 and 1")

@@ -108,13 +108,14 @@ def rewrite_state_file(directory: str) -> None:
 
 
 def recover(
-    directory: str, check: Callable[[str], None] | None = None, report=sys.stderr
+    directory: str, check: Callable[[str], None] | None = None, report=None
 ) -> Verdict | None:
     """The checkpoint a resume should use (None: start from scratch); see the module docstring.
 
     `check(prefix)` may raise UserError to refuse the chosen checkpoint (a changed config):
     it runs before anything is moved, so a refused resume leaves the directory untouched.
     """
+    report = report or sys.stderr
     if not os.path.isdir(directory):
         return None
     bad: list[Verdict] = []

@@ -47,9 +47,10 @@ def _nonfinite(v) -> bool:
     return value.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(value)))
 
 
-def rollback(store, state, bad_step: int, report=sys.stderr) -> int:
+def rollback(store, state, bad_step: int, report=None) -> int:
     """Restore the newest good checkpoint and move the counters to `bad_step`; return the
     step that was restored. Raises NonFiniteLoss if there is nothing to roll back to."""
+    report = report or sys.stderr
     latest = store.latest_good(report=report)
     if latest is None:
         raise NonFiniteLoss(

@@ -57,4 +57,11 @@ def warm_start(path: str, state: TrainState) -> None:
             "directory, its checkpoints/ directory or a checkpoint prefix"
         )
     ckpt = tf.train.Checkpoint(model=state.model, optimizer=state.optimizer)
-    ckpt.restore(prefix).expect_partial().assert_existing_objects_matched()
+    try:
+        ckpt.restore(prefix).expect_partial().assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:  # another architecture or data
+        raise UserError(
+            f"trainer.init_from: received {path!r}; it does not fit this model and data "
+            f"({str(e).splitlines()[0]}). Allowed: a checkpoint of the same model trained on "
+            "data with the same number of features and outputs"
+        ) from None
