@@ -8,6 +8,7 @@ import shlex
 import sys
 import traceback
 
+import tensorflow as tf
 from omegaconf import DictConfig
 
 from trainer import hydra_callbacks, integrity
@@ -61,13 +62,14 @@ def run(cfg: DictConfig, run_dir: str) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except OSError as e:  # a full disk or an unwritable file outside a checkpoint save
+    except (OSError, tf.errors.OpError) as e:  # a full disk or an unwritable file (logs...)
         problem = integrity.disk_problem(e)
         if problem is None or debug:
             raise
         hydra_callbacks.restore()
+        where = getattr(e, "filename", None) or f"in {run_dir}"
         print(
-            f"error: cannot write {e.filename or 'to ' + run_dir} ({problem}); the checkpoints "
+            f"error: cannot write {where} ({problem}); the checkpoints "
             "written so far are intact. Free space or fix permissions, then rerun the same "
             "command to resume.",
             file=sys.stderr,

@@ -202,7 +202,12 @@ def check_data_fits(prefix: str, data, data_path: str | None = None) -> None:
 
 # ---------------------------------------------------------------- saving
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-_DISK_WORDS = ("no space left", "disk quota", "read-only file system", "permission denied")
+_DISK_WORDS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "read-only file system",
+    "permission denied",
+)
 
 
 def disk_problem(e: BaseException) -> str | None:
