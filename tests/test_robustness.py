@@ -402,3 +402,41 @@ def test_nonfinite_weights_are_never_checkpointed():
     bad = tf.Variable([1.0, float("inf")], name="dense_kernel")
     with pytest.raises(NonFiniteLoss, match="dense_kernel.*step 7.*last good: step 6"):
         check_weights([good, bad], step=7, last_saved=6)
+
+
+# ---------------------------------------------------------------- scripts/inspect_checkpoints.py
+def test_inspect_checkpoints(tmp_path, reference):
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    _truncate(run / "checkpoints" / "ckpt-40.data-00000-of-00001")
+    r = run_cli("scripts/inspect_checkpoints.py", str(run))
+    assert r.returncode == 1, r.stderr  # one checkpoint does not verify
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == {"38", "40"}
+    assert " yes " in rows["38"] and "NO: ckpt-40.data-00000-of-00001 has" in rows["40"]
+    assert (
+        str(
+            (run / "checkpoints" / "ckpt-38.data-00000-of-00001").stat().st_size
+            + (run / "checkpoints" / "ckpt-38.index").stat().st_size
+        )
+        in rows["38"]
+    )
+    r = run_cli("scripts/inspect_checkpoints.py", str(run), "--variables", "38")
+    assert r.returncode == 0, r.stderr
+    names = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()}
+    assert names["step/.ATTRIBUTES/VARIABLE_VALUE"] == "[]"
+    assert any(n.startswith("model/") and shape == "[10," for n, shape in names.items())
+    r = run_cli(
+        "scripts/inspect_checkpoints.py",
+        str(run),
+        "--diff-config",
+        *BASE,
+        "model.num_units=8",
+        "trainer.max_steps=80",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "model.num_units: checkpoint 32 -> now 8   (structural" in r.stdout
+    assert "trainer.max_steps: checkpoint 40 -> now 80\n" in r.stdout
+    assert run_cli("scripts/inspect_checkpoints.py", str(run), "--variables", "7").returncode == 2
