@@ -300,9 +300,9 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 
 @pytest.mark.slow
-def test_full_disk_on_a_small_filesystem(tmp_path):
-    """A real full filesystem (tmpfs): exit 2 with one message, the previous checkpoint
-    verifies, and after freeing space the same command resumes and finishes."""
+def test_full_disk_on_a_small_filesystem(tmp_path, compose, capsys):
+    """A real full filesystem (tmpfs): the CLI exits 2 with one message, the previous
+    checkpoint verifies, and after freeing space the run resumes and finishes."""
     from trainer.checkpoints import verify
 
     mnt = tmp_path / "small"
@@ -310,28 +310,26 @@ def test_full_disk_on_a_small_filesystem(tmp_path):
         pytest.skip("cannot mount a tmpfs here (not root?); ENOSPC is injected in another test")
     try:
         run = mnt / "run"
-        args = [*BASE, "checkpoint.max_to_keep=1", "checkpoint.every=10", "trainer.log_every=1000"]
-        r = train(run, *args, "trainer.stop_at=10")
-        assert r.returncode == 0, r.stderr
+        args = ["checkpoint.max_to_keep=1", "checkpoint.every=10", "trainer.log_every=1000"]
+        assert run_in_process(compose, run, *args, "trainer.stop_at=10") == 0
         filler = mnt / "filler"
         with open(filler, "wb", buffering=0) as f:  # fill the filesystem up to the last byte
             try:
                 while True:
                     f.write(b"\0" * 4096)
-                    f.flush()
             except OSError:
                 pass
         # a few pages free: enough to open the logs again, not for the next checkpoint
         os.truncate(filler, filler.stat().st_size - 3 * 4096)
-        r = train(run, *args)
+        r = train(run, *BASE, *args)
         assert r.returncode == 2, r.stderr
         assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
         print("\nfull disk:", r.stderr.strip().splitlines()[-1])
         assert verify(str(run / "checkpoints" / "ckpt-10")).ok
         filler.unlink()
-        r = train(run, *args)
-        assert r.returncode == 0, r.stderr
-        assert "Resuming from step 10" in r.stderr
+        capsys.readouterr()
+        assert run_in_process(compose, run, *args) == 0
+        assert "Resuming from step 10" in capsys.readouterr().err
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
 
@@ -405,8 +403,12 @@ def test_nonfinite_weights_are_never_checkpointed():
 
 
 # ---------------------------------------------------------------- scripts/inspect_checkpoints.py
-def test_inspect_checkpoints(tmp_path, reference):
+def test_inspect_checkpoints(tmp_path, reference, capsys):
+    """The script's three views, in-process (it is a thin main() over trainer/inspection.py)
+    plus one real CLI call for the exit code."""
+    sys.path.insert(0, str(REPO / "scripts"))
     from conftest import run_cli
+    from inspect_checkpoints import main
 
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -416,27 +418,20 @@ def test_inspect_checkpoints(tmp_path, reference):
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
     assert set(rows) == {"38", "40"}
     assert " yes " in rows["38"] and "NO: ckpt-40.data-00000-of-00001 has" in rows["40"]
+    size = sum(p.stat().st_size for p in (run / "checkpoints").glob("ckpt-38.[id]*"))
+    assert f" {size} " in rows["38"]
+    assert main([str(run), "--variables", "38"]) == 0
+    out = capsys.readouterr().out
+    shapes = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines()}
+    assert shapes["step/.ATTRIBUTES/VARIABLE_VALUE"].startswith("[]")
+    assert any(k.startswith("model/") and v.startswith("[10, 32]") for k, v in shapes.items())
     assert (
-        str(
-            (run / "checkpoints" / "ckpt-38.data-00000-of-00001").stat().st_size
-            + (run / "checkpoints" / "ckpt-38.index").stat().st_size
-        )
-        in rows["38"]
+        main([str(run), "--diff-config", *BASE, "model.num_units=8", "trainer.max_steps=80"]) == 0
     )
-    r = run_cli("scripts/inspect_checkpoints.py", str(run), "--variables", "38")
-    assert r.returncode == 0, r.stderr
-    names = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()}
-    assert names["step/.ATTRIBUTES/VARIABLE_VALUE"] == "[]"
-    assert any(n.startswith("model/") and shape == "[10," for n, shape in names.items())
-    r = run_cli(
-        "scripts/inspect_checkpoints.py",
-        str(run),
-        "--diff-config",
-        *BASE,
-        "model.num_units=8",
-        "trainer.max_steps=80",
+    out = capsys.readouterr().out
+    assert "model.num_units: checkpoint 32 -> now 8   (structural" in out
+    assert "trainer.max_steps: checkpoint 40 -> now 80\n" in out
+    assert main([str(run), "--variables", "7"]) == 2
+    assert (
+        "STEP: received 7; allowed: one of the checkpoint steps [38, 40]" in capsys.readouterr().err
     )
-    assert r.returncode == 0, r.stderr
-    assert "model.num_units: checkpoint 32 -> now 8   (structural" in r.stdout
-    assert "trainer.max_steps: checkpoint 40 -> now 80\n" in r.stdout
-    assert run_cli("scripts/inspect_checkpoints.py", str(run), "--variables", "7").returncode == 2
