@@ -214,6 +214,8 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
                 iterator = iter(strategy.experimental_distribute_dataset(dataset))
                 continue
             if bad is not None:
+                writers.flush()  # the logs up to the failure stay readable
+                metrics.sync()
                 raise NonFiniteLoss(
                     f"non-finite loss or gradient at step {bad} (loss={losses.tolist()}); nothing was "
                     f"saved after step {last_saved or 0}. Lower optimizer.learning_rate or check the data."
