@@ -206,6 +206,35 @@ def test_second_sigint_aborts_at_once(tmp_path):
     assert "Second SIGINT" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_second_sigint_aborts_the_trainer_without_saving(tmp_path):
+    """The real trainer: two SIGINTs 5 ms apart while paused at step 10 (last checkpoint at
+    8). The first starts a graceful stop, the second aborts before the step-10 save."""
+    from trainer.checkpoints import verify
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", *BASE, "checkpoint.every=4", "trainer.pause_at=10"]
+    p = subprocess.Popen(
+        [*cmd, f"hydra.run.dir={run}"],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (run / "PAUSED").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Second SIGINT: aborting now without saving" in err and "Traceback" not in err
+    assert not (run / "checkpoints" / "ckpt-10.manifest.json").exists()
+    assert verify(str(run / "checkpoints" / "ckpt-8")).ok
+
+
 # ---------------------------------------------------------------- integrity
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
