@@ -26,6 +26,12 @@ def _entry(cfg) -> None:
 
 
 def main() -> None:
+    from trainer.preflight import check
+
+    problem = check(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         _entry()
     except SystemExit as e:

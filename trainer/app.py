@@ -8,9 +8,10 @@ import shlex
 import sys
 import traceback
 
+import tensorflow as tf
 from omegaconf import DictConfig
 
-from trainer import hydra_callbacks
+from trainer import hydra_callbacks, integrity
 from trainer.config import UserError
 from trainer.loop import NonFiniteLoss, RunResult, fit
 
@@ -61,6 +62,26 @@ def run(cfg: DictConfig, run_dir: str) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except (OSError, tf.errors.OpError) as e:  # a full disk or an unwritable file (logs...)
+        problem = integrity.disk_problem(e)
+        if problem is None or debug:
+            raise
+        hydra_callbacks.restore()
+        where = getattr(e, "filename", None) or f"in {run_dir}"
+        print(
+            f"error: cannot write {where} ({problem}); the checkpoints "
+            "written so far are intact. Free space or fix permissions, then rerun the same "
+            "command to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # SIGINT outside the training loop (start-up, export)
+        print(
+            "\ninterrupted (SIGINT) outside the training loop; the checkpoints written so far "
+            f"are intact. Resume with:\n  {resume_command(run_dir)}",
+            file=sys.stderr,
+        )
+        return 130
     print(summary(result))
     if result.status == "interrupted":
         print(f"Checkpoint saved at step {result.step}. Resume with:\n  {resume_command(run_dir)}")

@@ -66,8 +66,9 @@ class Verdict:
     reason: str = ""
 
 
-def verify(prefix: str) -> Verdict:
-    """Check one checkpoint against its manifest: which file is wrong and how."""
+def verify(prefix: str, hashes: bool = True) -> Verdict:
+    """Check one checkpoint against its manifest: which file is wrong and how (sizes only
+    when `hashes` is False)."""
     step = step_of(prefix)
     mpath = prefix + MANIFEST_SUFFIX
     if not os.path.exists(mpath):
@@ -93,7 +94,7 @@ def verify(prefix: str) -> Verdict:
                 False,
                 f"{name} has {size} bytes, the manifest says {meta['size']} (truncated?)",
             )
-        if sha256_file(path) != meta["sha256"]:
+        if hashes and sha256_file(path) != meta["sha256"]:
             return Verdict(
                 prefix, step, False, f"{name} checksum differs from the manifest (corrupted)"
             )
@@ -198,8 +199,12 @@ class CheckpointStore:
     def _write(self, step: int, before_write=None) -> None:
         if before_write is not None:
             before_write()
-        prefix = self.manager.save(checkpoint_number=step)
-        self.write_manifest(prefix, step)
+        # The manifest is written in a write callback: CheckpointManager runs it after the
+        # files are complete and *before* its retention sweep, so an older checkpoint is only
+        # deleted once the new one has a manifest (a failed save deletes nothing).
+        write_manifest = lambda prefix: self.write_manifest(prefix, step)  # noqa: E731
+        options = tf.train.CheckpointOptions(experimental_write_callbacks=[write_manifest])
+        self.manager.save(checkpoint_number=step, options=options)
         self._sweep_manifests()
 
     def write_manifest(self, prefix: str, step: int) -> None:
@@ -218,6 +223,10 @@ class CheckpointStore:
                 **self.manifest_extra,
             },
         )
+        verdict = verify(prefix, hashes=False)  # sizes re-read from disk: a cheap read-back
+        if not verdict.ok:
+            os.remove(prefix + MANIFEST_SUFFIX)  # not a good checkpoint: leave it "incomplete"
+            raise OSError(f"{prefix} failed verification right after writing: {verdict.reason}")
 
     def _sweep_manifests(self) -> None:
         """Drop manifests whose checkpoint the manager's retention has deleted."""

@@ -7,6 +7,7 @@ before anything is written. `validate()` then checks values: ranges, files, comb
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ class TrainerConfig:
     pause_at: int | None = None
     debug: bool = False
     precision: str = "float32"
+    on_nonfinite: str = "stop"
+    max_rollbacks: int = 3
 
 
 # `async` is a Python keyword, so this schema cannot be written as a `class` body; the
@@ -234,6 +237,7 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # ---------------------------------------------------------------- value checks
 _CHOICES = {
     "trainer.resume": ("auto", "never"),
+    "trainer.on_nonfinite": ("stop", "rollback"),
     "data.task": ("regression", "classification", "auto"),
     "distribute.name": ("default", "mirrored", "multi_worker"),
     "distribute.communication": ("auto", "ring", "nccl"),
@@ -247,10 +251,21 @@ def _bad(key: str, value: Any, allowed: str) -> UserError:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the schema's types cannot; raise UserError naming key, value, what is allowed."""
+    for group in ("model", "optimizer", "schedule", "data", "trainer", "checkpoint", "distribute"):
+        for key in sorted(OmegaConf.missing_keys(cfg[group])):
+            raise UserError(f"{key}: no value given (it is required here); add {key}=...")
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             raise _bad(key, value, " | ".join(allowed))
+    for group in ("trainer", "checkpoint", "optimizer", "schedule", "data"):
+        known = {f.name for f in dataclasses.fields(OmegaConf.get_type(cfg[group]))}
+        extra = sorted(set(cfg[group]) - known)
+        if extra:
+            raise UserError(
+                f"{group}.{extra[0]}: unknown key (received {cfg[group][extra[0]]!r}); "
+                f"allowed keys in {group}: {', '.join(sorted(known))}"
+            )
     positive_ints = [
         "trainer.max_steps",
         "trainer.log_every",
@@ -264,9 +279,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or value <= 0:
             raise _bad(key, value, "an integer > 0")
+    if cfg.trainer.get("max_rollbacks", 0) < 0:
+        raise _bad("trainer.max_rollbacks", cfg.trainer.max_rollbacks, "an integer >= 0")
     lr = cfg.optimizer.learning_rate
-    if not lr > 0:
-        raise _bad("optimizer.learning_rate", lr, "a number > 0")
+    if not 0 < lr < float("inf"):
+        raise _bad("optimizer.learning_rate", lr, "a finite number > 0")
     vf = cfg.data.val_fraction
     if not 0.0 < vf < 1.0:
         raise _bad("data.val_fraction", vf, "a number strictly between 0 and 1")

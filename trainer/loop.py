@@ -14,24 +14,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from trainer import build, distribute, export, precision, summaries
+from trainer import build, distribute, export, integrity, nonfinite, precision, summaries
 from trainer import data as data_lib
 from trainer.checkpoints import CheckpointStore
 from trainer.config import UserError, validate
 from trainer.fingerprint import manifest_extra
+from trainer.nonfinite import NonFiniteLoss
 from trainer.optim import build_optimizer, learning_rate_at
 from trainer.signals import StopRequest
 from trainer.state import TrainState
 from trainer.warm_start import warm_start
 
-
-class NonFiniteLoss(Exception):
-    """The loss or gradients became NaN/Inf: nothing is saved past the last good checkpoint."""
+__all__ = ["NonFiniteLoss", "RunResult", "fit"]
 
 
 @dataclass
@@ -138,6 +136,16 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     spe = data.steps_per_epoch(batch)
     loss_fn = build.per_example_loss(data.task)
     metric_name, metric_fn = build.per_example_metric(data.task)
+    # Verify the checkpoints, refuse an incompatible config, move bad ones aside: all before
+    # the CheckpointManager below reads its state file.
+    latest = integrity.recover(
+        ckpt_dir,
+        tidy=place.is_chief,
+        check=lambda prefix: (
+            check_compatible(cfg, prefix),
+            integrity.check_data_fits(prefix, data, cfg.data.get("path")),
+        ),
+    )
 
     with strategy.scope():
         model = build.build_model(cfg.model, data)
@@ -151,10 +159,10 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         state.checkpoint,
         max_to_keep=int(cfg.checkpoint.max_to_keep),
         keep_every_n_hours=cfg.checkpoint.keep_every_n_hours,
-        manifest_extra=manifest_extra(cfg),
+        manifest_extra={**manifest_extra(cfg), "data_shape": integrity.data_signature(data)},
         async_write=bool(cfg.checkpoint["async"]),
     )
-    step, resumed_from = _restore_or_initialize(cfg, store, state, write_dir)
+    step, resumed_from = _restore_or_initialize(cfg, store, state, write_dir, latest)
 
     writers = summaries.Writers(write_dir)
     metrics = summaries.MetricsLog(write_dir)
@@ -175,7 +183,8 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     def save(at: int) -> None:
         state.before_save(at, at // spe)
         writers.drain()  # here, not on the async writer's thread: tracing there stalls the loop
-        seconds = store.save(at, before_write=sync_logs)  # async: on the writer's thread
+        nonfinite.check_weights(model.variables + optimizer.variables, at, last_saved)
+        seconds = integrity.save(store, at, before_write=sync_logs)  # async: on the writer's thread
         writers.scalars(writers.train, at, {"checkpoint_save_seconds": seconds})
 
     def run_eval(at: int) -> None:
@@ -203,6 +212,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     )
     window_t0, window_steps = time.perf_counter(), 0
     last_saved = step if resumed_from is not None else None
+    rollbacks = 0
     with StopRequest() as stop, store.pending_writes():  # waits for an async write
         place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop
         while step < end and stop.signal_name is None:
@@ -211,8 +221,19 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             if pause_at and step < pause_at:
                 k = min(k, pause_at - step)
             losses, norms, metric_values = (a.numpy() for a in chunk(iterator, tf.constant(k)))
-            if not (np.all(np.isfinite(losses)) and np.all(np.isfinite(norms))):
-                bad = step + 1 + int(np.argmin(np.isfinite(losses) & np.isfinite(norms)))
+            bad = nonfinite.first_bad_step(step, losses, norms)
+            if bad is not None and tc.on_nonfinite == "rollback" and rollbacks < tc.max_rollbacks:
+                rollbacks += 1
+                restored = nonfinite.rollback(store, state, bad)
+                metrics.write({"step": bad, "event": "rollback", "restored_step": restored})
+                bar.update(bad - step)
+                step = bad
+                dataset = data_lib.train_dataset(data, batch, int(tc.seed), step)
+                iterator = iter(place.distribute_dataset(dataset, batch))
+                continue
+            if bad is not None:
+                writers.flush()  # the logs up to the failure stay readable
+                metrics.sync()
                 raise NonFiniteLoss(
                     f"non-finite loss or gradient at step {bad} (loss={losses.tolist()}); nothing was "
                     f"saved after step {last_saved or 0}. Lower optimizer.learning_rate or check the data."
@@ -286,11 +307,10 @@ def _pause(run_dir, step, stop, writers, metrics) -> None:
     os.remove(marker)
 
 
-def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_dir: str):
-    """Returns (step, resumed_from). See the module docstring for the order."""
-    latest = store.latest_good()
+def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_dir: str, latest):
+    """Returns (step, resumed_from). See the module docstring for the order; `latest` is
+    the newest good checkpoint, already verified and checked by integrity.recover."""
     if latest is not None:
-        check_compatible(cfg, latest.prefix)
         store.restore(latest.prefix)
         step = state.after_restore()
         iterations = int(state.optimizer.iterations.numpy())

@@ -113,7 +113,10 @@ def truncate_events(logdir: str, max_step: int) -> int:
     for tmp in glob.glob(
         os.path.join(glob.escape(logdir), "**", "*" + _TMP_SUFFIX), recursive=True
     ):
-        os.replace(tmp, tmp[: -len(_TMP_SUFFIX)])
+        if os.path.exists(tmp[: -len(_TMP_SUFFIX)]):
+            os.remove(tmp)  # the copy was never finished (kill, full disk): the original is intact
+        else:
+            os.replace(tmp, tmp[: -len(_TMP_SUFFIX)])
     dropped = 0
     for path in _event_files(logdir):
         records, torn = _read_records(path)

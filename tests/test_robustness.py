@@ -1,0 +1,488 @@
+"""Signals, crashes and corrupted checkpoints (issue 5): real processes, real signals, real files.
+
+One uninterrupted reference run (module fixture) is the ground truth: every interrupted,
+corrupted or killed run must end with exactly its final weights.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, env, losses, train
+
+# Small and frequent checkpoints: kills often land inside a write.
+BASE = [
+    "trainer.max_steps=40",
+    "trainer.log_every=1",
+    "trainer.eval_every=20",
+    "checkpoint.every=2",
+    "checkpoint.max_to_keep=2",
+]
+
+
+def tensors(prefix) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint except the save counter (it counts saves, not steps)."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {
+        k: reader.get_tensor(k)
+        for k in reader.get_variable_to_shape_map()
+        if k != "_CHECKPOINTABLE_OBJECT_GRAPH" and not k.startswith("save_counter")
+    }
+
+
+def assert_same_tensors(a, b) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
+
+
+def tree(path: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file below `path`."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    r = train(run, *BASE)
+    assert r.returncode == 0, r.stderr
+    assert (run / "checkpoints" / "ckpt-40.index").exists()
+    return run
+
+
+def run_in_process(compose, run_dir: Path, *overrides: str) -> int:
+    from trainer import app
+
+    return app.run(compose([*BASE, *overrides]), str(run_dir))
+
+
+# ---------------------------------------------------------------- signals and crashes
+def _steps_with(ck: Path, suffix: str) -> list[int]:
+    out = []
+    for p in glob.glob(str(ck / f"ckpt-*{suffix}")):
+        stem = os.path.basename(p)[len("ckpt-") :].split(".")[0].split("_")[0]
+        out.append(int(stem))
+    return out
+
+
+def _writing(ck: Path, after: int) -> bool:
+    """A checkpoint newer than `after` is being written: TF's temp dir, or no manifest yet."""
+    temp = [s for s in _steps_with(ck, "_temp") if s > after]
+    done = set(_steps_with(ck, ".manifest.json"))
+    return bool(temp) or any(s > after and s not in done for s in _steps_with(ck, ".index"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, reference):
+    """SIGKILL four times (twice at a random moment, twice the instant a checkpoint write is
+    seen in progress) with max_to_keep=1; every resume succeeds; final weights and the
+    logged loss curve equal the uninterrupted run's."""
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    args = [*BASE, "checkpoint.max_to_keep=1", f"hydra.run.dir={run}"]
+    cmd = [sys.executable, "-m", "trainer", *args]
+    rng = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10**6)))
+    kills, mid_write = 0, 0
+    for i in range(4):
+        before = max(_steps_with(ck, ".manifest.json"), default=0)
+        err = open(tmp_path / f"kill{i}.err", "w")
+        p = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while p.poll() is None and time.time() < deadline:
+            if i % 2 and _writing(ck, before):
+                break
+            if i % 2 and max(_steps_with(ck, ".manifest.json"), default=0) >= before + 6:
+                break  # no write caught in progress this time: kill anyway
+
+            if not i % 2 and max(_steps_with(ck, ".manifest.json"), default=0) > before:
+                time.sleep(rng.uniform(0, 0.15))
+                break
+            time.sleep(0.0005)
+        in_write = _writing(ck, before)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        err.close()
+        assert p.returncode == -signal.SIGKILL, f"run {i} ended before the kill"
+        kills += 1
+        mid_write += in_write
+        assert "Traceback" not in (tmp_path / f"kill{i}.err").read_text()
+    assert mid_write >= 1, "no kill landed inside a checkpoint write"
+    final = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert "Resuming from step" in final.stderr
+    assert_same_tensors(ck / "ckpt-40", reference / "checkpoints" / "ckpt-40")
+    assert losses(run) == losses(reference)  # each step logged once, with the same loss
+    print(f"\nfault injection: {kills} SIGKILLs, {mid_write} inside a checkpoint write")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_flushes_logs_and_exits_3(tmp_path, reference):
+    from trainer.checkpoints import verify
+    from trainer.summaries import read_scalars
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", *BASE, "trainer.pause_at=15", f"hydra.run.dir={run}"]
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    marker = run / "PAUSED"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    step = json.loads(marker.read_text())["step"]
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 3, err
+    assert step == 15 and "SIGTERM received" in err and "Traceback" not in err
+    assert verify(str(run / "checkpoints" / "ckpt-15")).ok
+    assert sorted(losses(run)) == list(range(1, 16))  # metrics flushed up to the saved step
+    tb = read_scalars(str(run / "tensorboard" / "train"), "loss")
+    assert sorted(s for s, _ in tb) == list(range(1, 16))  # TensorBoard flushed too
+    resume = out.split("Resume with:\n", 1)[1].strip().split()
+    assert resume[:3] == ["python", "-m", "trainer"]
+    r = subprocess.run(
+        [sys.executable, *resume[1:]],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert_same_tensors(run / "checkpoints" / "ckpt-40", reference / "checkpoints" / "ckpt-40")
+    assert losses(run) == losses(reference)
+
+
+@pytest.mark.slow
+def test_second_sigint_aborts_at_once(tmp_path):
+    """First SIGINT: a graceful stop is scheduled; second SIGINT: exit 130 at once."""
+    script = tmp_path / "busy.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            from trainer.signals import StopRequest
+            with StopRequest() as stop:
+                print("ready", flush=True)
+                while True:  # stands for a long checkpoint write after the first SIGINT
+                    time.sleep(0.01)
+            """
+        )
+    )
+    p = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGINT)
+    assert "SIGINT received" in p.stderr.readline() + p.stderr.readline()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130
+    assert "Second SIGINT" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_second_sigint_aborts_the_trainer_without_saving(tmp_path):
+    """The real trainer: two SIGINTs 5 ms apart while paused at step 10 (last checkpoint at
+    8). The first starts a graceful stop, the second aborts before the step-10 save."""
+    from trainer.checkpoints import verify
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", *BASE, "checkpoint.every=4", "trainer.pause_at=10"]
+    p = subprocess.Popen(
+        [*cmd, f"hydra.run.dir={run}"],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (run / "PAUSED").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Second SIGINT: aborting now without saving" in err and "Traceback" not in err
+    assert not (run / "checkpoints" / "ckpt-10.manifest.json").exists()
+    assert verify(str(run / "checkpoints" / "ckpt-8")).ok
+
+
+# ---------------------------------------------------------------- integrity
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _bitflip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated": (
+        lambda c: _truncate(c / "ckpt-40.data-00000-of-00001"),
+        "ckpt-40.data-00000-of-00001 has",
+    ),
+    "bit-flipped": (lambda c: _bitflip(c / "ckpt-40.data-00000-of-00001"), "checksum differs"),
+    "index deleted": (lambda c: (c / "ckpt-40.index").unlink(), "ckpt-40.index is missing"),
+    "half-written": (lambda c: (c / "ckpt-40.manifest.json").unlink(), "write never completed"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corrupted_latest_checkpoint_is_reported_and_previous_used(
+    tmp_path, reference, compose, capsys, kind
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    ck = run / "checkpoints"
+    damage, expected = CORRUPTIONS[kind]
+    damage(ck)
+    assert run_in_process(compose, run) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint ckpt-40 skipped" in err and expected in err, err
+    assert "Resuming from step 38" in err
+    # the bad one is kept aside, not deleted; the manager state lists only good ones
+    (aside,) = (ck / "bad").iterdir()
+    assert (
+        aside.name.startswith("ckpt-40-")
+        and expected.split()[0] in (aside / "REASON.txt").read_text() + expected
+    )
+    assert '"ckpt-40"' in (ck / "checkpoint").read_text()  # the new, good ckpt-40
+    assert_same_tensors(ck / "ckpt-40", reference / "checkpoints" / "ckpt-40")
+
+
+def test_no_good_checkpoint_refuses_and_changes_nothing(tmp_path, reference, compose, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for name in ("ckpt-38.data-00000-of-00001", "ckpt-40.data-00000-of-00001"):
+        _bitflip(run / "checkpoints" / name)
+    before = tree(run)
+    assert run_in_process(compose, run) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "ckpt-38" in err and "ckpt-40" in err
+    assert "Nothing was moved or deleted" in err
+    assert tree(run) == before
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, compose, capsys, monkeypatch):
+    """ENOSPC injected into the manifest write of the second save, max_to_keep=1: the first
+    checkpoint survives (retention runs only after a save succeeded), exit 2, and a rerun
+    resumes from it."""
+    import errno
+
+    from trainer.checkpoints import CheckpointStore, verify
+
+    original = CheckpointStore.write_manifest
+    calls = []
+
+    def failing(self, prefix, step):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), prefix + ".manifest.json")
+        return original(self, prefix, step)
+
+    monkeypatch.setattr(CheckpointStore, "write_manifest", failing)
+    run = tmp_path / "run"
+    assert run_in_process(compose, run, "checkpoint.max_to_keep=1", "checkpoint.every=10") == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "ckpt-10 is intact" in err, err
+    ck = run / "checkpoints"
+    assert verify(str(ck / "ckpt-10")).ok
+    assert not list(ck.glob("ckpt-20*")), "the failed save's partial files are removed"
+    monkeypatch.setattr(CheckpointStore, "write_manifest", original)
+    assert run_in_process(compose, run, "checkpoint.max_to_keep=1", "checkpoint.every=10") == 0
+    assert "Resuming from step 10" in capsys.readouterr().err
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return r.returncode == 0
+
+
+@pytest.mark.slow
+def test_full_disk_on_a_small_filesystem(tmp_path, compose, capsys):
+    """A real full filesystem (tmpfs): the CLI exits 2 with one message, the previous
+    checkpoint verifies, and after freeing space the run resumes and finishes."""
+    from trainer.checkpoints import verify
+
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "4m"):
+        pytest.skip("cannot mount a tmpfs here (not root?); ENOSPC is injected in another test")
+    try:
+        run = mnt / "run"
+        args = ["checkpoint.max_to_keep=1", "checkpoint.every=10", "trainer.log_every=1000"]
+        assert run_in_process(compose, run, *args, "trainer.stop_at=10") == 0
+        filler = mnt / "filler"
+        with open(filler, "wb", buffering=0) as f:  # fill the filesystem up to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        # a few pages free: enough to open the logs again, not for the next checkpoint
+        os.truncate(filler, filler.stat().st_size - 3 * 4096)
+        r = train(run, *BASE, *args)
+        assert r.returncode == 2, r.stderr
+        assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+        print("\nfull disk:", r.stderr.strip().splitlines()[-1])
+        assert verify(str(run / "checkpoints" / "ckpt-10")).ok
+        filler.unlink()
+        capsys.readouterr()
+        assert run_in_process(compose, run, *args) == 0
+        assert "Resuming from step 10" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+# ---------------------------------------------------------------- non-finite values
+def _poisoned_npz(path: Path, n: int = 200) -> Path:
+    """Regression data with one NaN feature in a training row."""
+    from trainer.data import _SYNTHETIC_SEED
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = (x.sum(axis=1, keepdims=True)).astype(np.float32)
+    train_rows = np.random.default_rng(_SYNTHETIC_SEED).permutation(n)[int(round(0.2 * n)) :]
+    x[train_rows[0], 2] = np.nan
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def weights_finite(prefix) -> bool:
+    """Model and optimizer tensors (best_eval_loss may legitimately be +inf) are all finite."""
+    return all(
+        np.isfinite(v).all()
+        for k, v in tensors(prefix).items()
+        if k.startswith(("model/", "optimizer/")) and np.issubdtype(v.dtype, np.floating)
+    )
+
+
+NPZ = ["data=npz", "data.batch_size=16", "trainer.max_steps=20", "checkpoint.every=1"]
+
+
+def test_nonfinite_loss_stops_without_saving_it(tmp_path, compose, capsys):
+    data = _poisoned_npz(tmp_path / "d.npz")
+    run = tmp_path / "run"
+    assert run_in_process(compose, run, *NPZ, f"data.path={data}") == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient at step" in err
+    bad_step = int(err.split("at step ")[1].split()[0])
+    saved = sorted(
+        int(p.name.split("-")[1].split(".")[0]) for p in (run / "checkpoints").glob("*.index")
+    )
+    assert all(s < bad_step for s in saved)
+    assert saved and max(saved) == bad_step - 1
+    for s in saved:
+        assert weights_finite(run / "checkpoints" / f"ckpt-{s}")
+
+
+def test_nonfinite_rollback_skips_the_bad_batches(tmp_path, compose, capsys):
+    data = _poisoned_npz(tmp_path / "d.npz")
+    run = tmp_path / "run"
+    code = run_in_process(compose, run, *NPZ, f"data.path={data}", "trainer.on_nonfinite=rollback")
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "rolled back to ckpt-" in err
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "rollback" for e in events)
+    assert weights_finite(run / "checkpoints" / "ckpt-20")
+
+
+def test_nonfinite_weights_are_never_checkpointed():
+    """The guard run before every save: a variable holding Inf stops the save and is named."""
+    import tensorflow as tf
+
+    from trainer.nonfinite import NonFiniteLoss, check_weights
+
+    good = tf.Variable([1.0, 2.0], name="good")
+    counter = tf.Variable(3, dtype=tf.int64, name="counter")
+    check_weights([good, counter], step=5, last_saved=4)  # finite: no error
+    bad = tf.Variable([1.0, float("inf")], name="dense_kernel")
+    with pytest.raises(NonFiniteLoss, match="dense_kernel.*step 7.*last good: step 6"):
+        check_weights([good, bad], step=7, last_saved=6)
+
+
+# ---------------------------------------------------------------- scripts/inspect_checkpoints.py
+def test_inspect_checkpoints(tmp_path, reference, capsys):
+    """The script's three views, in-process (it is a thin main() over trainer/inspection.py)
+    plus one real CLI call for the exit code."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from conftest import run_cli
+    from inspect_checkpoints import main
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    _truncate(run / "checkpoints" / "ckpt-40.data-00000-of-00001")
+    r = run_cli("scripts/inspect_checkpoints.py", str(run))
+    assert r.returncode == 1, r.stderr  # one checkpoint does not verify
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == {"38", "40"}
+    assert " yes " in rows["38"] and "NO: ckpt-40.data-00000-of-00001 has" in rows["40"]
+    size = sum(p.stat().st_size for p in (run / "checkpoints").glob("ckpt-38.[id]*"))
+    assert f" {size} " in rows["38"]
+    assert main([str(run), "--variables", "38"]) == 0
+    out = capsys.readouterr().out
+    shapes = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines()}
+    assert shapes["step/.ATTRIBUTES/VARIABLE_VALUE"].startswith("[]")
+    assert any(k.startswith("model/") and v.startswith("[10, 32]") for k, v in shapes.items())
+    assert (
+        main([str(run), "--diff-config", *BASE, "model.num_units=8", "trainer.max_steps=80"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "model.num_units: checkpoint 32 -> now 8   (structural" in out
+    assert "trainer.max_steps: checkpoint 40 -> now 80\n" in out
+    assert main([str(run), "--variables", "7"]) == 2
+    assert (
+        "STEP: received 7; allowed: one of the checkpoint steps [38, 40]" in capsys.readouterr().err
+    )
+
+
+def test_unfinished_log_rewrite_never_replaces_the_original(tmp_path):
+    """A kill (or a full disk) while a resume rewrites an event file leaves a partial
+    `.truncating` copy beside the intact original: the next resume must drop the copy."""
+    import tensorflow as tf
+
+    from trainer.summaries import read_scalars, truncate_events
+
+    logdir = tmp_path / "tb"
+    writer = tf.summary.create_file_writer(str(logdir / "train"))
+    with writer.as_default():
+        for step in range(1, 11):
+            tf.summary.scalar("loss", float(step), step=step)
+    writer.close()
+    (original,) = (logdir / "train").glob("*tfevents*")
+    (original.parent / (original.name + ".truncating")).write_bytes(original.read_bytes()[:20])
+    truncate_events(str(logdir), 6)
+    assert [s for s, _ in read_scalars(str(logdir / "train"), "loss")] == [1, 2, 3, 4, 5, 6]

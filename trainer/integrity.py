@@ -1,0 +1,247 @@
+"""Recovering a run directory after a crash, and saving so that a failure loses nothing.
+
+`recover()` runs once before a resume. It verifies the checkpoints newest first against
+their manifests (trainer/checkpoints.py) and sorts the ones it cannot use into two kinds:
+- incomplete: no manifest. The manifest is written only after TensorFlow has finished the
+  checkpoint, so this is what a kill or a crash during a save leaves behind;
+- corrupted: a manifest exists but a file is missing, truncated or has another checksum.
+Each one is reported (which file, what is wrong) and moved to `checkpoints/bad/` (never
+deleted), and the CheckpointManager state file is rewritten to list only what is left, so
+neither `latest_checkpoint` nor retention can later point at a bad checkpoint. If no
+checkpoint verifies and one of them is corrupted, the resume is refused and nothing is
+moved; if all of them are merely incomplete, no save ever finished and the run starts over.
+
+`save()` wraps CheckpointStore.save: a full disk or an unwritable directory becomes one
+message (exit 2) after the partial files of the failed save are removed; the previous
+checkpoint stays intact because retention only runs after a save succeeded.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from trainer.checkpoints import (
+    MANIFEST_SUFFIX,
+    CheckpointStore,
+    Verdict,
+    list_checkpoints,
+    step_of,
+    verify,
+)
+from trainer.config import UserError
+
+BAD_DIR = "bad"
+STATE_FILE = "checkpoint"  # CheckpointManager's state file (a CheckpointState text proto)
+
+
+def _leftovers(directory: str) -> dict[str, list[str]]:
+    """{checkpoint prefix: every path that belongs to it}, including TensorFlow's
+    `<prefix>_temp/` directory and our manifest temporary files."""
+    out: dict[str, list[str]] = {}
+    for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*")):
+        name = os.path.basename(path)
+        stem = name.split(".", 1)[0]
+        if stem.endswith("_temp"):
+            stem = stem[: -len("_temp")]
+        if step_of(stem) < 0:
+            continue
+        out.setdefault(os.path.join(directory, stem), []).append(path)
+    return out
+
+
+def set_aside(prefix: str, reason: str, paths: list[str] | None = None) -> str | None:
+    """Move every file of checkpoint `prefix` into `checkpoints/bad/<name>-<time>/` with a
+    REASON.txt; return that directory (None if there was nothing to move)."""
+    directory = os.path.dirname(prefix)
+    paths = paths if paths is not None else _leftovers(directory).get(prefix, [])
+    if not paths:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    dest = os.path.join(directory, BAD_DIR, f"{os.path.basename(prefix)}-{stamp}")
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(directory, BAD_DIR, f"{os.path.basename(prefix)}-{stamp}-{n}")
+    os.makedirs(dest)
+    with open(os.path.join(dest, "REASON.txt"), "w") as f:
+        f.write(reason + "\n")
+    for path in paths:
+        shutil.move(path, os.path.join(dest, os.path.basename(path)))
+    return dest
+
+
+def rewrite_state_file(directory: str) -> None:
+    """Make CheckpointManager's state file list exactly the checkpoints that have a manifest."""
+    kept = [p for p in list_checkpoints(directory) if os.path.exists(p + MANIFEST_SUFFIX)]
+    path = os.path.join(directory, STATE_FILE)
+    if not kept:
+        if os.path.exists(path):
+            os.replace(path, os.path.join(directory, BAD_DIR, STATE_FILE))
+        return
+    times = []
+    for p in kept:
+        try:
+            with open(p + MANIFEST_SUFFIX) as f:
+                times.append(float(json.load(f)["time"]))
+        except (OSError, ValueError, KeyError):
+            times.append(os.path.getmtime(p + MANIFEST_SUFFIX))
+    names = [os.path.basename(p) for p in kept]
+    lines = [f'model_checkpoint_path: "{names[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{n}"' for n in names]
+    lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in times]
+    lines.append(f"last_preserved_timestamp: {min(times) - 1.0!r}")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def recover(
+    directory: str, check: Callable[[str], None] | None = None, report=None, tidy: bool = True
+) -> Verdict | None:
+    """The checkpoint a resume should use (None: start from scratch); see the module docstring.
+
+    `check(prefix)` may raise UserError to refuse the chosen checkpoint (a changed config):
+    it runs before anything is moved, so a refused resume leaves the directory untouched.
+    `tidy=False` (multi-worker non-chief workers) only chooses: the chief moves bad ones aside.
+    """
+    report = report or sys.stderr
+    if not os.path.isdir(directory):
+        return None
+    bad: list[Verdict] = []
+    chosen = None
+    for prefix in reversed(list_checkpoints(directory)):
+        verdict = verify(prefix)
+        if verdict.ok:
+            chosen = verdict
+            break
+        bad.append(verdict)
+    corrupted = [b for b in bad if os.path.exists(b.prefix + MANIFEST_SUFFIX)]
+    if chosen is None and corrupted:
+        details = "; ".join(f"{os.path.basename(b.prefix)}: {b.reason}" for b in bad)
+        raise UserError(
+            f"checkpoints: no checkpoint in {directory} verifies ({details}). Nothing was "
+            "moved or deleted; restore the files, or use another hydra.run.dir to start over."
+        )
+    if chosen is not None and check is not None:
+        check(chosen.prefix)
+    known = {b.prefix for b in bad} | ({chosen.prefix} if chosen else set())
+    newest = chosen.step if chosen else -1
+    # Temporary files of an interrupted write that never produced an index or a manifest.
+    listed = set(list_checkpoints(directory))
+    # Older checkpoints are not hashed (that could take long) but their files must all be
+    # there: a kill during a retention sweep leaves a half-deleted one behind.
+    for prefix in listed:
+        if prefix not in known and step_of(prefix) < newest:
+            verdict = verify(prefix, hashes=False)
+            if not verdict.ok:
+                bad.append(verdict)
+    strays = [
+        Verdict(p, step_of(p), False, "temporary files of an interrupted write")
+        for p in _leftovers(directory)
+        if p not in known and p not in listed and step_of(p) > newest
+    ]
+    moved = False
+    for b in (bad + strays) if tidy else []:
+        dest = set_aside(b.prefix, b.reason)
+        if dest:
+            moved = True
+            where = os.path.relpath(dest, os.path.dirname(directory))
+            print(
+                f"checkpoint {os.path.basename(b.prefix)} skipped: {b.reason} (moved to {where})",
+                file=report,
+            )
+    if moved:
+        rewrite_state_file(directory)
+    if chosen is None and moved:
+        print(
+            "No checkpoint was ever completed in this run directory: starting from step 0.",
+            file=report,
+        )
+    return chosen
+
+
+# ---------------------------------------------------------------- data shape
+def data_signature(data) -> dict:
+    """What the checkpoint's tensors depend on in the data: recorded in every manifest."""
+    return {
+        "feature_shape": list(data.feature_shape),
+        "output_units": int(data.output_units),
+        "task": data.task,
+    }
+
+
+def check_data_fits(prefix: str, data, data_path: str | None = None) -> None:
+    """Refuse to load checkpoint `prefix` into a model built for data of another shape."""
+    with open(prefix + MANIFEST_SUFFIX) as f:
+        manifest = json.load(f)
+    then = manifest.get("data_shape")
+    now = data_signature(data)
+    if then is None or then == now:
+        return
+    diffs = ", ".join(f"{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k])
+    source = f"data.path: received {data_path!r}" if data_path else "data"
+    was = (manifest.get("config") or {}).get("data", {}).get("path")
+    raise UserError(
+        f"{source}; it does not fit the model in {os.path.dirname(prefix)} ({diffs}"
+        f"{f'; that run was trained on {was!r}' if was else ''}). Allowed: data with "
+        f"feature shape {then.get('feature_shape')} and {then.get('output_units')} outputs, "
+        "or another hydra.run.dir."
+    )
+
+
+# ---------------------------------------------------------------- saving
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_DISK_WORDS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "read-only file system",
+    "permission denied",
+)
+
+
+def disk_problem(e: BaseException) -> str | None:
+    """A short description if `e` is a full disk / unwritable location, else None."""
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+        return os.strerror(e.errno)
+    if isinstance(e, (OSError, tf.errors.OpError)):
+        text = str(e).lower()
+        for word in _DISK_WORDS:
+            if word in text:
+                return word.capitalize()
+    return None
+
+
+def save(store: CheckpointStore, step: int, before_write=None) -> float:
+    """store.save(step), turning a full disk or an unwritable directory into a UserError."""
+    try:
+        return store.save(step, before_write=before_write)
+    except (OSError, tf.errors.OpError) as e:
+        problem = disk_problem(e)
+        if problem is None:
+            raise
+        prefix = os.path.join(store.directory, f"ckpt-{step}")
+        if not os.path.exists(prefix + MANIFEST_SUFFIX):  # never a checkpoint: free the space
+            for path in _leftovers(store.directory).get(prefix, []):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        previous = [p for p in list_checkpoints(store.directory) if verify(p, hashes=False).ok]
+        kept = (
+            f"the previous checkpoint {os.path.basename(previous[-1])} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise UserError(
+            f"checkpoint: could not write ckpt-{step} in {store.directory} ({problem}); "
+            f"{kept}. Free space or fix permissions, then rerun the same command to resume."
+        ) from None

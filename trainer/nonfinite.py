@@ -1,0 +1,71 @@
+"""Non-finite loss, gradients or weights: stop cleanly, or roll back and skip the bad batches.
+
+`trainer.on_nonfinite=stop` (default): the run ends with a clear message (exit 1); nothing is
+saved past the last good checkpoint.
+`trainer.on_nonfinite=rollback`: the newest good checkpoint is restored and the batches from
+it up to and including the failing step are skipped (as large-model trainings do after a loss
+spike): the step counter, and with it the data position and the learning-rate schedule,
+continue after the failing step. Deterministic: a run killed before its next checkpoint
+meets the same failure again after the resume and rolls back the same way. At most
+`trainer.max_rollbacks` times per process, then it stops as above.
+
+A checkpoint is never written with non-finite weights: `check_weights` runs before every save.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+
+class NonFiniteLoss(Exception):
+    """The loss, gradients or weights became NaN/Inf: nothing is saved past the last good checkpoint."""
+
+
+def first_bad_step(step: int, losses: np.ndarray, norms: np.ndarray) -> int | None:
+    """The first step (1-based, after `step`) of a chunk whose loss or gradient norm is not finite."""
+    ok = np.isfinite(losses) & np.isfinite(norms)
+    return None if ok.all() else step + 1 + int(np.argmin(ok))
+
+
+def check_weights(variables, step: int, last_saved: int | None) -> None:
+    """Raise NonFiniteLoss if any variable about to be checkpointed holds NaN or Inf."""
+    bad = [v.path if hasattr(v, "path") else v.name for v in variables if _nonfinite(v)]
+    if bad:
+        raise NonFiniteLoss(
+            f"non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at step "
+            f"{step}; the checkpoint was not written (last good: step {last_saved or 0}). "
+            "Lower optimizer.learning_rate or check the data."
+        )
+
+
+def _nonfinite(v) -> bool:
+    value = tf.convert_to_tensor(v)
+    return value.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(value)))
+
+
+def rollback(store, state, bad_step: int, report=None) -> int:
+    """Restore the newest good checkpoint and move the counters to `bad_step`; return the
+    step that was restored. Raises NonFiniteLoss if there is nothing to roll back to."""
+    report = report or sys.stderr
+    store.wait()  # an async write in flight may be the checkpoint to roll back to
+    latest = store.latest_good(report=report)
+    if latest is None:
+        raise NonFiniteLoss(
+            f"non-finite loss or gradient at step {bad_step} and no checkpoint to roll back to "
+            "yet (trainer.on_nonfinite=rollback). Lower optimizer.learning_rate, check the "
+            "data, or save earlier (checkpoint.every)."
+        )
+    store.restore(latest.prefix)
+    restored = state.after_restore()
+    state.optimizer.iterations.assign(bad_step)
+    print(
+        f"non-finite loss or gradient at step {bad_step}: rolled back to "
+        f"{os.path.basename(latest.prefix)} and skipped the batches of steps "
+        f"{restored + 1}..{bad_step}; continuing at step {bad_step + 1}",
+        file=report,
+    )
+    return restored
