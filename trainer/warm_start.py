@@ -138,7 +138,9 @@ def _from_checkpoint(path: str, state: TrainState) -> str:
         del ckpt, twin, source
         _collect_quietly()
         raise UserError(
-            f"trainer.init_from: checkpoint {prefix!r} does not match this model ({problem})"
+            f"trainer.init_from: received {path!r}; checkpoint {os.path.basename(prefix)} does "
+            f"not fit this model and data ({problem}). Allowed: a checkpoint of the same model "
+            "trained on data with the same number of features and outputs"
         )
     _assign_all(state.model.weights, twin.weights, "model", path)
     return _copy_slots(state.optimizer, source, path)
