@@ -86,3 +86,13 @@ def test_validate_names_key_value_and_allowed(compose, override, key):
     msg = str(err.value)
     assert msg.startswith(key) and "received" in msg and "allowed" in msg
     assert override.split("=")[1] in msg
+
+
+@pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
+def test_async_checkpoints_only_with_the_default_strategy(compose, strategy):
+    cfg = compose(["checkpoint.async=true", f"distribute={strategy}"])
+    with pytest.raises(
+        UserError,
+        match=f"checkpoint.async: received True; allowed: false with distribute={strategy}",
+    ):
+        validate(cfg)

@@ -118,6 +118,7 @@ class AsyncCheckpointWriter:
         self.checkpoint = checkpoint
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._error_step: int | None = None
         self.last_write_seconds: float | None = None  # wall time of the last completed write
         self._readers: dict = {}  # snapshot()'s cached tf.functions
 
@@ -144,7 +145,7 @@ class AsyncCheckpointWriter:
             write(step)
             self.last_write_seconds = time.perf_counter() - t0
         except BaseException as e:  # surfaced on the loop thread by wait()
-            self._error = e
+            self._error, self._error_step = e, step
         finally:
             sys.setswitchinterval(interval)
             saver._object_map = None
@@ -159,6 +160,11 @@ class AsyncCheckpointWriter:
             self._thread = None
         if self._error is not None and raise_errors:
             error, self._error = self._error, None
+            if isinstance(error, (OSError, tf.errors.OpError)):
+                # A disk problem keeps its type (the caller turns it into one message) and
+                # says which step's write failed, so that step's partial files are cleaned.
+                error.checkpoint_step = self._error_step
+                raise error
             raise RuntimeError(f"background checkpoint write failed: {error!r}") from error
 
     @contextlib.contextmanager

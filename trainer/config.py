@@ -306,9 +306,12 @@ def validate(cfg: DictConfig) -> None:
                 cfg.schedule.warmup_steps,
                 f"an integer in 0..trainer.max_steps-1 ({cfg.trainer.max_steps - 1})",
             )
-    if cfg.checkpoint["async"] and cfg.distribute.name == "multi_worker":
+    if cfg.checkpoint["async"] and cfg.distribute.name != "default":
         raise _bad(
-            "checkpoint.async", True, "false with distribute=multi_worker (saves are collective)"
+            "checkpoint.async",
+            True,
+            f"false with distribute={cfg.distribute.name} (async saves snapshot plain "
+            "variables only; distributed saves are collective)",
         )
     if "_target_" not in cfg.model:
         raise UserError(

@@ -231,9 +231,13 @@ def save(store: CheckpointStore, step: int, before_write=None) -> float:
         problem = disk_problem(e)
         if problem is None:
             raise
-        prefix = os.path.join(store.directory, f"ckpt-{step}")
+        step = getattr(e, "checkpoint_step", step)  # an async write fails one save later
+        # Clean where this process writes (a non-chief worker writes to its own temp dir,
+        # never into the chief's checkpoints).
+        write_dir = store.manager.directory if store.manager is not None else store.directory
+        prefix = os.path.join(write_dir, f"ckpt-{step}")
         if not os.path.exists(prefix + MANIFEST_SUFFIX):  # never a checkpoint: free the space
-            for path in _leftovers(store.directory).get(prefix, []):
+            for path in _leftovers(write_dir).get(prefix, []):
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         previous = [p for p in list_checkpoints(store.directory) if verify(p, hashes=False).ok]
         kept = (

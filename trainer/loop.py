@@ -194,6 +194,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         writers.scalars(writers.eval, at, values)
         metrics.write({"step": at, "split": "eval", **{f"eval_{k}": v for k, v in values.items()}})
         result.eval = values
+        loop.last_eval_step = at
         tqdm.write(f"step {at}: " + "  ".join(f"eval_{k} {v:.5g}" for k, v in values.items()))
 
     end = int(tc.stop_at or tc.max_steps)
@@ -273,9 +274,10 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             if step // every > prev // every and step != max_steps:
                 save(step)
                 last_saved = step
-            if place.preempted(save, step):
+            if place.preempted(save if last_saved != step else (lambda at: None), step):
                 stop.signal_name, last_saved = "SIGTERM (preemption)", step
             if pause_at and step == pause_at:
+                store.wait()  # an async save of this step is complete before PAUSED appears
                 _pause(write_dir, step, stop, writers, metrics)
         bar.close()
         result.step = step
@@ -283,7 +285,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             result.status, result.signal_name = "interrupted", stop.signal_name
         elif step < int(tc.max_steps):
             result.status = "stopped"
-        elif resumed_from != step:  # (a rerun of a finished run only re-exports)
+        if step == max_steps and loop.last_eval_step != step:  # once, also if interrupted
             run_eval(step)
         if last_saved != step:
             save(step)

@@ -50,6 +50,7 @@ def build_optimizer(
 
 def learning_rate_at(optimizer: keras.optimizers.Optimizer, iteration: int) -> float:
     """The learning rate the optimizer uses at (0-based) `iteration`."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
     lr = optimizer._learning_rate  # the schedule object or a variable
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
         return float(lr(iteration))

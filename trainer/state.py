@@ -28,6 +28,7 @@ class LoopState:
     window_metric_sum: float = 0.0  # same for the task metric (mae or accuracy)
     window_count: int = 0
     best_eval_loss: float = math.inf
+    last_eval_step: int = 0  # so the final eval runs once, even after a stop in the last chunk
 
     def reset_window(self) -> None:
         self.window_loss_sum, self.window_metric_sum, self.window_count = 0.0, 0.0, 0
