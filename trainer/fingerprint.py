@@ -20,10 +20,12 @@ from trainer.checkpoints import MANIFEST_SUFFIX
 _NOT_STRUCTURAL = {"data.path"}
 
 
-def _flatten(prefix: str, value, out: dict) -> dict:
+def flatten(value, prefix: str = "", out: dict | None = None) -> dict:
+    """{"a.b": 1} from {"a": {"b": 1}}."""
+    out = {} if out is None else out
     if isinstance(value, dict):
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+            flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
     else:
         out[prefix] = value
     return out
@@ -31,14 +33,12 @@ def _flatten(prefix: str, value, out: dict) -> dict:
 
 def structural(cfg: DictConfig) -> dict:
     """The flattened keys that must not change across a resume."""
-    flat = _flatten(
-        "",
+    flat = flatten(
         {
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "optimizer": {"name": cfg.optimizer.name},
-        },
-        {},
+        }
     )
     return {k: v for k, v in flat.items() if k not in _NOT_STRUCTURAL}
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from trainer.checkpoints import MANIFEST_SUFFIX, checkpoint_files, list_checkpoints, verify
 from trainer.config import UserError
+from trainer.fingerprint import flatten
 
 
 @dataclass
@@ -114,15 +115,6 @@ def variable_table(run_dir: str, step: int) -> list[tuple[str, list[int], str]]:
     ]
 
 
-def _flatten(prefix: str, value, out: dict) -> dict:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = value
-    return out
-
-
 def config_diff(run_dir: str, overrides: list[str], step: int | None = None) -> list[tuple]:
     """[(key, in the checkpoint, now, structural?)] for every key whose value differs."""
     from hydra import compose, initialize_config_dir
@@ -146,8 +138,8 @@ def config_diff(run_dir: str, overrides: list[str], step: int | None = None) -> 
         raise UserError(message(e, list(overrides))) from None
     finally:
         GlobalHydra.instance().clear()
-    now = _flatten("", OmegaConf.to_container(cfg, resolve=True), {})
-    then = _flatten("", then_cfg, {})
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    then = flatten(then_cfg)
     structural_keys = set(structural(cfg))
     return [
         (k, then.get(k, "<absent>"), now.get(k, "<absent>"), k in structural_keys)
