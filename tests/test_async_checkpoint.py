@@ -99,8 +99,9 @@ def test_a_failed_background_write_surfaces_and_leaves_no_good_checkpoint(tmp_pa
 
     store.write_manifest = broken
     store.save(1)  # returns at once: the failure happens on the writer's thread
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OSError, match="disk full") as err:  # a disk error keeps its type
         store.wait()
+    assert err.value.checkpoint_step == 1  # and names the step whose write failed
     assert not verify(str(tmp_path / "ckpt-1")).ok
     store.wait()  # reported once
 
