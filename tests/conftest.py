@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,33 @@ def run_cli(
 def train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m trainer <overrides> hydra.run.dir=<run_dir>`."""
     return run_cli("trainer", *overrides, f"hydra.run.dir={run_dir}", timeout=timeout)
+
+
+def start_paused(
+    run_dir: Path, *overrides: str, timeout: float = 120
+) -> tuple[subprocess.Popen, dict]:
+    """Start `python -m trainer <overrides>` (which must set trainer.pause_at) and return once
+    it has announced `<run>/PAUSED`: (the process, the marker's {"step", "pid"})."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    marker, deadline = Path(run_dir) / "PAUSED", time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"trainer exited ({proc.returncode}) before pausing:\n{err}")
+        try:
+            return proc, json.loads(marker.read_text())
+        except (OSError, ValueError):  # not there yet, or half-written
+            time.sleep(0.01)
+    proc.kill()
+    proc.communicate()
+    raise AssertionError(f"trainer did not pause within {timeout} s")
 
 
 def losses(run_dir: Path) -> dict[int, float]:

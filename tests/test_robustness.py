@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, env, losses, train
+from conftest import REPO, env, losses, start_paused, train
 
 # Small and frequent checkpoints: kills often land inside a write.
 BASE = [
@@ -141,15 +141,8 @@ def test_sigterm_saves_flushes_logs_and_exits_3(tmp_path, reference):
     from trainer.summaries import read_scalars
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trainer", *BASE, "trainer.pause_at=15", f"hydra.run.dir={run}"]
-    p = subprocess.Popen(
-        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    marker = run / "PAUSED"
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    step = json.loads(marker.read_text())["step"]
+    p, paused = start_paused(run, *BASE, "trainer.pause_at=15")
+    step = paused["step"]
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 3, err
@@ -213,18 +206,7 @@ def test_second_sigint_aborts_the_trainer_without_saving(tmp_path):
     from trainer.checkpoints import verify
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trainer", *BASE, "checkpoint.every=4", "trainer.pause_at=10"]
-    p = subprocess.Popen(
-        [*cmd, f"hydra.run.dir={run}"],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not (run / "PAUSED").exists() and time.time() < deadline:
-        time.sleep(0.01)
+    p, _ = start_paused(run, *BASE, "checkpoint.every=4", "trainer.pause_at=10")
     p.send_signal(signal.SIGINT)
     time.sleep(0.005)
     p.send_signal(signal.SIGINT)

@@ -5,7 +5,7 @@ import os
 import textwrap
 
 import pytest
-from conftest import FAST, losses, run_cli, train
+from conftest import FAST, losses, run_cli, start_paused, train
 from tensorboard.backend.event_processing import event_accumulator
 
 pytestmark = pytest.mark.slow
@@ -129,11 +129,6 @@ def test_users_own_model_from_pythonpath(tmp_path):
 def test_sigterm_in_the_last_chunk_still_evaluates_the_final_step_once(tmp_path):
     """A stop that lands on max_steps saves after the final eval; the rerun only exports."""
     import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO, env
 
     run = tmp_path / "run"
     args = [
@@ -142,23 +137,12 @@ def test_sigterm_in_the_last_chunk_still_evaluates_the_final_step_once(tmp_path)
         "trainer.eval_every=30",
         "checkpoint.every=100",
         "trainer.pause_at=40",
-        f"hydra.run.dir={run}",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer", *args],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not (run / "PAUSED").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc, _ = start_paused(run, *args)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
-    second = train(run, *args[:-2])
+    second = train(run, *args[:-1])
     assert second.returncode == 0 and "Resuming from step 40" in second.stderr, second.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("split") == "eval"] == [30, 40]
