@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from trainer import build, distribute, export, integrity, nonfinite, precision, summaries
 from trainer import data as data_lib
-from trainer.checkpoints import CheckpointStore
+from trainer.checkpoints import CheckpointStore, list_checkpoints
 from trainer.config import UserError, validate
 from trainer.fingerprint import manifest_extra
 from trainer.nonfinite import NonFiniteLoss
@@ -120,10 +120,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     validate(cfg)
     tc = cfg.trainer
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    existing = CheckpointStore(
-        ckpt_dir, None, max_to_keep=1, keep_every_n_hours=None, manifest_extra={}, write=False
-    )
-    if tc.resume == "never" and existing.has_checkpoints():
+    if tc.resume == "never" and list_checkpoints(ckpt_dir):
         raise UserError(
             f"trainer.resume: received 'never' but {ckpt_dir} already holds checkpoints; "
             "use another hydra.run.dir or trainer.resume=auto"
