@@ -233,7 +233,11 @@ CORRUPTIONS = {
         lambda c: _truncate(c / "ckpt-40.data-00000-of-00001"),
         "ckpt-40.data-00000-of-00001 has",
     ),
-    "bit-flipped": (lambda c: _bitflip(c / "ckpt-40.data-00000-of-00001"), "checksum differs"),
+    "bit-flipped": (
+        lambda c: _bitflip(c / "ckpt-40.data-00000-of-00001"),
+        "ckpt-40.data-00000-of-00001: tensor",  # named by TensorFlow's per-tensor CRC32C
+    ),
+    "index bit-flipped": (lambda c: _bitflip(c / "ckpt-40.index"), "ckpt-40.index checksum"),
     "index deleted": (lambda c: (c / "ckpt-40.index").unlink(), "ckpt-40.index is missing"),
     "half-written": (lambda c: (c / "ckpt-40.manifest.json").unlink(), "write never completed"),
 }

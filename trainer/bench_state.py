@@ -2,7 +2,7 @@
 
 The state is the repository's own `models.MySubclassedModel` made wide (25M parameters for
 the default sizes) with Adam's two slots: 100 MB of weights + 200 MB of slots, all random.
-It goes through the real `CheckpointStore` (TensorFlow write + SHA-256 manifest), sync and
+It goes through the real `CheckpointStore` (TensorFlow write + manifest + retention), sync and
 async, against writing the same arrays with numpy.
 """
 
@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.checkpoints import CheckpointStore, checkpoint_files, sha256_file
+from trainer.checkpoints import CheckpointStore, checkpoint_files, verify
 from trainer.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,8 +84,8 @@ def state_io(m: dict, workdir: str, log) -> dict:
         return time.perf_counter() - t0
 
     update()  # trace / warm up
-    t = {k: [] for k in ("sync", "hash", "async_block", "async_total", "numpy", "restore")}
-    t |= {"update": [], "update_after_snapshot": [], "numpy_sha256": [], "tf_write": []}
+    t = {k: [] for k in ("sync", "manifest", "async_block", "async_total", "numpy", "restore")}
+    t |= {"update": [], "update_after_snapshot": [], "verify": [], "tf_write": []}
     for r in range(m["state_rounds"]):
         step = r + 1
         state.before_save(step, 0)
@@ -95,8 +95,9 @@ def state_io(m: dict, workdir: str, log) -> dict:
         t["sync"].append(stores["sync"].save(step))
         prefix = stores["sync"].manager.latest_checkpoint
         t0 = time.perf_counter()
-        stores["sync"].write_manifest(prefix, step)  # the SHA-256 part of a save, on its own
-        t["hash"].append(time.perf_counter() - t0)
+        stores["sync"].write_manifest(prefix, step)  # the manifest part of a save, on its own
+        t["manifest"].append(time.perf_counter() - t0)
+        stores["sync"].wait()  # retention's background delete: not inside the next timing
         t["update"].append(update())
         os.sync()
         t0 = time.perf_counter()
@@ -108,8 +109,8 @@ def state_io(m: dict, workdir: str, log) -> dict:
         os.sync()
         t["numpy"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
         t0 = time.perf_counter()
-        sha256_file(os.path.join(workdir, "numpy.bin"))  # what our manifest adds, on numpy's file
-        t["numpy_sha256"].append(t["numpy"][-1] + time.perf_counter() - t0)
+        assert verify(prefix).ok  # what a resume checks: every tensor read back and CRC-checked
+        t["verify"].append(time.perf_counter() - t0)
         os.sync()
         t0 = time.perf_counter()
         raw = state.checkpoint.write(os.path.join(workdir, "raw", "ckpt"))  # TF alone
@@ -120,7 +121,7 @@ def state_io(m: dict, workdir: str, log) -> dict:
         stores["sync"].restore(prefix)
         t["restore"].append(time.perf_counter() - t0)
         log(
-            f"  round {r + 1}: sync {t['sync'][-1]:.3f} s (hash {t['hash'][-1]:.3f}), async "
+            f"  round {r + 1}: sync {t['sync'][-1]:.3f} s (manifest {t['manifest'][-1]:.3f}), async "
             f"blocks {t['async_block'][-1]:.4f} s / writes {t['async_total'][-1]:.3f} s, numpy "
             f"{t['numpy'][-1]:.3f} s, restore {t['restore'][-1]:.3f} s"
         )
@@ -131,15 +132,15 @@ def state_io(m: dict, workdir: str, log) -> dict:
         "save_vs_numpy": med["sync"] / med["numpy"],
         "state_mb": state_bytes / 1e6,
         "sync_save_s": med["sync"],
-        "sync_save_manifest_hash_s": med["hash"],
+        "sync_save_manifest_s": med["manifest"],
         "async_block_s": med["async_block"],
         "async_total_s": med["async_total"],
         "async_write_thread_s": stores["async"].async_writer.last_write_seconds,
         "numpy_write_s": med["numpy"],
-        "numpy_write_plus_sha256_s": med["numpy_sha256"],
         # tf.train.Checkpoint.write() alone: no manager bookkeeping, no manifest
         "tf_checkpoint_write_s": med["tf_write"],
-        "save_vs_numpy_plus_sha256": med["sync"] / med["numpy_sha256"],
+        # on resume: sizes, the index's SHA-256, and every tensor against its CRC32C
+        "verify_s": med["verify"],
         "tf_write_vs_numpy": med["tf_write"] / med["numpy"],
         "restore_s": med["restore"],
         "optimizer_update_s": med["update"],

@@ -1,0 +1,133 @@
+"""CheckpointStore on its own: what the manifest pins, what verify() catches, and retention."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.checkpoints import (
+    MANIFEST_SUFFIX,
+    TRASH_DIR,
+    CheckpointStore,
+    checkpoint_files,
+    list_checkpoints,
+    sha256_file,
+    verify,
+)
+
+
+def _store(directory, *, max_to_keep=5, keep_every_n_hours=None, async_write=False):
+    weights = tf.Variable(np.arange(50_000, dtype=np.float32))
+    store = CheckpointStore(
+        str(directory),
+        tf.train.Checkpoint(weights=weights),
+        max_to_keep=max_to_keep,
+        keep_every_n_hours=keep_every_n_hours,
+        manifest_extra={},
+        async_write=async_write,
+    )
+    return store, weights
+
+
+def _flip(path: str, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x04]))
+
+
+def test_manifest_pins_the_index_and_the_sizes(tmp_path):
+    store, _ = _store(tmp_path)
+    store.save(1)
+    prefix = str(tmp_path / "ckpt-1")
+    manifest = json.loads(open(prefix + MANIFEST_SUFFIX).read())
+    data, index = (os.path.basename(p) for p in checkpoint_files(prefix))  # sorted
+    assert manifest["files"][index] == {
+        "size": os.path.getsize(prefix + ".index"),
+        "sha256": sha256_file(prefix + ".index"),
+    }
+    assert manifest["files"][data] == {"size": os.path.getsize(os.path.join(tmp_path, data))}
+    assert verify(prefix).ok
+
+
+@pytest.mark.parametrize("where", [0.01, 0.5, 0.99])
+def test_a_flipped_bit_anywhere_in_the_data_fails_verification(tmp_path, where):
+    """The data files carry no SHA-256 of their own: TensorFlow's per-tensor CRC32C catches it."""
+    store, _ = _store(tmp_path)
+    store.save(1)
+    prefix = str(tmp_path / "ckpt-1")
+    data = prefix + ".data-00000-of-00001"
+    _flip(data, int(os.path.getsize(data) * where))
+    assert verify(prefix, hashes=False).ok  # same size: only the checksums can tell
+    verdict = verify(prefix)
+    assert not verdict.ok and "checksum differs" in verdict.reason, verdict.reason
+
+
+def test_manifests_with_a_sha256_per_file_are_still_checked(tmp_path):
+    """A manifest written before the switch to CRC32C lists a SHA-256 for every file."""
+    store, _ = _store(tmp_path)
+    store.save(1)
+    prefix = str(tmp_path / "ckpt-1")
+    manifest = json.loads(open(prefix + MANIFEST_SUFFIX).read())
+    for name in manifest["files"]:
+        manifest["files"][name]["sha256"] = sha256_file(os.path.join(tmp_path, name))
+    open(prefix + MANIFEST_SUFFIX, "w").write(json.dumps(manifest))
+    assert verify(prefix).ok
+    data = next(n for n in manifest["files"] if ".data-" in n)
+    manifest["files"][data]["sha256"] = "0" * 64
+    open(prefix + MANIFEST_SUFFIX, "w").write(json.dumps(manifest))
+    verdict = verify(prefix)
+    assert not verdict.ok and f"{data} checksum differs from the manifest" in verdict.reason
+
+
+@pytest.mark.parametrize("async_write", [False, True])
+def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_write):
+    store, weights = _store(tmp_path, max_to_keep=2, async_write=async_write)
+    with store.pending_writes():
+        for step in range(1, 6):
+            weights.assign_add(tf.ones_like(weights))
+            store.save(step)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["ckpt-4", "ckpt-5"]
+    assert all(verify(p).ok for p in list_checkpoints(str(tmp_path)))
+    assert not os.path.exists(tmp_path / TRASH_DIR)  # emptied and removed once waited for
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["checkpoint"]
+        + [
+            f"ckpt-{s}{x}"
+            for s in (4, 5)
+            for x in (".index", ".data-00000-of-00001", MANIFEST_SUFFIX)
+        ]
+    )
+
+
+def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tmp_path):
+    """Retention's candidates are linked aside before the manager decides; the ones it keeps
+    (here: every one, with a tiny keep_every_n_hours) must lose only the extra link."""
+    store, weights = _store(tmp_path, max_to_keep=1, keep_every_n_hours=1e-9)
+    for step in range(1, 5):
+        weights.assign_add(tf.ones_like(weights))
+        store.save(step)
+    store.wait()
+    prefixes = list_checkpoints(str(tmp_path))
+    assert [os.path.basename(p) for p in prefixes] == [f"ckpt-{s}" for s in range(1, 5)]
+    for step, prefix in enumerate(prefixes, start=1):
+        assert verify(prefix).ok
+        np.testing.assert_array_equal(
+            tf.train.load_checkpoint(prefix).get_tensor("weights/.ATTRIBUTES/VARIABLE_VALUE"),
+            np.arange(50_000, dtype=np.float32) + step,
+        )
+
+
+def test_files_a_killed_run_left_in_the_trash_are_removed_by_the_next_save(tmp_path):
+    store, _ = _store(tmp_path)
+    os.makedirs(tmp_path / TRASH_DIR)
+    (tmp_path / TRASH_DIR / "ckpt-3.data-00000-of-00001").write_bytes(b"x" * 1000)
+    store.save(1)
+    store.wait()
+    assert not os.path.exists(tmp_path / TRASH_DIR)
+    assert verify(str(tmp_path / "ckpt-1")).ok
