@@ -150,3 +150,18 @@ def test_resume_with_other_architecture_is_refused_and_changes_nothing(tmp_path,
     assert _tree(run) == before
     assert _run(compose, run, "trainer.max_steps=6", "trainer.log_every=3") == 0  # allowed changes
     shutil.rmtree(run)
+
+
+def test_resume_asking_for_rng_state_the_checkpoint_lacks_is_refused(tmp_path, compose, capsys):
+    """A run written with checkpoint.restore_rng=false saved no RNG state: turning it back on
+    for the resume is refused with one line (it used to be a traceback from the restore)."""
+    run = tmp_path / "run"
+    no_rng = ["model=dropout_mlp", "checkpoint.restore_rng=false"]
+    assert _run(compose, run, *no_rng, "trainer.stop_at=2") == 0
+    capsys.readouterr()
+    before = _tree(run)
+    assert _run(compose, run, "model=dropout_mlp") == 2
+    err = capsys.readouterr().err
+    assert "resume refused" in err and "checkpoint.restore_rng: checkpoint False -> now True" in err
+    assert "Traceback" not in err and _tree(run) == before
+    assert _run(compose, run, *no_rng) == 0  # resuming as it was written still works
