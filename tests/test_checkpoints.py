@@ -131,3 +131,28 @@ def test_files_a_killed_run_left_in_the_trash_are_removed_by_the_next_save(tmp_p
     store.wait()
     assert not os.path.exists(tmp_path / TRASH_DIR)
     assert verify(str(tmp_path / "ckpt-1")).ok
+
+
+def test_a_checkpoint_the_state_file_never_listed_is_still_retired(tmp_path, compose):
+    """A kill after ckpt-6's manifest but before TensorFlow updated the state file leaves a
+    good ckpt-6 that the state file does not list. The resume adopts it, so retention
+    deletes it in turn instead of keeping it forever."""
+    from trainer import app
+
+    run = tmp_path / "run"
+    base = ["trainer.eval_every=1000", "checkpoint.every=2", "checkpoint.max_to_keep=2"]
+    assert app.run(compose([*base, "trainer.max_steps=7", "trainer.stop_at=6"]), str(run)) == 0
+    ck = run / "checkpoints"
+    state = (ck / "checkpoint").read_text()
+    assert '"ckpt-6"' in state
+    # the state file as it was before ckpt-6: ckpt-4 newest, ckpt-6 unknown to it
+    (ck / "checkpoint").write_text(
+        "\n".join(
+            line.replace('"ckpt-6"', '"ckpt-4"') if line.startswith("model_") else line
+            for line in state.splitlines()
+            if '"ckpt-6"' not in line or line.startswith("model_")
+        )
+    )
+    assert tf.train.get_checkpoint_state(str(ck)).model_checkpoint_path.endswith("ckpt-4")
+    assert app.run(compose([*base, "trainer.max_steps=12"]), str(run)) == 0
+    assert [os.path.basename(p) for p in list_checkpoints(str(ck))] == ["ckpt-10", "ckpt-12"]

@@ -79,9 +79,36 @@ def set_aside(prefix: str, reason: str, paths: list[str] | None = None) -> str |
     return dest
 
 
+def _state(directory: str) -> tuple[set[str] | None, float | None]:
+    """(checkpoint names the state file lists, its last_preserved_timestamp); (None, None)
+    when there is no readable state file."""
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError):  # a torn or foreign file: rebuilt from the manifests
+        state = None
+    if state is None:
+        return None, None
+    listed = {os.path.basename(p) for p in state.all_model_checkpoint_paths}
+    return listed, state.last_preserved_timestamp or None
+
+
+def _retained(directory: str) -> list[str]:
+    """The checkpoints retention should manage: those the state file lists that still have a
+    manifest, plus newer ones it never heard of (a kill between a checkpoint's manifest and
+    TensorFlow's state-file update). Older unlisted ones stay out: keep_every_n_hours keeps
+    its checkpoints out of the list on purpose, so that retention never deletes them."""
+    good = [p for p in list_checkpoints(directory) if os.path.exists(p + MANIFEST_SUFFIX)]
+    listed, _ = _state(directory)
+    if listed is None:
+        return good
+    newest = max((step_of(n) for n in listed), default=-1)
+    return [p for p in good if os.path.basename(p) in listed or step_of(p) > newest]
+
+
 def rewrite_state_file(directory: str) -> None:
-    """Make CheckpointManager's state file list exactly the checkpoints that have a manifest."""
-    kept = [p for p in list_checkpoints(directory) if os.path.exists(p + MANIFEST_SUFFIX)]
+    """Make CheckpointManager's state file list exactly `_retained(directory)`."""
+    kept = _retained(directory)
+    _, last_preserved = _state(directory)
     path = os.path.join(directory, STATE_FILE)
     if not kept:
         if os.path.exists(path):
@@ -98,7 +125,7 @@ def rewrite_state_file(directory: str) -> None:
     lines = [f'model_checkpoint_path: "{names[-1]}"']
     lines += [f'all_model_checkpoint_paths: "{n}"' for n in names]
     lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in times]
-    lines.append(f"last_preserved_timestamp: {min(times) - 1.0!r}")
+    lines.append(f"last_preserved_timestamp: {last_preserved or min(times) - 1.0!r}")
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -162,7 +189,10 @@ def recover(
                 f"checkpoint {os.path.basename(b.prefix)} skipped: {b.reason} (moved to {where})",
                 file=report,
             )
-    if moved:
+    listed, _ = _state(directory)
+    if moved or (
+        tidy and listed is not None and {os.path.basename(p) for p in _retained(directory)} - listed
+    ):
         rewrite_state_file(directory)
     if chosen is None and moved:
         print(
