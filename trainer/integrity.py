@@ -7,7 +7,9 @@ their manifests (trainer/checkpoints.py) and sorts the ones it cannot use into t
 - corrupted: a manifest exists but a file is missing, truncated or has another checksum.
 Each one is reported (which file, what is wrong) and moved to `checkpoints/bad/` (never
 deleted), and the CheckpointManager state file is rewritten to list only what is left, so
-neither `latest_checkpoint` nor retention can later point at a bad checkpoint. If no
+neither `latest_checkpoint` nor retention can later point at a bad checkpoint. A good
+checkpoint newer than everything the state file lists (a kill between its manifest and the
+state-file update) is added to it, so retention deletes it in its turn. If no
 checkpoint verifies and one of them is corrupted, the resume is refused and nothing is
 moved; if all of them are merely incomplete, no save ever finished and the run starts over.
 
