@@ -401,13 +401,26 @@ def test_nonfinite_loss_stops_without_saving_it(tmp_path, compose, capsys):
 def test_nonfinite_rollback_skips_the_bad_batches(tmp_path, compose, capsys):
     data = _poisoned_npz(tmp_path / "d.npz")
     run = tmp_path / "run"
-    code = run_in_process(compose, run, *NPZ, f"data.path={data}", "trainer.on_nonfinite=rollback")
+    code = run_in_process(
+        compose,
+        run,
+        *NPZ,
+        f"data.path={data}",
+        "trainer.on_nonfinite=rollback",
+        "checkpoint.max_to_keep=100",
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "rolled back to ckpt-" in err
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any(e.get("event") == "rollback" for e in events)
-    assert weights_finite(run / "checkpoints" / "ckpt-20")
+    rollbacks = [e for e in events if e.get("event") == "rollback"]  # the NaN row, each epoch
+    assert rollbacks and weights_finite(run / "checkpoints" / "ckpt-20")
+    # each failing step was a checkpoint step (every=1): it is saved after the rollback, with
+    # the restored weights and the step counter past the skipped batches
+    for e in rollbacks:
+        bad = run / "checkpoints" / f"ckpt-{e['step']}"
+        assert weights_finite(bad)
+        assert tensors(bad)["step/.ATTRIBUTES/VARIABLE_VALUE"] == e["step"]
 
 
 def test_nonfinite_weights_are_never_checkpointed():

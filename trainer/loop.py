@@ -225,46 +225,46 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
                 restored = nonfinite.rollback(store, state, bad)
                 metrics.write({"step": bad, "event": "rollback", "restored_step": restored})
                 bar.update(bad - step)
-                step = bad
+                prev, step = step, bad  # then the eval / save / pause due at `bad`, as usual
                 dataset = data_lib.train_dataset(data, batch, int(tc.seed), step)
                 iterator = iter(place.distribute_dataset(dataset, batch))
-                continue
-            if bad is not None:
+            elif bad is not None:
                 writers.flush()  # the logs up to the failure stay readable
                 metrics.sync()
                 raise NonFiniteLoss(
                     f"non-finite loss or gradient at step {bad} (loss={losses.tolist()}); nothing was "
                     f"saved after step {last_saved or 0}. Lower optimizer.learning_rate or check the data."
                 )
-            for i in range(k):
-                s = step + i + 1
-                loop.window_loss_sum += float(losses[i])
-                loop.window_metric_sum += float(metric_values[i])
-                loop.window_count += 1
-                if s % log_every == 0:
-                    now = time.perf_counter()
-                    rate = (window_steps + i + 1) / max(now - window_t0, 1e-9)
-                    record = {
-                        "step": s,
-                        "loss": float(losses[i]),
-                        "loss_avg": loop.window_loss_sum / loop.window_count,
-                        metric_name: loop.window_metric_sum / loop.window_count,
-                        "learning_rate": learning_rate_at(optimizer, s - 1),
-                        "grad_norm": float(norms[i]),
-                    }
-                    metrics.write(record)
-                    tb = {k2: v for k2, v in record.items() if k2 != "step"}
-                    writers.scalars(writers.train, s, {**tb, "steps_per_sec": rate})
-                    loop.reset_window()
-                    window_t0, window_steps = now, -(i + 1)
-                    bar.set_postfix(
-                        loss=f"{losses[i]:.4g}", steps_per_s=f"{rate:.1f}", refresh=False
-                    )
-            window_steps += k
-            prev, step = step, step + k
-            precision.sync_iterations(optimizer, step)
-            result.final_loss = float(losses[-1])
-            bar.update(k)
+            else:
+                for i in range(k):
+                    s = step + i + 1
+                    loop.window_loss_sum += float(losses[i])
+                    loop.window_metric_sum += float(metric_values[i])
+                    loop.window_count += 1
+                    if s % log_every == 0:
+                        now = time.perf_counter()
+                        rate = (window_steps + i + 1) / max(now - window_t0, 1e-9)
+                        record = {
+                            "step": s,
+                            "loss": float(losses[i]),
+                            "loss_avg": loop.window_loss_sum / loop.window_count,
+                            metric_name: loop.window_metric_sum / loop.window_count,
+                            "learning_rate": learning_rate_at(optimizer, s - 1),
+                            "grad_norm": float(norms[i]),
+                        }
+                        metrics.write(record)
+                        tb = {k2: v for k2, v in record.items() if k2 != "step"}
+                        writers.scalars(writers.train, s, {**tb, "steps_per_sec": rate})
+                        loop.reset_window()
+                        window_t0, window_steps = now, -(i + 1)
+                        bar.set_postfix(
+                            loss=f"{losses[i]:.4g}", steps_per_s=f"{rate:.1f}", refresh=False
+                        )
+                window_steps += k
+                prev, step = step, step + k
+                precision.sync_iterations(optimizer, step)
+                result.final_loss = float(losses[-1])
+                bar.update(k)
             if step // eval_every > prev // eval_every and step < max_steps:
                 run_eval(step)
             # (the final step is saved after the final eval, so its checkpoint includes it)
