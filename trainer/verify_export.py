@@ -162,7 +162,9 @@ def _load_artifacts(keras_path: str, sm_path: str, x_one):
         raise _ArtifactError(f"export/saved_model does not load: {type(e).__name__}: {e}") from None
 
 
-def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 80) -> dict:
+def verify_export(
+    run_dir: str, *, atol: float = 0.0, rounds: int = 80, max_ratio: float = MAX_RATIO
+) -> dict:
     """Run every comparison; return the report (`report["ok"]` is the verdict)."""
     run_dir = os.path.abspath(run_dir)
     keras_path, sm_path = _artifact_paths(run_dir)  # before importing TensorFlow: fast errors
@@ -258,7 +260,7 @@ def verify_export(run_dir: str, *, atol: float = 0.0, rounds: int = 80) -> dict:
     latency = compare_latency(candidates, batch, baseline="checkpoint", rounds=rounds)
     report["latency"] = latency
     for name, ratio in latency["ratio"].items():
-        _check(checks, f"latency {name}", ratio <= MAX_RATIO, f"{ratio:.3f}x the original")
+        _check(checks, f"latency {name}", ratio <= max_ratio, f"{ratio:.3f}x the original")
 
     report["checks"] = checks
     report["ok"] = all(c["ok"] for c in checks)
@@ -309,9 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="report file or directory (default: RUN/report.json)")
     parser.add_argument("--atol", type=float, default=0.0, help="allowed |difference| (CPU: 0)")
     parser.add_argument("--rounds", type=int, default=80, help="interleaved latency rounds")
+    parser.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        default=MAX_RATIO,
+        help=f"how much slower a reloaded model may be than the original (default {MAX_RATIO})",
+    )
     args = parser.parse_args(argv)
+    if not args.max_latency_ratio > 0:
+        parser.error(f"--max-latency-ratio: received {args.max_latency_ratio}; allowed: > 0")
     try:
-        report = verify_export(args.run, atol=args.atol, rounds=args.rounds)
+        report = verify_export(
+            args.run, atol=args.atol, rounds=args.rounds, max_ratio=args.max_latency_ratio
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
