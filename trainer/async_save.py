@@ -206,9 +206,6 @@ class AsyncCheckpointWriter:
     def _run(self, step: int, write: Callable[[int], None], frozen) -> None:
         saver = self.checkpoint._saver
         t0 = time.perf_counter()
-        # The CheckpointManager's save calls saver.save: for this write, the snapshot's (an
-        # instance attribute shadowing the method; nothing else saves while a write runs).
-        saver.save = _compiled_save(self.checkpoint, frozen, self._savers)
         # While this thread runs Python, the loop thread waits for the GIL each time a train
         # chunk returns: up to the switch interval (5 ms). Profiled on a small model, that
         # made an async save cost the loop 2-3x a sync one; a short interval during the write
@@ -216,13 +213,16 @@ class AsyncCheckpointWriter:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, _SWITCH_INTERVAL))
         try:
+            # The CheckpointManager's save calls saver.save: for this write, the snapshot's (an
+            # instance attribute shadowing the method; nothing else saves while a write runs).
+            saver.save = _compiled_save(self.checkpoint, frozen, self._savers)
             write(step)
             self.last_write_seconds = time.perf_counter() - t0
         except BaseException as e:  # surfaced on the loop thread by wait()
             self._error, self._error_step = e, step
         finally:
             sys.setswitchinterval(interval)
-            del saver.save
+            vars(saver).pop("save", None)
 
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
