@@ -58,8 +58,7 @@ def _store(directory, state, **kw) -> CheckpointStore:
         max_to_keep=5,
         keep_every_n_hours=None,
         manifest_extra={},
-        async_write=True,
-        **kw,
+        **{"async_write": True, **kw},
     )
 
 
@@ -88,6 +87,26 @@ def test_async_save_writes_the_values_of_the_save_step_while_training_goes_on(tm
         assert fresh.after_restore() == at
         for a, b in zip(values, _values(fresh), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_async_files_equal_a_synchronous_save_bit_for_bit(tmp_path):
+    """The async write's traced save (async_save._compiled_save) writes exactly what TF's
+    eager save writes: the first save (traced) and the next ones (cached)."""
+    state, step = _state()
+    sync = _store(tmp_path / "sync", state, async_write=False)
+    fast = _store(tmp_path / "async", state)
+    counter = state.checkpoint.save_counter
+    for at in (1, 2, 3):
+        step()
+        state.before_save(at, 0)
+        sync.save(at)
+        counter.assign_sub(1)  # the async save numbers itself as the sync one did
+        fast.save(at)
+        fast.wait()
+        for name in (f"ckpt-{at}.index", f"ckpt-{at}.data-00000-of-00001"):
+            assert (tmp_path / "sync" / name).read_bytes() == (
+                tmp_path / "async" / name
+            ).read_bytes()
 
 
 def test_a_failed_background_write_surfaces_and_leaves_no_good_checkpoint(tmp_path):

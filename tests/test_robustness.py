@@ -427,14 +427,16 @@ def test_nonfinite_weights_are_never_checkpointed():
     """The guard run before every save: a variable holding Inf stops the save and is named."""
     import tensorflow as tf
 
-    from trainer.nonfinite import NonFiniteLoss, check_weights
+    from trainer.nonfinite import NonFiniteLoss, weights_check
 
     good = tf.Variable([1.0, 2.0], name="good")
     counter = tf.Variable(3, dtype=tf.int64, name="counter")
-    check_weights([good, counter], step=5, last_saved=4)  # finite: no error
-    bad = tf.Variable([1.0, float("inf")], name="dense_kernel")
-    with pytest.raises(NonFiniteLoss, match="dense_kernel.*step 7.*last good: step 6"):
-        check_weights([good, bad], step=7, last_saved=6)
+    bad = tf.Variable([1.0, 2.0], name="dense_kernel")
+    check = weights_check([good, counter, bad])
+    check(step=5, last_saved=4)  # finite: no error
+    bad.assign([1.0, float("inf")])  # the check reads the values of each call
+    with pytest.raises(NonFiniteLoss, match=r"values in dense_kernel\S* at step 7.*good: step 6"):
+        check(step=7, last_saved=6)
 
 
 # ---------------------------------------------------------------- scripts/inspect_checkpoints.py

@@ -151,6 +151,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         model.compile(optimizer=optimizer, loss=build.keras_loss(data.task))
         optimizer.build(model.trainable_variables)
         state = TrainState(model, optimizer, include_rng=bool(cfg.checkpoint.restore_rng))
+    check_weights = nonfinite.weights_check(model.variables + optimizer.variables)
     store = place.checkpoint_store(
         ckpt_dir,
         state.checkpoint,
@@ -174,13 +175,12 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     result = RunResult("completed", step, resumed_from, run_dir)
 
     def sync_logs() -> None:  # logs up to a checkpoint's step reach the disk before it counts
-        writers.flush_files()
+        writers.flush()  # async: on the writer's thread (Writers traces nothing there)
         metrics.fsync()
 
     def save(at: int) -> None:
         state.before_save(at, at // spe)
-        writers.drain()  # here, not on the async writer's thread: tracing there stalls the loop
-        nonfinite.check_weights(model.variables + optimizer.variables, at, last_saved)
+        check_weights(at, last_saved)
         seconds = integrity.save(store, at, before_write=sync_logs)  # async: on the writer's thread
         writers.scalars(writers.train, at, {"checkpoint_save_seconds": seconds})
 

@@ -186,6 +186,11 @@ class Writers:
         self._drained = time.monotonic()
 
     def scalars(self, writer, step: int, values: dict[str, float]) -> None:
+        key = (id(writer), tuple(values))
+        if key not in self._fns:  # traced and run once (no rows) here, on the loop thread: the
+            # first call, on the checkpoint writer's thread, stalled the loop (BENCHMARKS.md)
+            fn = self._fns[key] = _scalar_rows_fn(writer, key[1])
+            fn(tf.zeros([0], tf.int64), tf.zeros([0, len(values)], tf.float32))
         with self._lock:
             self._queue.append((writer, step, values))
             due = len(self._queue) >= 200 or time.monotonic() - self._drained > 5.0
@@ -193,7 +198,7 @@ class Writers:
             self.drain()
 
     def drain(self) -> None:
-        """Hand the queued scalars to TensorFlow's writers (tf.functions are traced here)."""
+        """Hand the queued scalars to TensorFlow's writers (any thread: nothing is traced here)."""
         with self._drain_lock:  # one drain at a time: events stay in step order
             with self._lock:
                 queue, self._queue, self._drained = self._queue, [], time.monotonic()
@@ -202,10 +207,7 @@ class Writers:
     def _write_rows(self, queue: list) -> None:
         for (_, tags), rows in itertools.groupby(queue, key=lambda r: (id(r[0]), tuple(r[2]))):
             rows = list(rows)
-            writer = rows[0][0]
-            fn = self._fns.get((id(writer), tags))
-            if fn is None:
-                fn = self._fns[(id(writer), tags)] = _scalar_rows_fn(writer, tags)
+            fn = self._fns[(id(rows[0][0]), tags)]
             fn(
                 tf.constant([r[1] for r in rows], tf.int64),
                 tf.constant([[float(v) for v in r[2].values()] for r in rows], tf.float32),
