@@ -4,6 +4,7 @@ import json
 import os
 import textwrap
 
+import numpy as np
 import pytest
 from conftest import FAST, losses, run_cli, start_paused, train
 from tensorboard.backend.event_processing import event_accumulator
@@ -147,3 +148,33 @@ def test_sigterm_in_the_last_chunk_still_evaluates_the_final_step_once(tmp_path)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("split") == "eval"] == [30, 40]
     assert (run / "export" / "model.keras").exists()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "exponential", "constant"])
+def test_logged_learning_rate_is_the_schedule_at_each_step(tmp_path, compose, schedule):
+    """Each logged step's learning rate is the one its update used: the schedule at iteration
+    step-1, also inside chunks of 7 steps (computed in the train chunk since issue 6)."""
+    from trainer import app
+    from trainer.optim import build_schedule
+
+    overrides = [
+        "trainer.max_steps=30",
+        "trainer.log_every=1",
+        "trainer.eval_every=100",
+        "trainer.steps_per_execution=7",
+        f"schedule={schedule}",
+        *(["schedule.warmup_steps=5"] if schedule == "cosine" else []),
+        *(["schedule.decay_steps=4"] if schedule == "exponential" else []),
+    ]
+    cfg = compose(overrides)
+    assert app.run(cfg, str(tmp_path / "run")) == 0
+    sched = build_schedule(cfg.optimizer, cfg.schedule, 30)
+    logged = {
+        r["step"]: r["learning_rate"]
+        for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if "learning_rate" in r
+    }
+    assert sorted(logged) == list(range(1, 31))
+    expected = {s: float(np.float32(sched(s - 1) if callable(sched) else sched)) for s in logged}
+    assert logged == expected
+    assert len(set(logged.values())) == (1 if schedule == "constant" else 30)

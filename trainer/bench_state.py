@@ -86,7 +86,9 @@ def state_io(m: dict, workdir: str, log) -> dict:
     update()  # trace / warm up
     t = {k: [] for k in ("sync", "manifest", "async_block", "async_total", "numpy", "restore")}
     t |= {"update": [], "update_after_snapshot": [], "verify": [], "tf_write": []}
-    for r in range(m["state_rounds"]):
+    # Round 0 is a warm-up, left out of the medians: its writes pay one-time costs (tracing,
+    # first allocations, the disk's state from earlier work) that differ per kind of write.
+    for r in range(m["state_rounds"] + 1):
         step = r + 1
         state.before_save(step, 0)
         # os.sync() before each timed write: every write starts with no dirty pages queued
@@ -121,11 +123,11 @@ def state_io(m: dict, workdir: str, log) -> dict:
         stores["sync"].restore(prefix)
         t["restore"].append(time.perf_counter() - t0)
         log(
-            f"  round {r + 1}: sync {t['sync'][-1]:.3f} s (manifest {t['manifest'][-1]:.3f}), async "
+            f"  round {r}{' (warm-up)' if r == 0 else ''}: sync {t['sync'][-1]:.3f} s (manifest {t['manifest'][-1]:.3f}), async "
             f"blocks {t['async_block'][-1]:.4f} s / writes {t['async_total'][-1]:.3f} s, numpy "
             f"{t['numpy'][-1]:.3f} s, restore {t['restore'][-1]:.3f} s"
         )
-    med = {k: float(statistics.median(v)) for k, v in t.items()}
+    med = {k: float(statistics.median(v[1:])) for k, v in t.items()}
     ckpt_bytes = sum(os.path.getsize(p) for p in checkpoint_files(prefix))
     return {
         "async_block_ratio": med["async_block"] / med["sync"],

@@ -37,6 +37,7 @@ from trainer.config import UserError
 
 MANIFEST_SUFFIX = ".manifest.json"
 TRASH_DIR = ".deleting"  # checkpoints/.deleting/: retention's deletions, finished in the background
+DEFER_BYTES = 32 << 20  # retention deletes smaller checkpoints in place
 _CKPT_RE = re.compile(r"ckpt-(\d+)$")
 
 
@@ -48,11 +49,12 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to `path` via a temporary file, fsync and rename: never a torn file."""
+def write_json_atomic(path: str, obj, indent: int | None = 1) -> None:
+    """Write JSON to `path` via a temporary file, fsync and rename: never a torn file.
+    (`indent=None` uses json's C encoder: ~10x faster for a manifest's whole config.)"""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=indent, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -168,6 +170,7 @@ class CheckpointStore:
         self.manifest_extra = manifest_extra
         self.max_to_keep = max_to_keep
         self._deleter: threading.Thread | None = None
+        self._swept = False  # the first save sweeps every stale manifest, later ones their own
         # checkpoint.async: snapshot in save(), write on a background thread (async_save.py)
         self.async_writer = AsyncCheckpointWriter(checkpoint) if async_write else None
         self.manager = (
@@ -257,8 +260,10 @@ class CheckpointStore:
         # deleted once the new one has a manifest (a failed save deletes nothing).
         write_manifest = lambda prefix: self.write_manifest(prefix, step)  # noqa: E731
         options = tf.train.CheckpointOptions(experimental_write_callbacks=[write_manifest])
+        before = self.manager.checkpoints
         self.manager.save(checkpoint_number=step, options=options)
-        self._sweep_manifests()
+        self._sweep_manifests(None if self._swept else before)
+        self._swept = True
 
     def _defer_deletes(self) -> None:
         """Hard-link the files that retention is about to delete into `checkpoints/.deleting/`.
@@ -270,14 +275,18 @@ class CheckpointStore:
         doomed = len(self.manager.checkpoints) + 1 - (self.max_to_keep or 0)
         if not self.max_to_keep or doomed <= 0:
             return
+        paths = [
+            p for prefix in self.manager.checkpoints[:doomed] for p in checkpoint_files(prefix)
+        ]
+        if sum(os.path.getsize(p) for p in paths) < DEFER_BYTES:
+            return  # small files: the extra links would cost more than they save
         trash = os.path.join(self.directory, TRASH_DIR)
-        for prefix in self.manager.checkpoints[:doomed]:
-            for path in checkpoint_files(prefix):
-                try:
-                    os.makedirs(trash, exist_ok=True)
-                    os.link(path, os.path.join(trash, os.path.basename(path)))
-                except OSError:  # no hard links on this file system: TF deletes it in place
-                    pass
+        for path in paths:
+            try:
+                os.makedirs(trash, exist_ok=True)
+                os.link(path, os.path.join(trash, os.path.basename(path)))
+            except OSError:  # no hard links on this file system: TF deletes it in place
+                pass
 
     def _start_deleter(self) -> None:
         """Empty `checkpoints/.deleting/` (also what a killed run left there) on a thread."""
@@ -308,16 +317,20 @@ class CheckpointStore:
                 "data_checksums": "crc32c of every tensor, stored in the .index by TensorFlow",
                 **self.manifest_extra,
             },
+            indent=None,  # on the save path: json's C encoder
         )
         verdict = verify(prefix, hashes=False)  # sizes re-read from disk: a cheap read-back
         if not verdict.ok:
             os.remove(prefix + MANIFEST_SUFFIX)  # not a good checkpoint: leave it "incomplete"
             raise OSError(f"{prefix} failed verification right after writing: {verdict.reason}")
 
-    def _sweep_manifests(self) -> None:
-        """Drop manifests whose checkpoint the manager's retention has deleted."""
-        for mpath in glob.glob(
-            os.path.join(glob.escape(self.directory), "ckpt-*" + MANIFEST_SUFFIX)
-        ):
-            if not os.path.exists(mpath[: -len(MANIFEST_SUFFIX)] + ".index"):
-                os.remove(mpath)
+    def _sweep_manifests(self, candidates: list[str] | None) -> None:
+        """Drop manifests whose checkpoint the manager's retention has deleted: among
+        `candidates` (the checkpoints it managed before this save), or every manifest in the
+        directory when None (the first save of a process also clears what a kill left)."""
+        if candidates is None:
+            pattern = os.path.join(glob.escape(self.directory), "ckpt-*" + MANIFEST_SUFFIX)
+            candidates = [m[: -len(MANIFEST_SUFFIX)] for m in glob.glob(pattern)]
+        for prefix in candidates:
+            if not os.path.exists(prefix + ".index") and os.path.exists(prefix + MANIFEST_SUFFIX):
+                os.remove(prefix + MANIFEST_SUFFIX)

@@ -24,7 +24,7 @@ from trainer.checkpoints import CheckpointStore, list_checkpoints
 from trainer.config import UserError, validate
 from trainer.fingerprint import manifest_extra
 from trainer.nonfinite import NonFiniteLoss
-from trainer.optim import build_optimizer, learning_rate_at
+from trainer.optim import build_optimizer, learning_rate_fn
 from trainer.signals import StopRequest
 from trainer.state import TrainState
 from trainer.warm_start import warm_start
@@ -45,8 +45,16 @@ class RunResult:
 
 
 def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: int):
-    """A tf.function running `k` train steps; returns per-step (loss, grad norm, metric)."""
+    """`for_iterator(iterator)` -> a tf.function `chunk(k)` running `k` train steps on batches
+    from `iterator`; it returns one [4, k] tensor: per step the loss, grad norm, metric and
+    learning rate (one device-to-host copy per chunk, no eager ops).
+
+    The iterator is captured, not passed: an iterator argument is bound again on every call
+    (its type spec hashed), ~0.1 ms of the ~2 ms a 10-step chunk takes (profiled). A new
+    iterator (after a rollback) gets a new function, traced once.
+    """
     replicas = strategy.num_replicas_in_sync
+    learning_rate = learning_rate_fn(optimizer)
 
     def step_fn(x, y):
         with tf.GradientTape() as tape:
@@ -64,20 +72,26 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: 
             tf.reduce_sum(metric_fn(y, pred)) / global_batch,
         )
 
-    @tf.function
+    def for_iterator(iterator):
+        return tf.function(lambda k: chunk(iterator, k))
+
     def chunk(iterator, k):
         losses = tf.TensorArray(tf.float32, size=k)
         norms = tf.TensorArray(tf.float32, size=k)
         metric = tf.TensorArray(tf.float32, size=k)
+        rates = tf.TensorArray(tf.float32, size=k)
+        # iterations == the step at a chunk's start (sync_iterations), read once before the loop
+        start = tf.cast(tf.convert_to_tensor(optimizer.iterations), tf.int64)
         for i in tf.range(k):
+            rates = rates.write(i, learning_rate(start + tf.cast(i, tf.int64)))
             x, y = next(iterator)
             loss, norm, m = strategy.run(step_fn, args=(x, y))
             losses = losses.write(i, strategy.reduce("SUM", loss, axis=None))
             norms = norms.write(i, strategy.reduce("SUM", norm, axis=None))
             metric = metric.write(i, strategy.reduce("SUM", m, axis=None))
-        return losses.stack(), norms.stack(), metric.stack()
+        return tf.stack([losses.stack(), norms.stack(), metric.stack(), rates.stack()])
 
-    return chunk
+    return for_iterator
 
 
 def make_eval_fn(model, loss_fn, metric_fn):
@@ -167,8 +181,8 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     if resumed_from is None:
         writers.hparams(hparams_of(cfg))
     dataset = data_lib.train_dataset(data, batch, int(tc.seed), step)
-    iterator = iter(place.distribute_dataset(dataset, batch))
-    chunk = make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, batch)
+    chunk_for = make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, batch)
+    chunk = chunk_for(iter(place.distribute_dataset(dataset, batch)))
     evaluate = make_eval_fn(model, loss_fn, metric_fn)
     eval_ds = data_lib.eval_dataset(data, batch)
     loop = state.loop
@@ -211,6 +225,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     window_t0, window_steps = time.perf_counter(), 0
     last_saved = step if resumed_from is not None else None
     rollbacks = 0
+    k_tensors: dict[int, tf.Tensor] = {}  # chunk lengths as tensors: one eager op less per call
     with StopRequest() as stop, store.pending_writes():  # waits for an async write
         place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop
         while step < end and stop.signal_name is None:
@@ -218,7 +233,9 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             k = min(K, end - step, every - step % every, eval_every - step % eval_every)
             if pause_at and step < pause_at:
                 k = min(k, pause_at - step)
-            losses, norms, metric_values = (a.numpy() for a in chunk(iterator, tf.constant(k)))
+            if k not in k_tensors:
+                k_tensors[k] = tf.constant(k)
+            losses, norms, metric_values, rates = chunk(k_tensors[k]).numpy()
             bad = nonfinite.first_bad_step(step, losses, norms)
             if bad is not None and tc.on_nonfinite == "rollback" and rollbacks < tc.max_rollbacks:
                 rollbacks += 1
@@ -227,7 +244,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
                 bar.update(bad - step)
                 prev, step = step, bad  # then the eval / save / pause due at `bad`, as usual
                 dataset = data_lib.train_dataset(data, batch, int(tc.seed), step)
-                iterator = iter(place.distribute_dataset(dataset, batch))
+                chunk = chunk_for(iter(place.distribute_dataset(dataset, batch)))
             elif bad is not None:
                 writers.flush()  # the logs up to the failure stay readable
                 metrics.sync()
@@ -249,7 +266,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
                             "loss": float(losses[i]),
                             "loss_avg": loop.window_loss_sum / loop.window_count,
                             metric_name: loop.window_metric_sum / loop.window_count,
-                            "learning_rate": learning_rate_at(optimizer, s - 1),
+                            "learning_rate": float(rates[i]),
                             "grad_norm": float(norms[i]),
                         }
                         metrics.write(record)

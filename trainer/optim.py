@@ -7,6 +7,7 @@ optimizer's iteration counter restores the schedule's position too.
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from omegaconf import DictConfig
 
 
@@ -48,10 +49,16 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {opt.name!r}")
 
 
-def learning_rate_at(optimizer: keras.optimizers.Optimizer, iteration: int) -> float:
-    """The learning rate the optimizer uses at (0-based) `iteration`."""
+def learning_rate_fn(optimizer: keras.optimizers.Optimizer):
+    """f(iteration) -> the float32 learning rate the optimizer uses at (0-based) `iteration`;
+    works eagerly and inside a tf.function (the train chunk logs it per step)."""
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
     lr = optimizer._learning_rate  # the schedule object or a variable
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        return float(lr(iteration))
-    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # also a MirroredVariable
+        return lambda iteration: tf.cast(lr(iteration), tf.float32)
+    return lambda iteration: tf.cast(optimizer.learning_rate, tf.float32)  # also Mirrored
+
+
+def learning_rate_at(optimizer: keras.optimizers.Optimizer, iteration: int) -> float:
+    """The learning rate the optimizer uses at (0-based) `iteration`."""
+    return float(learning_rate_fn(optimizer)(iteration))
