@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python -m ruff check .
-.venv/bin/python -m pytest -q "$@"
+# Two workers, one test file each at a time (module-scoped fixtures are built once): the
+# suite is mostly separate trainer processes waiting on each other, 280 s instead of 420 s.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
