@@ -85,8 +85,20 @@ def test_manifests_with_a_sha256_per_file_are_still_checked(tmp_path):
     assert not verdict.ok and f"{data} checksum differs from the manifest" in verdict.reason
 
 
+@pytest.fixture
+def links(monkeypatch):
+    """Hard links into checkpoints/.deleting/ for every size of checkpoint; records them."""
+    import trainer.checkpoints as ckpts
+
+    made = []
+    link = os.link
+    monkeypatch.setattr(ckpts, "DEFER_BYTES", 0)
+    monkeypatch.setattr(ckpts.os, "link", lambda a, b: (made.append(b), link(a, b))[1])
+    return made
+
+
 @pytest.mark.parametrize("async_write", [False, True])
-def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_write):
+def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_write, links):
     store, weights = _store(tmp_path, max_to_keep=2, async_write=async_write)
     with store.pending_writes():
         for step in range(1, 6):
@@ -94,7 +106,11 @@ def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_wri
             store.save(step)
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["ckpt-4", "ckpt-5"]
     assert all(verify(p).ok for p in list_checkpoints(str(tmp_path)))
-    assert not os.path.exists(tmp_path / TRASH_DIR)  # emptied and removed once waited for
+    # ckpt-1..3 went through the trash: linked there, then emptied and removed
+    assert sorted(os.path.basename(p) for p in links) == sorted(
+        f"ckpt-{s}{x}" for s in (1, 2, 3) for x in (".index", ".data-00000-of-00001")
+    )
+    assert all(TRASH_DIR in p for p in links) and not os.path.exists(tmp_path / TRASH_DIR)
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["checkpoint"]
         + [
@@ -105,7 +121,7 @@ def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_wri
     )
 
 
-def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tmp_path):
+def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tmp_path, links):
     """Retention's candidates are linked aside before the manager decides; the ones it keeps
     (here: every one, with a tiny keep_every_n_hours) must lose only the extra link."""
     store, weights = _store(tmp_path, max_to_keep=1, keep_every_n_hours=1e-9)
@@ -113,6 +129,7 @@ def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tm
         weights.assign_add(tf.ones_like(weights))
         store.save(step)
     store.wait()
+    assert len(links) == 6  # ckpt-1..3 were linked aside, and kept by the manager after all
     prefixes = list_checkpoints(str(tmp_path))
     assert [os.path.basename(p) for p in prefixes] == [f"ckpt-{s}" for s in range(1, 5)]
     for step, prefix in enumerate(prefixes, start=1):
@@ -123,13 +140,13 @@ def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tm
         )
 
 
-def test_files_a_killed_run_left_in_the_trash_are_removed_by_the_next_save(tmp_path):
-    store, _ = _store(tmp_path)
+def test_files_a_killed_run_left_in_the_trash_are_removed_when_the_next_run_starts(tmp_path):
     os.makedirs(tmp_path / TRASH_DIR)
     (tmp_path / TRASH_DIR / "ckpt-3.data-00000-of-00001").write_bytes(b"x" * 1000)
-    store.save(1)
-    store.wait()
+    store, _ = _store(tmp_path)
+    store.wait()  # no save yet: the space is freed before the first one needs it
     assert not os.path.exists(tmp_path / TRASH_DIR)
+    store.save(1)
     assert verify(str(tmp_path / "ckpt-1")).ok
 
 
@@ -156,3 +173,15 @@ def test_a_checkpoint_the_state_file_never_listed_is_still_retired(tmp_path, com
     assert tf.train.get_checkpoint_state(str(ck)).model_checkpoint_path.endswith("ckpt-4")
     assert app.run(compose([*base, "trainer.max_steps=12"]), str(run)) == 0
     assert [os.path.basename(p) for p in list_checkpoints(str(ck))] == ["ckpt-10", "ckpt-12"]
+
+
+def test_checkpoints_without_a_state_file_are_retired_too(tmp_path, compose):
+    """A kill during the first save can leave good checkpoints and no state file yet."""
+    from trainer import app
+
+    run = tmp_path / "run"
+    base = ["trainer.eval_every=1000", "checkpoint.every=2", "checkpoint.max_to_keep=1"]
+    assert app.run(compose([*base, "trainer.max_steps=5", "trainer.stop_at=2"]), str(run)) == 0
+    (run / "checkpoints" / "checkpoint").unlink()
+    assert app.run(compose([*base, "trainer.max_steps=8"]), str(run)) == 0
+    assert [os.path.basename(p) for p in list_checkpoints(str(run / "checkpoints"))] == ["ckpt-8"]

@@ -112,20 +112,33 @@ def verify(prefix: str, hashes: bool = True) -> Verdict:
             return Verdict(
                 prefix, step, False, f"{name} checksum differs from the manifest (corrupted)"
             )
-    if hashes:
-        return _check_tensors(prefix, step, sorted(n for n in files if ".data-" in n))
+    data_files = sorted(n for n in files if ".data-" in n)
+    if hashes and not all("sha256" in files[n] for n in data_files):  # old manifests: done
+        return _check_tensors(prefix, step, data_files)
     return Verdict(prefix, step, True)
+
+
+def _corruption(e: tf.errors.OpError) -> bool:
+    """A failed checksum or short data. TF's CheckpointReader raises a plain OpError (code
+    UNKNOWN) for a CRC mismatch: only its message tells."""
+    return isinstance(e, (tf.errors.DataLossError, tf.errors.OutOfRangeError)) or (
+        "Checksum does not match" in str(e)
+    )
 
 
 def _check_tensors(prefix: str, step: int, data_files: list[str]) -> Verdict:
     """Read every tensor of the checkpoint: TensorFlow checks each against the CRC32C its
-    writer stored in the index (whose SHA-256 the manifest has just confirmed)."""
+    writer stored in the index (whose SHA-256 the manifest has just confirmed). Only a
+    failed checksum or short data counts as corruption; other errors (memory, I/O) propagate
+    rather than send a good checkpoint to checkpoints/bad/."""
     try:
         reader = tf.train.load_checkpoint(prefix)
         for key in reader.get_variable_to_dtype_map():
             try:
                 reader.get_tensor(key)
             except tf.errors.OpError as e:
+                if not _corruption(e):
+                    raise
                 where = " or ".join(data_files) or "the data file"
                 return Verdict(
                     prefix,
@@ -135,6 +148,8 @@ def _check_tensors(prefix: str, step: int, data_files: list[str]) -> Verdict:
                     f"(corrupted): {e.message.splitlines()[0][:200]}",
                 )
     except tf.errors.OpError as e:
+        if not _corruption(e):
+            raise
         return Verdict(prefix, step, False, f"unreadable ({e.message.splitlines()[0][:200]})")
     return Verdict(prefix, step, True)
 
@@ -184,6 +199,8 @@ class CheckpointStore:
             if write
             else None
         )
+        if write:
+            self._start_deleter()  # what a killed run left in checkpoints/.deleting/
 
     def has_checkpoints(self) -> bool:
         return bool(list_checkpoints(self.directory))
@@ -261,8 +278,9 @@ class CheckpointStore:
         write_manifest = lambda prefix: self.write_manifest(prefix, step)  # noqa: E731
         options = tf.train.CheckpointOptions(experimental_write_callbacks=[write_manifest])
         before = self.manager.checkpoints
+        self._swept, swept = False, self._swept  # a failed save: the next one scans them all
         self.manager.save(checkpoint_number=step, options=options)
-        self._sweep_manifests(None if self._swept else before)
+        self._sweep_manifests(None if not swept else before)
         self._swept = True
 
     def _defer_deletes(self) -> None:

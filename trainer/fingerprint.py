@@ -71,16 +71,10 @@ def manifest_extra(cfg: DictConfig) -> dict:
 def structural_diff(cfg: DictConfig, prefix: str) -> dict[str, tuple]:
     """{key: (in checkpoint, now)} for structural keys that differ from checkpoint `prefix`."""
     with open(prefix + MANIFEST_SUFFIX) as f:
-        manifest = json.load(f)
-    then, now = manifest.get("structural", {}), structural(cfg)
-    diff = {
+        then = json.load(f).get("structural", {})
+    now = structural(cfg)
+    return {
         k: (then.get(k), now.get(k))
         for k in sorted(set(then) | set(now))
         if then.get(k) != now.get(k)
     }
-    # A checkpoint written with checkpoint.restore_rng=false holds no RNG state to restore
-    # (the other way round is fine: the saved RNG state is simply not read).
-    had_rng = manifest.get("config", {}).get("checkpoint", {}).get("restore_rng", True)
-    if cfg.checkpoint.restore_rng and not had_rng:
-        diff["checkpoint.restore_rng"] = (had_rng, True)
-    return diff

@@ -191,10 +191,11 @@ def recover(
                 f"checkpoint {os.path.basename(b.prefix)} skipped: {b.reason} (moved to {where})",
                 file=report,
             )
+    # A good checkpoint the state file does not list (a kill after its manifest, before TF's
+    # state-file update; or no state file at all): list it, so retention retires it in turn.
     listed, _ = _state(directory)
-    if moved or (
-        tidy and listed is not None and {os.path.basename(p) for p in _retained(directory)} - listed
-    ):
+    unlisted = {os.path.basename(p) for p in _retained(directory)} - (listed or set())
+    if moved or (tidy and unlisted):
         rewrite_state_file(directory)
     if chosen is None and moved:
         print(

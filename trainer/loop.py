@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from trainer import build, distribute, export, integrity, nonfinite, precision, summaries
 from trainer import data as data_lib
-from trainer.checkpoints import CheckpointStore, list_checkpoints
+from trainer.checkpoints import MANIFEST_SUFFIX, CheckpointStore, list_checkpoints
 from trainer.config import UserError, validate
 from trainer.fingerprint import manifest_extra
 from trainer.nonfinite import NonFiniteLoss
@@ -327,7 +327,10 @@ def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_d
     """Returns (step, resumed_from). See the module docstring for the order; `latest` is
     the newest good checkpoint, already verified and checked by integrity.recover."""
     if latest is not None:
-        store.restore(latest.prefix)
+        try:
+            store.restore(latest.prefix)
+        except AssertionError as e:  # objects of this run that the checkpoint has no values for
+            raise UserError(_restore_mismatch(cfg, latest.prefix, e)) from None
         step = state.after_restore()
         iterations = int(state.optimizer.iterations.numpy())
         if iterations != step:
@@ -342,6 +345,21 @@ def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_d
     if cfg.trainer.init_from:
         warm_start(cfg.trainer.init_from, state)  # prints what it copied
     return 0, None
+
+
+def _restore_mismatch(cfg: DictConfig, prefix: str, error: AssertionError) -> str:
+    """One line for a checkpoint lacking values this run needs (nothing is written yet)."""
+    with open(prefix + MANIFEST_SUFFIX) as f:
+        then = json.load(f).get("config", {}).get("checkpoint", {})
+    if cfg.checkpoint.restore_rng and then.get("restore_rng", True) is False:
+        why = (
+            "checkpoint.restore_rng: received true, but it was written with "
+            "checkpoint.restore_rng=false and holds no RNG state. Allowed: "
+            "checkpoint.restore_rng=false, or another hydra.run.dir"
+        )
+    else:
+        why = f"{str(error).splitlines()[0][:300]} Use another hydra.run.dir"
+    return f"resume refused: {prefix} does not hold every value this run needs. {why}."
 
 
 def check_compatible(cfg: DictConfig, prefix: str) -> None:
