@@ -345,7 +345,9 @@ def table(r: dict) -> str:
         f"{r['checkpoints']['checkpoint_overhead_sync']:.3f}, async {r['checkpoint_overhead']:.3f}"
         f" (whole-run steps/s: none {cps['none']:.0f}, sync {cps['sync']:.0f}, "
         f"async {cps['async']:.0f})",
-        f"state {st['state_mb']:.0f} MB: sync save {st['sync_save_s']:.3f} s, async blocks "
+        f"state {st['state_mb']:.0f} MB: sync save {st['sync_save_s']:.3f} s "
+        f"({st['sync_save_with_retention_delete_s']:.3f} s with retention's background delete), "
+        f"numpy to a fresh file {st['numpy_fresh_file_write_s']:.3f} s, async blocks "
         f"{st['async_block_s']:.4f} s (write {st['async_total_s']:.3f} s), numpy "
         f"{st['numpy_write_s']:.3f} s, restore {st['restore_s']:.3f} s",
         f"  sync save = TF write + retention {st['sync_save_s'] - st['sync_save_manifest_s']:.3f} s"

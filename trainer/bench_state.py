@@ -86,6 +86,7 @@ def state_io(m: dict, workdir: str, log) -> dict:
     update()  # trace / warm up
     t = {k: [] for k in ("sync", "manifest", "async_block", "async_total", "numpy", "restore")}
     t |= {"update": [], "update_after_snapshot": [], "verify": [], "tf_write": []}
+    t |= {"sync_with_delete": [], "numpy_fresh": []}
     # Round 0 is a warm-up, left out of the medians: its writes pay one-time costs (tracing,
     # first allocations, the disk's state from earlier work) that differ per kind of write.
     for r in range(m["state_rounds"] + 1):
@@ -94,12 +95,14 @@ def state_io(m: dict, workdir: str, log) -> dict:
         # os.sync() before each timed write: every write starts with no dirty pages queued
         # by the previous one (kernel writeback throttling made the order matter otherwise)
         os.sync()
-        t["sync"].append(stores["sync"].save(step))
+        t0 = time.perf_counter()
+        t["sync"].append(stores["sync"].save(step))  # what the loop waits for
+        stores["sync"].wait()  # retention's background delete of the previous checkpoint
+        t["sync_with_delete"].append(time.perf_counter() - t0)
         prefix = stores["sync"].manager.latest_checkpoint
         t0 = time.perf_counter()
         stores["sync"].write_manifest(prefix, step)  # the manifest part of a save, on its own
         t["manifest"].append(time.perf_counter() - t0)
-        stores["sync"].wait()  # retention's background delete: not inside the next timing
         t["update"].append(update())
         os.sync()
         t0 = time.perf_counter()
@@ -108,12 +111,14 @@ def state_io(m: dict, workdir: str, log) -> dict:
         t["update_after_snapshot"].append(update())
         stores["async"].wait()
         t["async_total"].append(time.perf_counter() - t0)
-        # numpy writes a new file, untimed removal of the last one first: freeing its blocks
-        # would be in numpy's time, while a checkpoint's retention frees them in the background
-        if os.path.exists(os.path.join(workdir, "numpy.bin")):
-            os.remove(os.path.join(workdir, "numpy.bin"))
+        # numpy replacing its previous copy (truncating the file frees the old blocks, as
+        # retention does for a checkpoint), and numpy writing a fresh file (the old one
+        # removed untimed): a raw page-cache write
         os.sync()
         t["numpy"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
+        os.remove(os.path.join(workdir, "numpy.bin"))
+        os.sync()
+        t["numpy_fresh"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
         t0 = time.perf_counter()
         assert verify(prefix).ok  # what a resume checks: every tensor read back and CRC-checked
         t["verify"].append(time.perf_counter() - t0)
@@ -135,19 +140,23 @@ def state_io(m: dict, workdir: str, log) -> dict:
     ckpt_bytes = sum(os.path.getsize(p) for p in checkpoint_files(prefix))
     return {
         "async_block_ratio": med["async_block"] / med["sync"],
-        "save_vs_numpy": med["sync"] / med["numpy"],
+        # both replace the previous copy: write the new one and free the old one's blocks
+        "save_vs_numpy": med["sync_with_delete"] / med["numpy"],
+        "save_blocking_vs_numpy_fresh": med["sync"] / med["numpy_fresh"],
         "state_mb": state_bytes / 1e6,
         "sync_save_s": med["sync"],
         "sync_save_manifest_s": med["manifest"],
         "async_block_s": med["async_block"],
         "async_total_s": med["async_total"],
         "async_write_thread_s": stores["async"].async_writer.last_write_seconds,
+        "sync_save_with_retention_delete_s": med["sync_with_delete"],
         "numpy_write_s": med["numpy"],
+        "numpy_fresh_file_write_s": med["numpy_fresh"],
         # tf.train.Checkpoint.write() alone: no manager bookkeeping, no manifest
         "tf_checkpoint_write_s": med["tf_write"],
         # on resume: sizes, the index's SHA-256, and every tensor against its CRC32C
         "verify_s": med["verify"],
-        "tf_write_vs_numpy": med["tf_write"] / med["numpy"],
+        "tf_write_vs_numpy_fresh": med["tf_write"] / med["numpy_fresh"],
         "restore_s": med["restore"],
         "optimizer_update_s": med["update"],
         "optimizer_update_after_snapshot_s": med["update_after_snapshot"],
