@@ -44,12 +44,9 @@ def train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.Co
     return run_cli("trainer", *overrides, f"hydra.run.dir={run_dir}", timeout=timeout)
 
 
-def start_paused(
-    run_dir: Path, *overrides: str, timeout: float = 120
-) -> tuple[subprocess.Popen, dict]:
-    """Start `python -m trainer <overrides>` (which must set trainer.pause_at) and return once
-    it has announced `<run>/PAUSED`: (the process, the marker's {"step", "pid"})."""
-    proc = subprocess.Popen(
+def spawn(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """Start `python -m trainer <overrides> hydra.run.dir=<run_dir>` (text pipes), not waiting."""
+    return subprocess.Popen(
         [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}"],
         cwd=REPO,
         env=env(),
@@ -57,6 +54,14 @@ def start_paused(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def start_paused(
+    run_dir: Path, *overrides: str, timeout: float = 120
+) -> tuple[subprocess.Popen, dict]:
+    """Start `python -m trainer <overrides>` (which must set trainer.pause_at) and return once
+    it has announced `<run>/PAUSED`: (the process, the marker's {"step", "pid"})."""
+    proc = spawn(run_dir, *overrides)
     marker, deadline = Path(run_dir) / "PAUSED", time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, env, losses, train
+from conftest import REPO, env, losses, spawn, train
 
 from trainer.checkpoints import list_checkpoints, step_of, verify
 from trainer.config import UserError
@@ -40,17 +40,7 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def train_together(*runs: tuple[Path, list[str]]) -> list[subprocess.CompletedProcess]:
     """Like conftest.train for several independent runs, side by side (2 cores in CI)."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run}"],
-            cwd=REPO,
-            env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for run, overrides in runs
-    ]
+    procs = [spawn(run, *overrides) for run, overrides in runs]
     done = []
     for p in procs:
         out, err = p.communicate(timeout=300)

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, env, run_cli
+from conftest import REPO, env, run_cli, spawn
 
 import models
 from trainer import export
@@ -49,17 +49,7 @@ LOOSE_LATENCY_CLI = ["--max-latency-ratio", str(LOOSE_LATENCY)]
 def runs(tmp_path_factory) -> dict:
     """Train the article's three models and a Dropout one through the CLI, concurrently."""
     root = tmp_path_factory.mktemp("export_runs")
-    procs = {
-        m: subprocess.Popen(
-            [sys.executable, "-m", "trainer", f"model={m}", *SHORT, f"hydra.run.dir={root / m}"],
-            cwd=REPO,
-            env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for m in [*ARTICLE, "dropout_mlp"]
-    }
+    procs = {m: spawn(root / m, f"model={m}", *SHORT) for m in [*ARTICLE, "dropout_mlp"]}
     for m, p in procs.items():
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, f"{m}: {err[-3000:]}"
