@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import json
 import os
 import shutil
 import sys
@@ -36,6 +35,7 @@ from trainer.checkpoints import (
     CheckpointStore,
     Verdict,
     list_checkpoints,
+    read_manifest,
     step_of,
     verify,
 )
@@ -94,13 +94,13 @@ def _state(directory: str) -> tuple[set[str] | None, float | None]:
     return listed, state.last_preserved_timestamp or None
 
 
-def _retained(directory: str) -> list[str]:
+def _retained(directory: str, listed: set[str] | None) -> list[str]:
     """The checkpoints retention should manage: those the state file lists that still have a
     manifest, plus newer ones it never heard of (a kill between a checkpoint's manifest and
     TensorFlow's state-file update). Older unlisted ones stay out: keep_every_n_hours keeps
-    its checkpoints out of the list on purpose, so that retention never deletes them."""
+    its checkpoints out of the list on purpose, so that retention never deletes them.
+    `listed`: the names the state file lists (None: no state file)."""
     good = [p for p in list_checkpoints(directory) if os.path.exists(p + MANIFEST_SUFFIX)]
-    listed, _ = _state(directory)
     if listed is None:
         return good
     newest = max((step_of(n) for n in listed), default=-1)
@@ -108,9 +108,9 @@ def _retained(directory: str) -> list[str]:
 
 
 def rewrite_state_file(directory: str) -> None:
-    """Make CheckpointManager's state file list exactly `_retained(directory)`."""
-    kept = _retained(directory)
-    _, last_preserved = _state(directory)
+    """Make CheckpointManager's state file list exactly the checkpoints `_retained` finds."""
+    listed, last_preserved = _state(directory)
+    kept = _retained(directory, listed)
     path = os.path.join(directory, STATE_FILE)
     if not kept:
         if os.path.exists(path):
@@ -119,8 +119,7 @@ def rewrite_state_file(directory: str) -> None:
     times = []
     for p in kept:
         try:
-            with open(p + MANIFEST_SUFFIX) as f:
-                times.append(float(json.load(f)["time"]))
+            times.append(float(read_manifest(p)["time"]))
         except (OSError, ValueError, KeyError):
             times.append(os.path.getmtime(p + MANIFEST_SUFFIX))
     names = [os.path.basename(p) for p in kept]
@@ -194,7 +193,7 @@ def recover(
     # A good checkpoint the state file does not list (a kill after its manifest, before TF's
     # state-file update; or no state file at all): list it, so retention retires it in turn.
     listed, _ = _state(directory)
-    unlisted = {os.path.basename(p) for p in _retained(directory)} - (listed or set())
+    unlisted = {os.path.basename(p) for p in _retained(directory, listed)} - (listed or set())
     if moved or (tidy and unlisted):
         rewrite_state_file(directory)
     if chosen is None and moved:
@@ -217,8 +216,7 @@ def data_signature(data) -> dict:
 
 def check_data_fits(prefix: str, data, data_path: str | None = None) -> None:
     """Refuse to load checkpoint `prefix` into a model built for data of another shape."""
-    with open(prefix + MANIFEST_SUFFIX) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(prefix)
     then = manifest.get("data_shape")
     now = data_signature(data)
     if then is None or then == now:
