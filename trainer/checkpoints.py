@@ -49,6 +49,12 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def read_manifest(prefix: str) -> dict:
+    """Checkpoint `prefix`'s manifest (raises OSError / ValueError when missing or torn)."""
+    with open(prefix + MANIFEST_SUFFIX) as f:
+        return json.load(f)
+
+
 def write_json_atomic(path: str, obj, indent: int | None = 1) -> None:
     """Write JSON to `path` via a temporary file, fsync and rename: never a torn file.
     (`indent=None` uses json's C encoder: ~10x faster for a manifest's whole config.)"""
@@ -90,9 +96,7 @@ def verify(prefix: str, hashes: bool = True) -> Verdict:
             prefix, step, False, f"{os.path.basename(mpath)} missing: the write never completed"
         )
     try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
+        files = read_manifest(prefix)["files"]
     except (OSError, ValueError, KeyError) as e:
         return Verdict(prefix, step, False, f"{os.path.basename(mpath)} unreadable ({e})")
     directory = os.path.dirname(prefix)
@@ -278,9 +282,10 @@ class CheckpointStore:
         write_manifest = lambda prefix: self.write_manifest(prefix, step)  # noqa: E731
         options = tf.train.CheckpointOptions(experimental_write_callbacks=[write_manifest])
         before = self.manager.checkpoints
-        self._swept, swept = False, self._swept  # a failed save: the next one scans them all
+        scan_all = not self._swept
+        self._swept = False  # until this save succeeds: after a failed one, the next scans all
         self.manager.save(checkpoint_number=step, options=options)
-        self._sweep_manifests(None if not swept else before)
+        self._sweep_manifests(None if scan_all else before)
         self._swept = True
 
     def _defer_deletes(self) -> None:
@@ -290,12 +295,11 @@ class CheckpointStore:
         save of a 300 MB state, profiled) happens on a background thread. A checkpoint the
         manager keeps after all (keep_every_n_hours) only loses the extra link.
         """
-        doomed = len(self.manager.checkpoints) + 1 - (self.max_to_keep or 0)
+        managed = self.manager.checkpoints
+        doomed = len(managed) + 1 - (self.max_to_keep or 0)
         if not self.max_to_keep or doomed <= 0:
             return
-        paths = [
-            p for prefix in self.manager.checkpoints[:doomed] for p in checkpoint_files(prefix)
-        ]
+        paths = [p for prefix in managed[:doomed] for p in checkpoint_files(prefix)]
         if sum(os.path.getsize(p) for p in paths) < DEFER_BYTES:
             return  # small files: the extra links would cost more than they save
         trash = os.path.join(self.directory, TRASH_DIR)

@@ -28,7 +28,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import precision
-from trainer.checkpoints import MANIFEST_SUFFIX, CheckpointStore, list_checkpoints
+from trainer.checkpoints import CheckpointStore, list_checkpoints, read_manifest
 from trainer.config import UserError
 
 
@@ -250,8 +250,7 @@ def _latest_manifest_config(run_dir: str) -> dict | None:
     """The config recorded in the newest readable checkpoint manifest of `run_dir`, if any."""
     for prefix in reversed(list_checkpoints(os.path.join(run_dir, "checkpoints"))):
         try:
-            with open(prefix + MANIFEST_SUFFIX) as f:
-                return json.load(f).get("config") or {}
+            return read_manifest(prefix).get("config") or {}
         except (OSError, ValueError):
             continue
     return None

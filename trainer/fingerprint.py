@@ -15,7 +15,7 @@ import platform
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoints import MANIFEST_SUFFIX
+from trainer.checkpoints import read_manifest
 
 _NOT_STRUCTURAL = {"data.path"}
 
@@ -70,8 +70,7 @@ def manifest_extra(cfg: DictConfig) -> dict:
 
 def structural_diff(cfg: DictConfig, prefix: str) -> dict[str, tuple]:
     """{key: (in checkpoint, now)} for structural keys that differ from checkpoint `prefix`."""
-    with open(prefix + MANIFEST_SUFFIX) as f:
-        then = json.load(f).get("structural", {})
+    then = read_manifest(prefix).get("structural", {})
     now = structural(cfg)
     return {
         k: (then.get(k), now.get(k))

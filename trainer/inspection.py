@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
-import json
 import os
 from dataclasses import dataclass
 
-from trainer.checkpoints import MANIFEST_SUFFIX, checkpoint_files, list_checkpoints, verify
+from trainer.checkpoints import checkpoint_files, list_checkpoints, read_manifest, verify
 from trainer.config import UserError
 from trainer.fingerprint import flatten
 
@@ -40,8 +39,7 @@ def _ckpt_dir(run_dir: str) -> str:
 
 def _manifest(prefix: str) -> dict | None:
     try:
-        with open(prefix + MANIFEST_SUFFIX) as f:
-            return json.load(f)
+        return read_manifest(prefix)
     except (OSError, ValueError):
         return None
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from trainer import build, distribute, export, integrity, nonfinite, precision, summaries
 from trainer import data as data_lib
-from trainer.checkpoints import MANIFEST_SUFFIX, CheckpointStore, list_checkpoints
+from trainer.checkpoints import CheckpointStore, list_checkpoints, read_manifest
 from trainer.config import UserError, validate
 from trainer.fingerprint import manifest_extra
 from trainer.nonfinite import NonFiniteLoss
@@ -349,8 +349,7 @@ def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_d
 
 def _restore_mismatch(cfg: DictConfig, prefix: str, error: AssertionError) -> str:
     """One line for a checkpoint lacking values this run needs (nothing is written yet)."""
-    with open(prefix + MANIFEST_SUFFIX) as f:
-        then = json.load(f).get("config", {}).get("checkpoint", {})
+    then = read_manifest(prefix).get("config", {}).get("checkpoint", {})
     if cfg.checkpoint.restore_rng and then.get("restore_rng", True) is False:
         why = (
             "checkpoint.restore_rng: received true, but it was written with "

@@ -43,8 +43,9 @@ def load_config(run_dir: str, prefix: str):
     """The run's full resolved config: from the checkpoint manifest, else `.hydra/config.yaml`."""
     from omegaconf import OmegaConf
 
-    with open(prefix + ".manifest.json") as f:
-        cfg = json.load(f).get("config")
+    from trainer.checkpoints import read_manifest
+
+    cfg = read_manifest(prefix).get("config")
     if cfg:
         return OmegaConf.create(cfg)
     path = os.path.join(run_dir, ".hydra", "config.yaml")

@@ -11,7 +11,6 @@ Copying the source's iteration count would break this run's own resume check
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import sys
@@ -96,11 +95,11 @@ def _source_optimizer(prefix: str, state: TrainState, model: keras.Model):
     """An optimizer shaped like the one that wrote `prefix` (from its manifest's config)."""
     from omegaconf import OmegaConf
 
+    from trainer.checkpoints import read_manifest
     from trainer.optim import build_optimizer
 
     try:
-        with open(prefix + ".manifest.json") as f:
-            cfg = OmegaConf.create(json.load(f)["config"])
+        cfg = OmegaConf.create(read_manifest(prefix)["config"])
         optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
     except (OSError, ValueError, KeyError):  # no manifest: assume this run's optimizer
         optimizer = type(state.optimizer).from_config(state.optimizer.get_config())
