@@ -86,19 +86,26 @@ def test_manifests_with_a_sha256_per_file_are_still_checked(tmp_path):
 
 
 @pytest.fixture
-def links(monkeypatch):
-    """Hard links into checkpoints/.deleting/ for every size of checkpoint; records them."""
+def moves(monkeypatch):
+    """Retention moves every retired checkpoint into checkpoints/.deleting/, whatever its
+    size; records the moves (destinations)."""
     import trainer.checkpoints as ckpts
 
     made = []
-    link = os.link
+    replace = os.replace
+
+    def record(src, dst):
+        if TRASH_DIR in str(dst):  # (manifests are written through os.replace too)
+            made.append(dst)
+        return replace(src, dst)
+
     monkeypatch.setattr(ckpts, "DEFER_BYTES", 0)
-    monkeypatch.setattr(ckpts.os, "link", lambda a, b: (made.append(b), link(a, b))[1])
+    monkeypatch.setattr(ckpts.os, "replace", record)
     return made
 
 
 @pytest.mark.parametrize("async_write", [False, True])
-def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_write, links):
+def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_write, moves):
     store, weights = _store(tmp_path, max_to_keep=2, async_write=async_write)
     with store.pending_writes():
         for step in range(1, 6):
@@ -106,11 +113,15 @@ def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_wri
             store.save(step)
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["ckpt-4", "ckpt-5"]
     assert all(verify(p).ok for p in list_checkpoints(str(tmp_path)))
-    # ckpt-1..3 went through the trash: linked there, then emptied and removed
-    assert sorted(os.path.basename(p) for p in links) == sorted(
+    # ckpt-1..3 went through the trash: moved there, then emptied and removed
+    assert sorted(os.path.basename(p) for p in moves) == sorted(
         f"ckpt-{s}{x}" for s in (1, 2, 3) for x in (".index", ".data-00000-of-00001")
     )
-    assert all(TRASH_DIR in p for p in links) and not os.path.exists(tmp_path / TRASH_DIR)
+    assert not os.path.exists(tmp_path / TRASH_DIR)
+    # the manager's state file (written once per save, after retention) lists what is left
+    state = tf.train.get_checkpoint_state(str(tmp_path))
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == ["ckpt-4", "ckpt-5"]
+    assert os.path.basename(state.model_checkpoint_path) == "ckpt-5"
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["checkpoint"]
         + [
@@ -121,15 +132,15 @@ def test_retention_deletes_old_checkpoints_in_the_background(tmp_path, async_wri
     )
 
 
-def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tmp_path, links):
-    """Retention's candidates are linked aside before the manager decides; the ones it keeps
-    (here: every one, with a tiny keep_every_n_hours) must lose only the extra link."""
+def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tmp_path, moves):
+    """The checkpoints keep_every_n_hours preserves (here: every one, with a tiny value) are
+    never moved into the trash, and stay whole."""
     store, weights = _store(tmp_path, max_to_keep=1, keep_every_n_hours=1e-9)
     for step in range(1, 5):
         weights.assign_add(tf.ones_like(weights))
         store.save(step)
     store.wait()
-    assert len(links) == 6  # ckpt-1..3 were linked aside, and kept by the manager after all
+    assert moves == []
     prefixes = list_checkpoints(str(tmp_path))
     assert [os.path.basename(p) for p in prefixes] == [f"ckpt-{s}" for s in range(1, 5)]
     for step, prefix in enumerate(prefixes, start=1):
