@@ -197,6 +197,30 @@ def test_at_most_one_write_in_flight_and_saves_keep_their_order(tmp_path):
     assert [verify(p).ok for p in list_checkpoints(str(tmp_path))] == [True, True, True]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_writer_thread_runs_at_a_lower_priority_and_the_loop_thread_does_not(tmp_path):
+    from trainer.async_save import WRITER_NICE
+
+    state, _ = _state()
+    store = _store(tmp_path, state)
+    seen = {}
+    write = store._write
+
+    def recording(s, *a):
+        seen[s] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        write(s, *a)
+
+    store._write = recording
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for at in (1, 2):
+        store.save(at, assign=state.assignments(at, 0))
+    store.wait()
+    writer_nice = min(19, loop_nice + WRITER_NICE)
+    assert writer_nice > loop_nice and seen == {1: writer_nice, 2: writer_nice}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice
+    assert [verify(p).ok for p in list_checkpoints(str(tmp_path))] == [True, True]
+
+
 CRASH = textwrap.dedent(
     """
     import os, sys
