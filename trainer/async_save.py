@@ -61,13 +61,14 @@ def _lower_priority() -> None:
     """Run the calling thread (the writer) WRITER_NICE nice levels below the loop's priority,
     on Linux (nice is per thread there).
 
-    TensorFlow's inter-op threads spin while they wait for work, so during training both cores
-    look busy; at equal priority the scheduler took the writer's CPU from the thread on the
-    train step's critical path. Timed per train chunk (default model, K=10, a save every 500
-    steps), a save cost the loop 3.0-3.2 ms at nice 0, 2.2-2.5 ms at nice 5 and 10, 2.9 ms at
-    19; with another process spinning on one core, 5.8 ms at nice 0 and 3.4 ms at 10.
-    Raising the nice value needs no privileges. The write takes longer in wall time (the
-    next save waits for it if it is still running).
+    TensorFlow's inter-op threads keep both cores looking busy during training (most likely
+    spinning while they wait for work); at equal priority the scheduler took the writer's CPU
+    from the thread on the train step's critical path. Timed per train chunk (default model,
+    K=10, a save every 500 steps), a save cost the loop 3.0-3.5 ms at nice 0, 2.2-2.7 ms at
+    nice 10 (2.5 at 5, 2.9 at 19); with another process spinning on one core, 3.5-5.8 ms at 0
+    and 2.4-3.4 ms at 10 (BENCHMARKS.md, section 7). Raising the nice value needs no
+    privileges. The write takes longer in wall time (the next save waits for it if it is
+    still running).
     """
     if sys.platform.startswith("linux"):
         tid = threading.get_native_id()
