@@ -151,6 +151,30 @@ def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tm
         )
 
 
+def test_a_non_chief_worker_retires_its_temp_checkpoints_in_place(tmp_path, moves):
+    """A non-chief worker saves into its own temp dir, which no deleter thread empties:
+    retention there deletes in place, and nothing is written into the chief's directory."""
+    from trainer.distribute import _NonChiefStore
+
+    chief, temp = tmp_path / "chief", tmp_path / "worker-temp"
+    os.makedirs(chief)
+    weights = tf.Variable(np.arange(50_000, dtype=np.float32))
+    store = _NonChiefStore(
+        str(chief),
+        str(temp),
+        tf.train.Checkpoint(weights=weights),
+        max_to_keep=3,
+        keep_every_n_hours=None,
+        manifest_extra={},
+    )
+    for step in range(1, 4):
+        weights.assign_add(tf.ones_like(weights))
+        store.save(step)
+    store.wait()
+    assert moves == [] and os.listdir(chief) == []
+    assert sorted(os.listdir(temp)) == ["checkpoint", "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+
+
 def test_files_a_killed_run_left_in_the_trash_are_removed_when_the_next_run_starts(tmp_path):
     os.makedirs(tmp_path / TRASH_DIR)
     (tmp_path / TRASH_DIR / "ckpt-3.data-00000-of-00001").write_bytes(b"x" * 1000)

@@ -233,6 +233,10 @@ class _Manager(tf.train.CheckpointManager):
 class CheckpointStore:
     """CheckpointManager with manifests, verification and a good-only `latest`."""
 
+    # Retention moves large checkpoints into checkpoints/.deleting/, which _write's deleter
+    # thread empties (a store whose _write starts no deleter deletes in place instead).
+    defers_deletes = True
+
     def __init__(
         self,
         directory: str,
@@ -407,7 +411,7 @@ class CheckpointStore:
         """
         paths = sorted(checkpoint_files(prefix), key=lambda p: not p.endswith(".index"))
         trash = os.path.join(self.directory, TRASH_DIR)
-        defer = sum(os.path.getsize(p) for p in paths) >= DEFER_BYTES
+        defer = self.defers_deletes and sum(os.path.getsize(p) for p in paths) >= DEFER_BYTES
         if defer:
             os.makedirs(trash, exist_ok=True)
         for path in paths:

@@ -127,6 +127,8 @@ def _worker_role(strategy: tf.distribute.Strategy) -> tuple[bool, str | None, in
 class _NonChiefStore(CheckpointStore):
     """Restores from the chief's checkpoints; saves (a collective) into its own temp dir."""
 
+    defers_deletes = False  # retention deletes in the temp dir: no trash, no deleter thread
+
     def __init__(self, read_dir: str, write_dir: str, checkpoint, **kwargs):
         super().__init__(write_dir, checkpoint, **{**kwargs, "max_to_keep": 1})
         self.directory = read_dir  # latest_good()/has_checkpoints() look at the chief's
