@@ -212,6 +212,8 @@ def test_the_writer_thread_runs_at_a_lower_priority_and_the_loop_thread_does_not
 
     store._write = recording
     loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if loop_nice >= 19:
+        pytest.skip("the tests run at the lowest priority already: no lower one to check")
     for at in (1, 2):
         store.save(at, assign=state.assignments(at, 0))
     store.wait()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO, env
 
+from trainer import integrity
 from trainer.checkpoints import (
     MANIFEST_SUFFIX,
     TRASH_DIR,
@@ -151,6 +157,52 @@ def test_checkpoints_kept_by_keep_every_n_hours_survive_the_background_delete(tm
         )
 
 
+def test_keep_every_n_hours_preserves_one_checkpoint_per_period_and_retires_the_rest(
+    tmp_path, monkeypatch
+):
+    """TensorFlow's retention decisions, which the store's manager carries over: with
+    max_to_keep=1 and one hour, saves at 0, 0.5, 1.2, 1.5 and 2.5 h keep ckpt-3 (the first
+    one more than an hour after the start) and the newest, ckpt-5; ckpt-1, 2 and 4 go."""
+    import types
+
+    from tensorflow.python.checkpoint import checkpoint_management
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(checkpoint_management, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    store, weights = _store(tmp_path, max_to_keep=1, keep_every_n_hours=1.0)
+    for step, hours in enumerate([0, 0.5, 1.2, 1.5, 2.5], start=1):
+        clock[0] = 1_000_000.0 + hours * 3600
+        weights.assign_add(tf.ones_like(weights))
+        store.save(step)
+    store.wait()
+    prefixes = list_checkpoints(str(tmp_path))
+    assert [os.path.basename(p) for p in prefixes] == ["ckpt-3", "ckpt-5"]
+    assert all(verify(p).ok for p in prefixes)
+    assert not any(n.startswith(("ckpt-1.", "ckpt-2.", "ckpt-4.")) for n in os.listdir(tmp_path))
+
+
+def test_retention_deletes_in_place_when_the_trash_cannot_be_made(tmp_path, moves):
+    """A file named .deleting is in the way (as no room for the folder would be): the
+    retired checkpoints are deleted in place and the saves go on."""
+    store, weights = _store(tmp_path, max_to_keep=1)
+    (tmp_path / TRASH_DIR).write_text("not a folder")
+    for step in range(1, 4):
+        weights.assign_add(tf.ones_like(weights))
+        store.save(step)
+    store.wait()
+    assert moves == [] and (tmp_path / TRASH_DIR).read_text() == "not a folder"
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [
+            TRASH_DIR,
+            "checkpoint",
+            "ckpt-3.index",
+            "ckpt-3.data-00000-of-00001",
+            "ckpt-3" + MANIFEST_SUFFIX,
+        ]
+    )
+    assert verify(str(tmp_path / "ckpt-3")).ok
+
+
 def test_a_non_chief_worker_retires_its_temp_checkpoints_in_place(tmp_path, moves):
     """A non-chief worker saves into its own temp dir, which no deleter thread empties:
     retention there deletes in place, and nothing is written into the chief's directory."""
@@ -173,6 +225,49 @@ def test_a_non_chief_worker_retires_its_temp_checkpoints_in_place(tmp_path, move
     store.wait()
     assert moves == [] and os.listdir(chief) == []
     assert sorted(os.listdir(temp)) == ["checkpoint", "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+
+
+KILLED_IN_RETENTION = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import tensorflow as tf
+    from test_checkpoints import _store
+    store, weights = _store({d!r}, max_to_keep=1)
+    store.save(1)
+    weights.assign_add(tf.ones_like(weights)); store.save(2)
+    retire = store.manager._retire
+    def die(prefix):
+        retire(prefix)  # ckpt-2's files and manifest are gone...
+        os._exit(9)  # ...before the state file names ckpt-3 (its one write, after retention)
+    store.manager._retire = die
+    weights.assign_add(tf.ones_like(weights)); store.save(3)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_kill_between_retention_and_the_state_file_is_mended_on_resume(tmp_path):
+    """The state file is written once per save, after retention: a kill in between leaves it
+    naming a checkpoint retention has deleted. Resume goes by the manifests, takes ckpt-3,
+    rewrites the state file, and retention goes on from there."""
+    script = KILLED_IN_RETENTION.format(tests=str(REPO / "tests"), d=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env(), capture_output=True, timeout=120
+    )
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    stale = tf.train.get_checkpoint_state(str(tmp_path))
+    assert os.path.basename(stale.model_checkpoint_path) == "ckpt-2"
+    assert not os.path.exists(tmp_path / "ckpt-2.index")
+
+    chosen = integrity.recover(str(tmp_path), report=io.StringIO())
+    assert chosen.step == 3 and chosen.ok
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-3")
+    store, weights = _store(tmp_path, max_to_keep=1)
+    store.restore(chosen.prefix)
+    np.testing.assert_array_equal(weights.numpy(), np.arange(50_000, dtype=np.float32) + 2)
+    store.save(4)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["ckpt-4"]
 
 
 def test_files_a_killed_run_left_in_the_trash_are_removed_when_the_next_run_starts(tmp_path):

@@ -191,14 +191,16 @@ class _Manager(tf.train.CheckpointManager):
     with training for the CPU: together ~0.8 ms of a ~3 ms write.
     - TensorFlow writes the state file twice per save: before its retention sweep (so that
       a preemption during the sweep finds the new checkpoint listed) and after. Here it is
-      written after only: resume never trusts the state file (the manifests decide which
-      checkpoints are good, and integrity.recover rewrites it), so the first write bought
-      nothing.
+      written after only. Resume does not go by the state file to find checkpoints (the
+      manifests decide which are good), and integrity.recover rewrites it when it misses
+      the newest good one, before the manager reads it; a kill between retention and the
+      write is tested in tests/test_checkpoints.py.
     - The sweep hands each retired checkpoint to `retire(prefix)` (CheckpointStore._retire),
       which finds its files with one directory listing, where TensorFlow globs each pattern.
 
     Which checkpoints the sweep retires, and which keep_checkpoint_every_n_hours preserves, is
-    TensorFlow's `_sweep` logic, copied from TF 2.21 (tests pin both).
+    TensorFlow's `_sweep` logic, copied from TF 2.21 (tested with a clock that the test
+    sets).
     """
 
     def __init__(self, *args, retire, **kwargs):
@@ -403,25 +405,28 @@ class CheckpointStore:
         self._manifests_clean = True
 
     def _retire(self, prefix: str) -> None:
-        """Retention's delete of checkpoint `prefix`: its index, its data, then its manifest.
+        """Retention's delete of checkpoint `prefix`: its data, its index, then its manifest.
 
         Files of checkpoints of DEFER_BYTES or more are moved into `checkpoints/.deleting/`
         instead, and freed on a background thread (freeing the blocks was 50 ms of a 0.25 s
-        save of a 300 MB state, profiled).
+        save of a 300 MB state, profiled); a file that cannot be moved there (no room for the
+        folder, say) is deleted in place. The data goes first: a kill midway leaves a small
+        index and a manifest, which resume reports and sets aside, while the data already in
+        the trash is freed when the next run starts.
         """
-        paths = sorted(checkpoint_files(prefix), key=lambda p: not p.endswith(".index"))
+        paths = checkpoint_files(prefix)  # sorted: .data-* before .index
         trash = os.path.join(self.directory, TRASH_DIR)
         defer = self.defers_deletes and sum(os.path.getsize(p) for p in paths) >= DEFER_BYTES
-        if defer:
-            os.makedirs(trash, exist_ok=True)
         for path in paths:
-            try:
-                if defer:
+            if defer:
+                try:
+                    os.makedirs(trash, exist_ok=True)
                     os.replace(path, os.path.join(trash, os.path.basename(path)))
-                else:
-                    os.remove(path)
-            except FileNotFoundError:
-                pass
+                    continue
+                except OSError:
+                    pass  # then deleted in place (if it still exists)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         with contextlib.suppress(FileNotFoundError):
             os.remove(prefix + MANIFEST_SUFFIX)
 
