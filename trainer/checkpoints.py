@@ -57,9 +57,9 @@ def read_manifest(prefix: str) -> dict:
         return json.load(f)
 
 
-def write_json_atomic(path: str, obj, indent: int | None = 1) -> None:
+def write_json_atomic(path: str, obj) -> None:
     """Write JSON to `path` via a temporary file, fsync and rename: never a torn file."""
-    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=True))
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -258,7 +258,6 @@ class CheckpointStore:
         self._extra_json = json.dumps(manifest_extra, sort_keys=True)
         if reserved := {"step", "time", "files", "data_checksums"} & manifest_extra.keys():
             raise ValueError(f"manifest_extra may not set {sorted(reserved)}")
-        self.max_to_keep = max_to_keep
         self._deleter: threading.Thread | None = None
         self._checks: dict = {}  # save()'s finiteness check, per list of checked variables
         # False until a save succeeds: the first save of a process (and the one after a
