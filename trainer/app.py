@@ -31,6 +31,7 @@ def summary(result: RunResult) -> str:
         "completed": "completed",
         "stopped": "stopped early (trainer.stop_at)",
         "interrupted": f"interrupted by {result.signal_name}",
+        "already_complete": "already complete (nothing to train)",
     }[result.status]
     start = f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
     lines.append(f"  {how} at step {result.step}{start}")
@@ -83,6 +84,12 @@ def run(cfg: DictConfig, run_dir: str) -> int:
         )
         return 130
     print(summary(result))
+    if result.status == "already_complete":
+        wrote = ", ".join(result.exports) if result.exports else "nothing"
+        print(
+            f"Run is complete at step {result.step}; wrote {wrote} (missing exports only); "
+            "checkpoints, logs and event files are unchanged."
+        )
     if result.status == "interrupted":
         print(f"Checkpoint saved at step {result.step}. Resume with:\n  {resume_command(run_dir)}")
         return EXIT_INTERRUPTED

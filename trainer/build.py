@@ -14,7 +14,13 @@ from trainer.data import Data
 
 
 def setup_runtime(cfg: DictConfig) -> None:
-    """Seeds (Python, numpy, TF, Keras) and, if asked, op determinism."""
+    """A clean Keras session, seeds (Python, numpy, TF, Keras) and, if asked, op determinism.
+
+    Clearing the session resets Keras' layer-name counters, so the model built next gets the
+    same variable paths (the checkpoint's keys) in every process, and in every run of one
+    process (tests, sweeps): `dense`, not `dense_7`.
+    """
+    keras.utils.clear_session(free_memory=False)
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()

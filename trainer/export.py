@@ -110,12 +110,35 @@ def sweep(root: str) -> None:
             os.remove(leftover)
 
 
-def export_all(model: keras.Model, run_dir: str, feature_shape: tuple[int, ...]) -> dict[str, str]:
-    """Both artifacts under `<run>/export/`; returns their paths."""
+ARTIFACTS = {"keras": "model.keras", "saved_model": "saved_model"}
+
+
+def missing(run_dir: str) -> list[str]:
+    """The artifacts (keys of ARTIFACTS) not present under `<run>/export/`. A SavedModel
+    counts once its `saved_model.pb` is there (it is swapped in whole)."""
+    root = os.path.join(run_dir, "export")
+    present = {
+        "keras": os.path.isfile(os.path.join(root, ARTIFACTS["keras"])),
+        "saved_model": os.path.isfile(os.path.join(root, ARTIFACTS["saved_model"], "saved_model.pb")),
+    }
+    return [kind for kind, ok in present.items() if not ok]
+
+
+def export_all(
+    model: keras.Model,
+    run_dir: str,
+    feature_shape: tuple[int, ...],
+    only: list[str] | None = None,
+) -> dict[str, str]:
+    """The artifacts under `<run>/export/` (all, or those in `only`); returns their paths."""
     root = os.path.join(run_dir, "export")
     if os.path.isdir(root):
         sweep(root)
-    return {
-        "keras": export_keras(model, os.path.join(root, "model.keras")),
-        "saved_model": export_saved_model(model, os.path.join(root, "saved_model"), feature_shape),
-    }
+    kinds = list(ARTIFACTS) if only is None else only
+    out = {}
+    if "keras" in kinds:
+        out["keras"] = export_keras(model, os.path.join(root, ARTIFACTS["keras"]))
+    if "saved_model" in kinds:
+        path = os.path.join(root, ARTIFACTS["saved_model"])
+        out["saved_model"] = export_saved_model(model, path, feature_shape)
+    return out

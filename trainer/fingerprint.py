@@ -1,10 +1,12 @@
 """What a checkpoint records about its config, and the check that a resume may use it.
 
-The structural part of a config is what a checkpoint's tensors and data position depend
-on: the whole `model` group, the `data` group (except where the file lives) and the
-optimizer kind (its slot variables). Changing any of it under an existing run would load
-tensors into the wrong places or replay other batches, so a resume with a different
-structural part is refused; max_steps, logging, eval and checkpoint cadence may change.
+The structural part of a config is what a checkpoint's tensors and the batches, initial
+weights and random masks of each step depend on: the whole `model` group, the `data` group
+(except where the file lives), the optimizer kind (its slot variables) and `trainer.seed`
+(the batch order of every epoch, the initial weights, Dropout's masks). Changing any of it
+under an existing run would load tensors into the wrong places or train on other batches
+than the interrupted run would have, so a resume with a different structural part is
+refused; max_steps, logging, eval and checkpoint cadence may change.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def structural(cfg: DictConfig) -> dict:
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "optimizer": {"name": cfg.optimizer.name},
+            "trainer": {"seed": int(cfg.trainer.seed)},
         }
     )
     return {k: v for k, v in flat.items() if k not in _NOT_STRUCTURAL}

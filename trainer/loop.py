@@ -26,7 +26,7 @@ from trainer.fingerprint import manifest_extra
 from trainer.nonfinite import NonFiniteLoss
 from trainer.optim import build_optimizer, learning_rate_fn
 from trainer.signals import StopRequest
-from trainer.state import TrainState
+from trainer.state import STATE_LAYOUT, TrainState
 from trainer.tfcall import flat_caller
 from trainer.warm_start import warm_start
 
@@ -35,7 +35,9 @@ __all__ = ["NonFiniteLoss", "RunResult", "fit"]
 
 @dataclass
 class RunResult:
-    status: str  # "completed" | "stopped" (trainer.stop_at) | "interrupted" (signal)
+    # "completed" | "stopped" (trainer.stop_at) | "interrupted" (signal) | "already_complete"
+    # (a rerun of a run that had reached trainer.max_steps: nothing written but missing exports)
+    status: str
     step: int
     resumed_from: int | None
     run_dir: str
@@ -161,6 +163,12 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
             integrity.check_data_fits(prefix, data, cfg.data.get("path")),
         ),
     )
+    # A rerun of a completed run changes nothing; it only writes an export that is missing
+    # (a run killed during export), from the restored final checkpoint.
+    complete = latest is not None and latest.step >= int(tc.max_steps)
+    missing_exports = export.missing(write_dir) if complete else None
+    if complete and not missing_exports:
+        return already_complete(latest.step, run_dir)
 
     with strategy.scope():
         model = build.build_model(cfg.model, data)
@@ -175,10 +183,18 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         state.checkpoint,
         max_to_keep=int(cfg.checkpoint.max_to_keep),
         keep_every_n_hours=cfg.checkpoint.keep_every_n_hours,
-        manifest_extra={**manifest_extra(cfg), "data_shape": integrity.data_signature(data)},
+        manifest_extra={
+            **manifest_extra(cfg),
+            "data_shape": integrity.data_signature(data),
+            "state_layout": STATE_LAYOUT,
+        },
         async_write=bool(cfg.checkpoint["async"]),
     )
-    step, resumed_from = _restore_or_initialize(cfg, store, state, write_dir, latest)
+    step, resumed_from = _restore_or_initialize(cfg, store, state, write_dir, latest, complete)
+    if complete:
+        exports = export.export_all(model, write_dir, data.feature_shape, only=missing_exports)
+        place.cleanup()
+        return already_complete(step, run_dir, exports)
 
     writers = summaries.Writers(write_dir)
     metrics = summaries.MetricsLog(write_dir)
@@ -197,6 +213,10 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
         metrics.fsync()
 
     def save(at: int) -> None:
+        nonlocal complete_checked
+        if not complete_checked:  # at the first save of a process: nothing may be left out
+            check_complete(state, at)
+            complete_checked = True
         integrity.save(
             store,
             at,
@@ -235,6 +255,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     )
     window_t0, window_steps = time.perf_counter(), 0
     last_saved = step if resumed_from is not None else None
+    complete_checked = False
     rollbacks = 0
     k_tensors: dict[int, tf.Tensor] = {}  # chunk lengths as tensors: one eager op less per call
     with StopRequest() as stop, store.pending_writes():  # waits for an async write
@@ -334,18 +355,26 @@ def _pause(run_dir, step, stop, writers, metrics) -> None:
     os.remove(marker)
 
 
-def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_dir: str, latest):
+def _restore_or_initialize(
+    cfg, store: CheckpointStore, state: TrainState, run_dir: str, latest, complete: bool = False
+):
     """Returns (step, resumed_from). See the module docstring for the order; `latest` is
-    the newest good checkpoint, already verified and checked by integrity.recover."""
+    the newest good checkpoint, already verified and checked by integrity.recover.
+    `complete`: the run had finished; restore only (its logs stay as they are)."""
     if latest is not None:
+        problems = state.restore_problems(latest.prefix)
+        if problems:  # refused before anything of this run is touched
+            raise UserError(_restore_mismatch(cfg, latest.prefix, problems))
         try:
             store.restore(latest.prefix)
         except AssertionError as e:  # objects of this run that the checkpoint has no values for
-            raise UserError(_restore_mismatch(cfg, latest.prefix, e)) from None
+            raise UserError(_restore_mismatch(cfg, latest.prefix, [str(e)])) from None
         step = state.after_restore()
         iterations = int(state.optimizer.iterations.numpy())
         if iterations != step:
             raise RuntimeError(f"restored step {step} but optimizer.iterations={iterations}")
+        if complete:
+            return step, None
         dropped = summaries.truncate_metrics(run_dir, step)
         dropped += summaries.truncate_events(os.path.join(run_dir, "tensorboard"), step)
         note = f" (dropped {dropped} log records past it)" if dropped else ""
@@ -358,8 +387,9 @@ def _restore_or_initialize(cfg, store: CheckpointStore, state: TrainState, run_d
     return 0, None
 
 
-def _restore_mismatch(cfg: DictConfig, prefix: str, error: AssertionError) -> str:
-    """One line for a checkpoint lacking values this run needs (nothing is written yet)."""
+def _restore_mismatch(cfg: DictConfig, prefix: str, problems: list[str]) -> str:
+    """One line for a checkpoint that does not match this run's variables one to one
+    (nothing is written yet)."""
     then = read_manifest(prefix).get("config", {}).get("checkpoint", {})
     if cfg.checkpoint.restore_rng and then.get("restore_rng", True) is False:
         why = (
@@ -368,13 +398,50 @@ def _restore_mismatch(cfg: DictConfig, prefix: str, error: AssertionError) -> st
             "checkpoint.restore_rng=false, or another hydra.run.dir"
         )
     else:
-        why = f"{str(error).splitlines()[0][:300]} Use another hydra.run.dir"
-    return f"resume refused: {prefix} does not hold every value this run needs. {why}."
+        shown = "; ".join(p.splitlines()[0][:200] for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        why = f"It holds {shown}{more}. Use another hydra.run.dir"
+    return f"resume refused: {prefix} does not match this run's variables one to one. {why}."
+
+
+def check_complete(state: TrainState, step: int) -> None:
+    """Before the first save: refuse (exit 2) a checkpoint that would leave a variable out."""
+    missing = state.missing_from_checkpoint()
+    if missing:
+        names = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise UserError(
+            f"checkpoint: the checkpoint of step {step} would leave out {len(missing)} "
+            f"variable(s) created after the model was built: {names}. Create every variable "
+            "when the model is built (in __init__ or build()), not during training."
+        )
+
+
+def already_complete(step: int, run_dir: str, exports: dict | None = None) -> RunResult:
+    """The result of rerunning a run that had reached trainer.max_steps."""
+    last = summaries.last_records(run_dir)
+    return RunResult(
+        "already_complete",
+        step,
+        None,
+        run_dir,
+        final_loss=last.get("loss"),
+        eval=last.get("eval", {}),
+        exports=exports or {},
+    )
 
 
 def check_compatible(cfg: DictConfig, prefix: str) -> None:
-    """Refuse to resume with a config that changes the architecture or the data."""
+    """Refuse to resume with a config that changes the architecture or the data, or from a
+    checkpoint of the earlier layout (README, "How resume works")."""
     from trainer.fingerprint import structural_diff
+
+    if read_manifest(prefix).get("state_layout") != STATE_LAYOUT:
+        raise UserError(
+            f"resume refused: {prefix} was written by an earlier version of resumable-trainer, "
+            "whose checkpoints can miss variables of layers kept in lists or dicts (BatchNorm "
+            "statistics); it cannot be resumed exactly. Use another hydra.run.dir (warm start "
+            "with trainer.init_from=<its run>/export/model.keras)."
+        )
 
     diff = structural_diff(cfg, prefix)
     if diff:

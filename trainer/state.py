@@ -1,23 +1,45 @@
 """TrainState: everything that must survive a restart, gathered in one tf.train.Checkpoint.
 
-What it holds and why (DESIGN.md "What a checkpoint holds"):
-- model: every variable, trainable or not (BatchNorm moving statistics, add_weight vars);
-- optimizer: iterations (and so the learning-rate schedule position) and slot variables;
+Complete by construction: the model's and the optimizer's variables are saved under their
+Keras paths (`variable.path`, e.g. `custom_bn_model/batch_normalization/moving_mean`), taken
+from `model.variables` and `optimizer.variables`, not reached through TensorFlow's object
+graph. On Keras 3 that graph does not reach layers a model keeps in Python containers (a
+list of tuples, a dict holding a Sequential): their BatchNorm statistics were not saved at
+all. A path that occurs twice (two layers given the same name) gets `#1`, `#2`... in the
+order of `model.variables`. Paths are reproducible because `build.setup_runtime` clears
+Keras' name counters before the model is built (README, "How resume works").
+
+What the checkpoint holds:
+- model/<path>: every weight, trainable or not (BatchNorm moving statistics, add_weight vars);
+- rng/<path>: Keras SeedGenerator states (Dropout...): `model.variables` minus its weights;
+  without them a Dropout model diverges right after a resume (checkpoint.restore_rng=false
+  leaves them out on purpose: the negative control);
+- optimizer/<path>: iterations (and so the learning-rate schedule position) and slots;
 - step, epoch: the counters; the data position is the step (trainer/data.py);
-- rng: Keras SeedGenerator states (Dropout...). tf.train.Checkpoint(model=...) does NOT
-  track them on Keras 3: without this a Dropout model diverges right after a resume;
 - loop: Python-side loop state that changes what is logged or decided (the running
   window behind logged metric averages, best eval loss so far), mirrored into variables
   before each save and read back after a restore.
+
+`missing_from_checkpoint()` (before the first save) and `restore_problems()` (before a
+restore) check completeness in both directions.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 
 import keras
 import tensorflow as tf
+from tensorflow.python.trackable import trackable_utils
+
+# Recorded in every manifest. Checkpoints without it were written through TensorFlow's object
+# graph (model=<the model>), which can miss variables: they are refused on resume.
+STATE_LAYOUT = 2
+_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
+_UNESCAPE = re.compile(r"\.(.)")  # trackable_utils.escape_local_name: '.' -> '..', '/' -> '.S'
+_BOOKKEEPING = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter" + _VALUE)
 
 
 @dataclass
@@ -34,10 +56,40 @@ class LoopState:
         self.window_loss_sum, self.window_metric_sum, self.window_count = 0.0, 0.0, 0
 
 
-def seed_generator_states(model: keras.Model) -> list[tf.Variable]:
+def seed_generator_states(model: keras.Model) -> list:
     """The state variables of every Keras SeedGenerator in `model` (model.variables minus weights)."""
     weight_ids = {id(w) for w in model.weights}
     return [v for v in model.variables if id(v) not in weight_ids]
+
+
+def keyed(variables) -> dict[str, object]:
+    """{Keras path: variable}, in order; a repeated path gets '#1', '#2'... by occurrence."""
+    out: dict[str, object] = {}
+    for var in variables:
+        path = str(getattr(var, "path", None) or var.name)
+        key, n = path, 0
+        while key in out:
+            n += 1
+            key = f"{path}#{n}"
+        out[key] = var
+    return out
+
+
+def checkpoint_key(group: str, path: str) -> str:
+    """The key TensorFlow writes for variable `path` of dict `group` (its '/' escaped)."""
+    return f"{group}/{trackable_utils.escape_local_name(path)}{_VALUE}"
+
+
+def readable(key: str) -> str:
+    """'model/dense/kernel' for the checkpoint key of that variable (others unchanged)."""
+    if not key.endswith(_VALUE):
+        return key
+    return _UNESCAPE.sub(lambda m: "/" if m.group(1) == "S" else m.group(1), key[: -len(_VALUE)])
+
+
+def checkpoint_keys(prefix: str) -> set[str]:
+    """The value keys checkpoint `prefix` holds (TensorFlow's bookkeeping left out)."""
+    return {name for name, _ in tf.train.list_variables(prefix)} - set(_BOOKKEEPING)
 
 
 class TrainState:
@@ -47,10 +99,15 @@ class TrainState:
     def __init__(
         self, model: keras.Model, optimizer: keras.optimizers.Optimizer, include_rng: bool = True
     ):
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.include_rng = model, optimizer, include_rng
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.rng = seed_generator_states(model) if include_rng else []
+        self.groups: dict[str, dict] = {
+            "model": keyed(model.weights),
+            "rng": keyed(seed_generator_states(model)) if include_rng else {},
+            "optimizer": keyed(optimizer.variables),
+        }
+        self.rng = list(self.groups["rng"].values())
         self.loop = LoopState()
         self._loop_vars = {
             f.name: tf.Variable(
@@ -62,13 +119,47 @@ class TrainState:
             for f in fields(LoopState)
         }
         self.checkpoint = tf.train.Checkpoint(
-            model=model,
-            optimizer=optimizer,
-            step=self.step,
-            epoch=self.epoch,
-            rng=self.rng,
-            loop=self._loop_vars,
+            **self.groups, step=self.step, epoch=self.epoch, loop=self._loop_vars
         )
+
+    def expected_keys(self) -> dict[str, str]:
+        """{checkpoint key: readable name} of every value a checkpoint of this state holds."""
+        out = {
+            checkpoint_key(group, path): f"{group}/{path}"
+            for group, variables in self.groups.items()
+            for path in variables
+        }
+        out["step" + _VALUE], out["epoch" + _VALUE] = "step", "epoch"
+        out.update({checkpoint_key("loop", name): f"loop/{name}" for name in self._loop_vars})
+        return out
+
+    def missing_from_checkpoint(self) -> list[str]:
+        """Paths of variables of the model and the optimizer that a save would leave out now
+        (a variable created after this state was built): what TensorFlow would write is
+        walked, not assumed."""
+        held = set()
+        queue = [self.checkpoint]
+        while queue:
+            obj = queue.pop()
+            if id(obj) in held:
+                continue
+            held.add(id(obj))
+            queue.extend(obj._trackable_children(save_type="checkpoint").values())
+        wanted = self.model.weights + self.optimizer.variables
+        if self.include_rng:
+            wanted += seed_generator_states(self.model)
+        return [str(getattr(v, "path", v.name)) for v in wanted if id(v) not in held]
+
+    def restore_problems(self, prefix: str) -> list[str]:
+        """What stops an exact restore of `prefix`: variables of this run it has no value for,
+        and values in it that no variable of this run takes (empty: restorable)."""
+        have, want = checkpoint_keys(prefix), self.expected_keys()
+        problems = [f"no value for {name}" for key, name in want.items() if key not in have]
+        extra = sorted(have - want.keys())
+        if not self.include_rng:  # checkpoint.restore_rng=false ignores saved RNG state
+            extra = [k for k in extra if not k.startswith("rng/")]
+        problems += [f"a value for {readable(k)}, which this run does not have" for k in extra]
+        return problems
 
     def assignments(self, step: int, epoch: int) -> list[tuple[tf.Variable, object]]:
         """(variable, value) for the counters and Python loop state before a save of `step`:

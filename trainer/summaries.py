@@ -61,6 +61,17 @@ def read_metrics(run_dir: str) -> list[dict]:
     return records
 
 
+def last_records(run_dir: str) -> dict:
+    """{"loss": the last logged training loss, "eval": {metric: value} of the last eval}."""
+    out: dict = {}
+    for r in read_metrics(run_dir):
+        if r.get("split") == "eval":
+            out["eval"] = {k[len("eval_") :]: v for k, v in r.items() if k.startswith("eval_")}
+        elif "loss" in r:
+            out["loss"] = r["loss"]
+    return out
+
+
 def truncate_metrics(run_dir: str, max_step: int) -> int:
     """Keep only records with step <= max_step; return how many were dropped."""
     path = os.path.join(run_dir, METRICS_FILE)
