@@ -23,6 +23,7 @@ from trainer.summaries import read_scalars
 
 def _state() -> tuple[TrainState, callable]:
     """A TrainState with BatchNorm statistics, Dropout RNG state and Adam slots; and a train step."""
+    keras.utils.clear_session(free_memory=False)  # the same variable paths in every _state()
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
@@ -48,7 +49,7 @@ def _state() -> tuple[TrainState, callable]:
 
 
 def _values(state: TrainState) -> list[np.ndarray]:
-    return [np.array(v) for v in state.checkpoint.model.variables + state.optimizer.variables] + [
+    return [np.array(v) for v in state.model.variables + state.optimizer.variables] + [
         np.array(v) for v in state.rng
     ]
 

@@ -64,8 +64,11 @@ def test_rerun_resumes_from_checkpoint_without_redoing_steps(tmp_path):
     assert "Resuming from step 20" in second.stderr
     assert "resumed from step 20" in second.stdout
     assert sorted(losses(run)) == list(range(1, 41))  # every step logged exactly once
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     third = train(run, "model=custom_bn", *FAST)  # already complete: nothing is trained again
-    assert "Resuming from step 40" in third.stderr and third.returncode == 0
+    assert third.returncode == 0, third.stderr
+    assert "Run is complete at step 40; wrote nothing" in third.stdout
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert sorted(losses(run)) == list(range(1, 41))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("split") == "eval"] == [20, 40]
@@ -143,8 +146,10 @@ def test_sigterm_in_the_last_chunk_still_evaluates_the_final_step_once(tmp_path)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
-    second = train(run, *args[:-1])
-    assert second.returncode == 0 and "Resuming from step 40" in second.stderr, second.stderr
+    assert not (run / "export").exists()  # interrupted: no export yet
+    second = train(run, *args[:-1])  # complete at 40: only the missing exports are written
+    assert second.returncode == 0, second.stderr
+    assert "Run is complete at step 40; wrote keras, saved_model" in second.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("split") == "eval"] == [30, 40]
     assert (run / "export" / "model.keras").exists()

@@ -109,3 +109,18 @@ def keras_loss(task: str):
     if task == "classification":
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return keras.losses.MeanSquaredError()
+
+
+def build_state(cfg: DictConfig, data: Data):
+    """The model, its optimizer and their TrainState, as `fit` builds them (call it inside
+    the strategy's scope): what a checkpoint of a run with config `cfg` holds."""
+    from trainer import precision
+    from trainer.optim import build_optimizer
+    from trainer.state import TrainState
+
+    model = build_model(cfg.model, data)
+    optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
+    optimizer = precision.wrap_optimizer(optimizer, cfg.trainer.get("precision", "float32"))
+    model.compile(optimizer=optimizer, loss=keras_loss(data.task))
+    optimizer.build(model.trainable_variables)
+    return TrainState(model, optimizer, include_rng=bool(cfg.checkpoint.get("restore_rng", True)))

@@ -4,8 +4,11 @@ Curves are read from the runs' event files with TensorBoard's own loader, every 
 run in TensorBoard's order, so a step written twice (a killed run's steps that a resume
 wrote again) is seen twice here as well and reported. Values are float32 in the event
 files and compared exactly unless an absolute tolerance is given.
-The final state is every tensor of the two runs' newest checkpoints, except bookkeeping
-that legitimately differs between an interrupted and an uninterrupted run.
+The final state is compared variable by variable under the variables' Keras paths: every
+value of the two runs' newest checkpoints (bookkeeping that legitimately differs between an
+interrupted and an uninterrupted run excepted), and, for each run, every variable of the
+model and optimizer rebuilt from the run's recorded config: a variable missing from both
+checkpoints is a difference too, not a tensor that neither side happens to hold.
 """
 
 from __future__ import annotations
@@ -61,10 +64,14 @@ class StateDiff:
     step_a: int
     step_b: int
     tensors_compared: int
-    differing: list[str]
-    missing: list[str]
+    differing: list[str]  # Keras paths (model/..., optimizer/..., rng/...) and counters
+    missing: list[str]  # held by one checkpoint only
     max_abs_diff: float
     equal: bool
+    # variables of the model/optimizer rebuilt from the config that a checkpoint lacks:
+    # {"a": [...], "b": [...]}; None where the model could not be rebuilt (see rebuild_error)
+    not_saved: dict[str, list[str]] | None = None
+    rebuild_error: str | None = None
 
 
 # ---------------------------------------------------------------- reading
@@ -178,12 +185,32 @@ def newest_checkpoint(run: str) -> str | None:
     return None
 
 
+def expected_variables(prefix: str) -> dict[str, str]:
+    """{checkpoint key: Keras path} of every value a checkpoint of the run that wrote `prefix`
+    must hold: its model and optimizer rebuilt, in this process, from the manifest's config.
+    Raises UserError when that config cannot be rebuilt here."""
+    from omegaconf import OmegaConf
+
+    from trainer import build
+    from trainer import data as data_lib
+    from trainer.checkpoints import read_manifest
+
+    try:
+        cfg = OmegaConf.create(read_manifest(prefix)["config"])
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{prefix}: its manifest holds no config ({e})") from None
+    build.setup_runtime(cfg)
+    return build.build_state(cfg, data_lib.load_data(cfg.data)).expected_keys()
+
+
 def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> StateDiff:
-    """Every tensor of two checkpoints (weights, optimizer slots, counters, RNG and loop state)."""
+    """Every tensor of two checkpoints (weights, optimizer slots, counters, RNG and loop state),
+    by Keras path, and each checked against the variables its run's config builds."""
     import numpy as np
     import tensorflow as tf
 
-    from trainer.checkpoints import step_of
+    from trainer.checkpoints import read_manifest, step_of
+    from trainer.state import readable
 
     ra, rb = tf.train.load_checkpoint(prefix_a), tf.train.load_checkpoint(prefix_b)
     ka = {n for n, _ in tf.train.list_variables(prefix_a)} - set(BOOKKEEPING_KEYS)
@@ -205,15 +232,31 @@ def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> Stat
             same = np.array_equal(x, y)
         if not same:
             differing.append(name)
-    missing = sorted(ka ^ kb)
+    missing = sorted(readable(k) for k in ka ^ kb)
+    not_saved, error = {}, None
+    try:
+        wanted: dict[str, dict[str, str]] = {}  # per config: rebuilt once
+        for side, prefix, keys in (("a", prefix_a, ka), ("b", prefix_b, kb)):
+            config = str(read_manifest(prefix).get("config"))
+            if config not in wanted:
+                wanted[config] = expected_variables(prefix)
+            not_saved[side] = sorted(n for k, n in wanted[config].items() if k not in keys)
+    except (UserError, OSError, ValueError, ImportError) as e:
+        not_saved, error = None, f"cannot rebuild the model from the recorded config: {e}"
+    complete = not_saved is not None and not not_saved["a"] and not not_saved["b"]
     return StateDiff(
         step_a=step_of(prefix_a),
         step_b=step_of(prefix_b),
         tensors_compared=len(ka & kb),
-        differing=differing,
+        differing=[readable(k) for k in differing],
         missing=missing,
         max_abs_diff=worst,
-        equal=not differing and not missing and step_of(prefix_a) == step_of(prefix_b),
+        equal=not differing
+        and not missing
+        and complete
+        and step_of(prefix_a) == step_of(prefix_b),
+        not_saved=not_saved,
+        rebuild_error=error,
     )
 
 
@@ -224,7 +267,8 @@ def compare_runs(run_a: str, run_b: str, tag: str = "loss", atol: float = 0.0) -
     others = compare_other_tags(run_a, run_b, tag, atol)
     pa, pb = newest_checkpoint(run_a), newest_checkpoint(run_b)
     state = compare_checkpoints(pa, pb, atol) if pa and pb else None
-    ok = curve.ok and all(d.ok for d in others.values()) and (state is None or state.equal)
+    # no verified checkpoint on one side: the final state cannot be compared, so no match
+    ok = curve.ok and all(d.ok for d in others.values()) and state is not None and state.equal
     return {
         "ok": ok,
         "tag": tag,
@@ -235,4 +279,16 @@ def compare_runs(run_a: str, run_b: str, tag: str = "loss", atol: float = 0.0) -
         "other_tags": {k: asdict(v) for k, v in others.items()},
         "final_state": asdict(state) if state else None,
         "points": {"a": a.points, "b": b.points},
+        "eval_points": _eval_points(run_a, run_b),
+        "no_checkpoint": [side for side, p in (("a", pa), ("b", pb)) if p is None],
     }
+
+
+def _eval_points(run_a: str, run_b: str) -> dict | None:
+    """Both runs' eval loss curves, {"a": [(step, value)], "b": [...]}, or None."""
+    try:
+        sa = read_all_scalars(tensorboard_dir(run_a, "eval")).get("loss")
+        sb = read_all_scalars(tensorboard_dir(run_b, "eval")).get("loss")
+    except UserError:
+        return None
+    return {"a": sa, "b": sb} if sa and sb else None

@@ -45,17 +45,32 @@ def format_report(report: dict, labels: tuple[str, str] = ("A", "B")) -> str:
         )
     s = report["final_state"]
     if s is None:
-        lines.append("final weights and optimizer state: not compared (a run has no checkpoint)")
+        who = " and ".join({"a": la, "b": lb}[x] for x in report.get("no_checkpoint", []))
+        lines.append(
+            f"final weights and optimizer state: NOT COMPARED ({who or 'a run'} has no verified "
+            "checkpoint), so the runs cannot match"
+        )
     else:
         where = f"step {s['step_a']}" + (f" vs {s['step_b']}" if s["step_b"] != s["step_a"] else "")
         verdict = "equal" if s["equal"] else "DIFFERENT"
         lines.append(
-            f"final weights and optimizer state ({s['tensors_compared']} tensors at {where}): {verdict}"
+            f"final weights and optimizer state ({s['tensors_compared']} variables by Keras path "
+            f"at {where}): {verdict}"
         )
-        for key, what in (("differing", "differs"), ("missing", "only in one run")):
-            lines += [f"  {what}: {name}" for name in s[key][:8]]
-            if len(s[key]) > 8:
-                lines.append(f"  ... and {len(s[key]) - 8} more (report.json)")
+        not_saved = s.get("not_saved") or {}
+        listed = [
+            (key, what, s[key]) for key, what in (("differing", "differs"), ("missing", "only in one run"))
+        ]
+        listed += [
+            ("not_saved", f"not in {who}'s checkpoint", not_saved.get(side, []))
+            for side, who in (("a", la), ("b", lb))
+        ]
+        for _key, what, names in listed:
+            lines += [f"  {what}: {name}" for name in names[:8]]
+            if len(names) > 8:
+                lines.append(f"  ... and {len(names) - 8} more (report.json)")
+        if s.get("rebuild_error"):
+            lines.append(f"  completeness not checked: {s['rebuild_error']}")
     lines.append(f"RESULT: {'MATCH (' + exact + ')' if report['ok'] else 'DIFFERENT'}")
     return "\n".join(lines)
 

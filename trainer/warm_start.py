@@ -10,8 +10,6 @@ Copying the source's iteration count would break this run's own resume check
 
 from __future__ import annotations
 
-import gc
-import logging
 import os
 import sys
 
@@ -91,58 +89,61 @@ def _checkpoint_prefix(path: str) -> str:
     return path
 
 
-def _source_optimizer(prefix: str, state: TrainState, model: keras.Model):
-    """An optimizer shaped like the one that wrote `prefix` (from its manifest's config)."""
-    from omegaconf import OmegaConf
-
-    from trainer.checkpoints import read_manifest
-    from trainer.optim import build_optimizer
-
-    try:
-        cfg = OmegaConf.create(read_manifest(prefix)["config"])
-        optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
-    except (OSError, ValueError, KeyError):  # no manifest: assume this run's optimizer
-        optimizer = type(state.optimizer).from_config(state.optimizer.get_config())
-    optimizer.build(model.trainable_variables)  # the restore target's own variables
-    return optimizer
-
-
-def _collect_quietly() -> None:
-    """Collect a failed restore's objects without TensorFlow's 'unrestored values' warnings."""
-    logger = logging.getLogger("tensorflow")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        gc.collect()
-    finally:
-        logger.setLevel(level)
-
-
 def _from_checkpoint(path: str, state: TrainState) -> str:
+    """Copy by Keras path: each model variable of this run takes the value saved under its
+    own path (every one must be there, with its shape, or nothing is copied); the optimizer's
+    slots likewise when the source used the same optimizer (same paths), else none."""
+    from trainer.checkpoints import read_manifest
+    from trainer.state import STATE_LAYOUT, checkpoint_key
+
     prefix = _checkpoint_prefix(path)
-    # Restore into a twin of the model (same class and config, not compiled) so that no
-    # object of this run is half-written if the checkpoint does not fit, and so that every
-    # twin variable must find its value (assert_existing_objects_matched).
-    twin = type(state.model).from_config(state.model.get_config())
-    shape = state.model.get_build_config()["input_shape"]
-    twin(tf.zeros([1, *shape[1:]]))  # build every variable, as build.build_model does
-    source = _source_optimizer(prefix, state, twin)
-    problem = None
-    ckpt = tf.train.Checkpoint(model=twin, optimizer=source)
     try:
-        ckpt.restore(prefix).expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if problem is not None:
-        del ckpt, twin, source
-        _collect_quietly()
+        layout = read_manifest(prefix).get("state_layout")
+    except (OSError, ValueError):
+        layout = None
+    if layout != STATE_LAYOUT:
+        raise UserError(
+            f"trainer.init_from: received {path!r}; checkpoint {os.path.basename(prefix)} was "
+            "written by an earlier version of resumable-trainer (or has no manifest), whose "
+            "checkpoints can miss variables. Allowed: a checkpoint of this version, or the "
+            "run's export/model.keras"
+        )
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+
+    def pairs(group: str, variables: dict) -> tuple[list, list[str]]:
+        found, problems = [], []
+        for name, var in variables.items():
+            key = checkpoint_key(group, name)
+            if key not in shapes:
+                problems.append(f"no {name} there")
+            elif tuple(shapes[key]) != tuple(var.shape):
+                problems.append(f"{name} is {tuple(shapes[key])} there, {tuple(var.shape)} here")
+            else:
+                found.append((var, key))
+        return found, problems
+
+    weights, problems = pairs("model", state.groups["model"])
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         raise UserError(
             f"trainer.init_from: received {path!r}; checkpoint {os.path.basename(prefix)} does "
-            f"not fit this model and data ({problem}). Allowed: a checkpoint of the same model "
+            f"not fit this model and data ({shown}). Allowed: a checkpoint of the same model "
             "trained on data with the same number of features and outputs"
         )
-    _assign_all(state.model.weights, twin.weights, "model", path)
-    return _copy_slots(state.optimizer, source, path)
+    skip = {id(state.optimizer.iterations), id(getattr(state.optimizer, "_learning_rate", None))}
+    slot_vars = {k: v for k, v in state.groups["optimizer"].items() if id(v) not in skip}
+    slots, missing = pairs("optimizer", slot_vars)
+    for var, key in weights + (slots if not missing else []):
+        var.assign(reader.get_tensor(key))
+    name = type(state.optimizer).__name__
+    if not slot_vars:
+        return "weights (this optimizer has no slot variables)"
+    if missing:
+        held = sorted({k.split("/")[1].split(".S")[0] for k in shapes if k.startswith("optimizer/")})
+        there = ", ".join(held) or "none"
+        return f"weights only: the optimizer state there is {there}, this run uses {name}"
+    return f"weights and {name} slot variables"
 
 
 def warm_start(path: str, state: TrainState) -> str:

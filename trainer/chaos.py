@@ -1,0 +1,122 @@
+"""`verify.interrupt=chaos`: SIGKILLs at random moments of a real run, each followed by a resume.
+
+Not at a pause point of ours: each kill waits until the run trains, waits a random time
+(`verify.seed` draws it), then fires at the next moment of its kind, observed from the outside
+in the run directory:
+- mid-chunk: right away (the loop is almost always inside a chunk of train steps);
+- checkpoint-write: as soon as a checkpoint is being written (TensorFlow's `ckpt-N_temp/`
+  directory exists, or `ckpt-N.index` has no manifest yet), sync or async;
+- log-flush: as soon as `metrics.jsonl` grows (a log write has just reached the file).
+After each kill the report records what the run directory showed: a half-written checkpoint
+left behind proves the kill landed mid-write. The same command then resumes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+
+KINDS = ("mid-chunk", "checkpoint-write", "log-flush")
+_POLL = 0.0005  # seconds between looks at the run directory while a moment is awaited
+
+
+@dataclass
+class Kill:
+    kind: str
+    delay: float  # seconds of training before the moment was awaited
+    landed: str  # what the run directory showed right after the kill
+    last_logged_step: int | None
+    newest_checkpoint: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(kills: int, seed: int) -> list[str]:
+    """The kind of each kill: every kind once per round of three, shuffled by `seed`."""
+    rng = random.Random(seed)
+    kinds: list[str] = []
+    while len(kinds) < kills:
+        round_ = list(KINDS)
+        rng.shuffle(round_)
+        kinds += round_
+    return kinds[:kills]
+
+
+def last_logged_step(run_dir: str) -> int | None:
+    """The step of the last complete train record in `<run>/metrics.jsonl`."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            lines = f.read().split(b"\n")[:-1]  # the part after the last newline may be torn
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in record:
+            return int(record["step"])
+    return None
+
+
+def writing_checkpoint(ckpt_dir: str) -> str | None:
+    """A checkpoint being written in `ckpt_dir` (its name), or None."""
+    try:
+        names = os.listdir(ckpt_dir)
+    except OSError:
+        return None
+    for name in names:
+        if name.endswith("_temp"):
+            return name
+    for name in names:
+        if name.endswith(".index") and name[: -len(".index")] + ".manifest.json" not in names:
+            return name
+    return None
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+def kill_at_random(proc, run_dir: str, kind: str, rng: random.Random, window: float,
+                   deadline: float, newest_step) -> Kill | None:
+    """Wait for `proc` to train, then a random time in [0, window), then the moment `kind`;
+    SIGKILL it. None if the process ended first (nothing left to kill)."""
+    start = last_logged_step(run_dir)
+    while True:  # training has started in this process: a new step is logged
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return None
+        step = last_logged_step(run_dir)
+        if step is not None and step != start:
+            break
+        time.sleep(0.002)
+    delay = rng.uniform(0.0, window)
+    time.sleep(delay)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    size = _size(metrics)
+    while proc.poll() is None and time.monotonic() < deadline:
+        if kind == "mid-chunk":
+            break
+        if kind == "checkpoint-write" and writing_checkpoint(ckpt_dir):
+            break
+        if kind == "log-flush" and _size(metrics) != size:
+            break
+        time.sleep(_POLL)
+    if proc.poll() is not None:
+        return None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    half = writing_checkpoint(ckpt_dir)
+    landed = f"half-written checkpoint left: {half}" if half else "no half-written checkpoint"
+    return Kill(kind, round(delay, 4), landed, last_logged_step(run_dir), newest_step(run_dir))
