@@ -24,7 +24,9 @@ FAST = [
 def env() -> dict:
     e = dict(os.environ)
     e["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # tests/ too: user models written the way users write them (tests/user_models.py)
+    paths = [str(REPO), str(REPO / "tests"), e.get("PYTHONPATH", "")]
+    e["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
     return e
 
 

@@ -27,14 +27,18 @@ def write_run(run_dir, values: dict[int, float], tag: str = "loss", split: str =
 CURVE = {s: 1.0 / s for s in range(1, 31)}
 
 
-def test_identical_runs_match(tmp_path):
+def test_identical_curves_without_checkpoints_are_no_match(tmp_path):
+    """Equal curves, but no final state to compare: that is not a match."""
+    from trainer.report import format_report
+
     a, b = write_run(tmp_path / "a", CURVE), write_run(tmp_path / "b", CURVE)
     report = compare.compare_runs(a, b)
-    assert report["ok"]
     assert report["curve"]["steps_compared"] == 30
     assert report["curve"]["first_divergent_step"] is None
     assert report["curve"]["max_abs_diff"] == 0.0
-    assert report["final_state"] is None  # no checkpoints here
+    assert report["final_state"] is None and report["no_checkpoint"] == ["a", "b"]
+    assert not report["ok"]
+    assert "NOT COMPARED (A and B without a verified checkpoint)" in format_report(report)
 
 
 def test_one_changed_step_is_the_first_divergent_step(tmp_path):
@@ -93,7 +97,8 @@ def test_compare_runs_cli_writes_report_and_plot(tmp_path, capsys):
     saved = json.loads((out / "report.json").read_text())
     assert saved["curve"]["first_divergent_step"] == 5 and not saved["ok"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert compare_main([a, a, "--out", str(out)]) == 0
+    assert compare_main([a, a, "--out", str(out)]) == 1  # equal curves, no checkpoints
+    assert "NOT COMPARED" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -132,10 +137,12 @@ def test_final_state_compares_every_tensor_but_save_counter(tmp_path):
     b = save_checkpoint(tmp_path / "b", state, saves=3)
     same = compare.compare_checkpoints(a, b)
     assert not same.differing and not same.missing and same.max_abs_diff == 0.0
+    # no manifest: the variables a run must hold cannot be rebuilt, so the states are not equal
+    assert same.not_saved is None and "manifest" in same.rebuild_error and not same.equal
     c = save_checkpoint(tmp_path / "c", {"w": [1.0, 2.5], "best": [inf]})
     diff = compare.compare_checkpoints(a, c)
-    assert diff.differing == ["w/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert diff.differing == ["w"]
     assert diff.max_abs_diff == 0.5
     assert compare.compare_checkpoints(a, c, atol=0.5).differing == []
     d = save_checkpoint(tmp_path / "d", {"w": [1.0, 2.0]})
-    assert compare.compare_checkpoints(a, d).missing == ["best/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert compare.compare_checkpoints(a, d).missing == ["best"]

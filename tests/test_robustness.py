@@ -259,10 +259,8 @@ def test_corrupted_latest_checkpoint_is_reported_and_previous_used(
     assert "Resuming from step 38" in err
     # the bad one is kept aside, not deleted; the manager state lists only good ones
     (aside,) = (ck / "bad").iterdir()
-    assert (
-        aside.name.startswith("ckpt-40-")
-        and expected.split()[0] in (aside / "REASON.txt").read_text() + expected
-    )
+    assert aside.name.startswith("ckpt-40-")
+    assert expected in (aside / "REASON.txt").read_text()  # why it was set aside, kept with it
     assert '"ckpt-40"' in (ck / "checkpoint").read_text()  # the new, good ckpt-40
     assert_same_tensors(ck / "ckpt-40", reference / "checkpoints" / "ckpt-40")
 

@@ -299,3 +299,43 @@ def test_verify_group_is_not_passed_to_the_trainer():
     )
     assert got == ["model=gru", "data.batch_size=8", "trainer.log_every=1"]
     assert trainer_overrides(["trainer.log_every=5"]) == ["trainer.log_every=5"]
+
+
+# ---------------------------------------------------------------- chaos: kills at random moments
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_chaos_kills_at_random_moments_resume_exactly(tmp_path, async_save):
+    """Three SIGKILLs (mid-chunk, during a checkpoint write, right after a log write) on a user
+    model with BatchNorm and Dropout in a list of tuples, each followed by a resume: the
+    curves (train and eval), every final variable and both exports equal the reference."""
+    out = tmp_path / "chaos"
+    proc = run_cli(
+        "scripts/verify_resume.py",
+        "model=custom",
+        "model._target_=user_models.TupleBlocks",
+        "trainer.max_steps=1200",
+        "trainer.eval_every=200",
+        "checkpoint.every=50",
+        f"checkpoint.async={async_save}",
+        "verify.interrupt=chaos",
+        "verify.kills=3",
+        "verify.seed=3",
+        "verify.window=0.3",
+        f"verify.out={out}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    kills = report["verify"]["kills"]
+    assert sorted(k["kind"] for k in kills) == ["checkpoint-write", "log-flush", "mid-chunk"]
+    assert report["verify"]["seed"] == 3 and "verify.seed=3" in proc.stdout
+    # each kill after the first resumed from the newest checkpoint the previous one left
+    assert [k["resumed_from"] for k in kills[1:]] == [k["newest_checkpoint"] for k in kills[:-1]]
+    assert report["curve"]["steps_compared"] == 1200 and report["curve"]["max_abs_diff"] == 0
+    assert report["other_tags"]["eval/loss"]["ok"]
+    assert report["final_state"]["equal"] and report["final_state"]["not_saved"] == {
+        "a": [],
+        "b": [],
+    }
+    assert report["exports"]["ok"] and report["exports"]["keras"]["equal"]
+    assert "RESULT: MATCH (bit for bit)" in proc.stdout

@@ -82,9 +82,7 @@ class LayerDict(_Base):
         self.head = keras.layers.Dense(self.output_units)
 
     def call(self, x, training=False):
-        return self.head(
-            self.branches["wide"](x) + self.branches["deep"](x, training=training)
-        )
+        return self.head(self.branches["wide"](x) + self.branches["deep"](x, training=training))
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
@@ -160,7 +158,7 @@ class SharedLayer(_Base):
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
-class _Counter(keras.layers.Layer):
+class StepCounter(keras.layers.Layer):
     """Counts the training batches it has seen in a non-trainable add_weight variable."""
 
     def build(self, input_shape):
@@ -178,7 +176,7 @@ class CountingModel(_Base):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.stack = [keras.layers.Dense(self.units, activation="relu"), _Counter()]
+        self.stack = [keras.layers.Dense(self.units, activation="relu"), StepCounter()]
         self.head = keras.layers.Dense(self.output_units)
 
     def call(self, x, training=False):
@@ -197,3 +195,19 @@ PATTERNS = [
     "SharedLayer",
     "CountingModel",
 ]
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class LateCounter(_Base):
+    """Wrong on purpose: its counter layer is first called in training, so its variable is
+    created after the model was built and the checkpoint laid out (the run must refuse it)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(self.output_units)
+        self.counter = StepCounter()
+
+    def call(self, x, training=False):
+        if training:
+            x = self.counter(x, training=True)
+        return self.dense(x)

@@ -88,22 +88,33 @@ def _size(path: str) -> int:
         return -1
 
 
-def kill_at_random(proc, run_dir: str, kind: str, rng: random.Random, window: float,
-                   deadline: float, newest_step) -> Kill | None:
+def kill_at_random(
+    proc,
+    run_dir: str,
+    kind: str,
+    rng: random.Random,
+    window: float,
+    deadline: float,
+    newest_step,
+) -> Kill | None:
     """Wait for `proc` to train, then a random time in [0, window), then the moment `kind`;
     SIGKILL it. None if the process ended first (nothing left to kill)."""
-    start = last_logged_step(run_dir)
-    while True:  # training has started in this process: a new step is logged
+    started, resumed_at = time.time(), newest_step(run_dir) or 0
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    while True:  # this process trains: it logged a step past its checkpoint (after truncating)
         if proc.poll() is not None or time.monotonic() > deadline:
             return None
         step = last_logged_step(run_dir)
-        if step is not None and step != start:
+        try:
+            fresh = os.path.getmtime(metrics) >= started
+        except OSError:
+            fresh = False
+        if fresh and step is not None and step > resumed_at:
             break
         time.sleep(0.002)
     delay = rng.uniform(0.0, window)
     time.sleep(delay)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    metrics = os.path.join(run_dir, "metrics.jsonl")
     size = _size(metrics)
     while proc.poll() is None and time.monotonic() < deadline:
         if kind == "mid-chunk":

@@ -251,10 +251,7 @@ def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> Stat
         differing=[readable(k) for k in differing],
         missing=missing,
         max_abs_diff=worst,
-        equal=not differing
-        and not missing
-        and complete
-        and step_of(prefix_a) == step_of(prefix_b),
+        equal=not differing and not missing and complete and step_of(prefix_a) == step_of(prefix_b),
         not_saved=not_saved,
         rebuild_error=error,
     )
@@ -292,3 +289,77 @@ def _eval_points(run_a: str, run_b: str) -> dict | None:
     except UserError:
         return None
     return {"a": sa, "b": sb} if sa and sb else None
+
+
+def _keras_weights(path: str) -> dict:
+    """{h5 path: array} of every array in a .keras file (weights and optimizer state)."""
+    import io
+    import zipfile
+
+    import h5py
+    import numpy as np
+
+    out = {}
+    with zipfile.ZipFile(path) as z, h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
+        f.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, np.asarray(obj)) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return out
+
+
+def _saved_model_variables(path: str) -> dict:
+    """{"<dtype><shape> #<n>": array} of a SavedModel's variables. `model.export` numbers them
+    in an order that can differ between two processes (seen: the same values at other
+    indices), so they are keyed by shape and sorted by value within a shape: equal sets of
+    values compare equal, whatever their order."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    keys = [k for k in reader.get_variable_to_dtype_map() if k not in BOOKKEEPING_KEYS]
+    arrays = sorted(
+        (reader.get_tensor(k) for k in keys), key=lambda x: (str(x.dtype), x.shape, x.tobytes())
+    )
+    out, count = {}, {}
+    for x in arrays:
+        shape = f"{x.dtype}{list(x.shape)}"
+        count[shape] = count.get(shape, -1) + 1
+        out[f"{shape} #{count[shape]}"] = x
+    return out
+
+
+def compare_exports(run_a: str, run_b: str, atol: float = 0.0) -> dict:
+    """Both runs' exports, array by array: every weight and optimizer value in model.keras,
+    every variable of the SavedModel. {"ok", "keras": {...}, "saved_model": {...}}."""
+    import numpy as np
+
+    out: dict = {"ok": True}
+    readers = {
+        "keras": ("model.keras", _keras_weights),
+        "saved_model": ("saved_model", _saved_model_variables),
+    }
+    for kind, (name, read) in readers.items():
+        pa, pb = (os.path.join(r, "export", name) for r in (run_a, run_b))
+        missing = [side for side, p in (("a", pa), ("b", pb)) if not os.path.exists(p)]
+        if missing:
+            out[kind] = {"equal": False, "missing_in": missing}
+            out["ok"] = False
+            continue
+        try:
+            va, vb = read(pa), read(pb)
+        except Exception as e:  # a torn or foreign artifact is a finding
+            out[kind] = {"equal": False, "error": f"{type(e).__name__}: {e}"}
+            out["ok"] = False
+            continue
+        differing = sorted(set(va) ^ set(vb))
+        for key in sorted(set(va) & set(vb)):
+            x, y = va[key], vb[key]
+            if x.shape != y.shape or (
+                not np.array_equal(x, y)
+                and not (x.dtype.kind == "f" and np.allclose(x, y, rtol=0, atol=atol) and atol > 0)
+            ):
+                differing.append(key)
+        out[kind] = {"equal": not differing, "arrays": len(va), "differing": differing[:20]}
+        out["ok"] = out["ok"] and not differing
+    return out

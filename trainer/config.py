@@ -188,6 +188,9 @@ class VerifyConfig:
     atol: float = 0.0
     timeout: float = 900.0
     out: str | None = None
+    kills: int = 3
+    seed: int = 0
+    window: float = 0.5
 
 
 @dataclass

@@ -119,7 +119,9 @@ def missing(run_dir: str) -> list[str]:
     root = os.path.join(run_dir, "export")
     present = {
         "keras": os.path.isfile(os.path.join(root, ARTIFACTS["keras"])),
-        "saved_model": os.path.isfile(os.path.join(root, ARTIFACTS["saved_model"], "saved_model.pb")),
+        "saved_model": os.path.isfile(
+            os.path.join(root, ARTIFACTS["saved_model"], "saved_model.pb")
+        ),
     }
     return [kind for kind, ok in present.items() if not ok]
 

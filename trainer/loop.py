@@ -408,7 +408,9 @@ def check_complete(state: TrainState, step: int) -> None:
     """Before the first save: refuse (exit 2) a checkpoint that would leave a variable out."""
     missing = state.missing_from_checkpoint()
     if missing:
-        names = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        names = ", ".join(missing[:5]) + (
+            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
         raise UserError(
             f"checkpoint: the checkpoint of step {step} would leave out {len(missing)} "
             f"variable(s) created after the model was built: {names}. Create every variable "

@@ -51,7 +51,11 @@ def plot_comparison(
             first_eval = diff["first_divergent_step"]
             ev.set_title(
                 "eval loss: "
-                + ("equal at every eval" if first_eval is None else f"differs from step {first_eval}")
+                + (
+                    "equal at every eval"
+                    if first_eval is None
+                    else f"differs from step {first_eval}"
+                )
                 + f", max |diff| {diff['max_abs_diff']:.3g}",
                 fontsize=9,
             )

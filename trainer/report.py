@@ -47,7 +47,7 @@ def format_report(report: dict, labels: tuple[str, str] = ("A", "B")) -> str:
     if s is None:
         who = " and ".join({"a": la, "b": lb}[x] for x in report.get("no_checkpoint", []))
         lines.append(
-            f"final weights and optimizer state: NOT COMPARED ({who or 'a run'} has no verified "
+            f"final weights and optimizer state: NOT COMPARED ({who or 'a run'} without a verified "
             "checkpoint), so the runs cannot match"
         )
     else:
@@ -59,7 +59,8 @@ def format_report(report: dict, labels: tuple[str, str] = ("A", "B")) -> str:
         )
         not_saved = s.get("not_saved") or {}
         listed = [
-            (key, what, s[key]) for key, what in (("differing", "differs"), ("missing", "only in one run"))
+            (key, what, s[key])
+            for key, what in (("differing", "differs"), ("missing", "only in one run"))
         ]
         listed += [
             ("not_saved", f"not in {who}'s checkpoint", not_saved.get(side, []))
@@ -71,6 +72,26 @@ def format_report(report: dict, labels: tuple[str, str] = ("A", "B")) -> str:
                 lines.append(f"  ... and {len(names) - 8} more (report.json)")
         if s.get("rebuild_error"):
             lines.append(f"  completeness not checked: {s['rebuild_error']}")
+    exports = report.get("exports")
+    for kind in ("keras", "saved_model") if exports else ():
+        e = exports[kind]
+        if "missing_in" in e:
+            who = " and ".join({"a": la, "b": lb}[x] for x in e["missing_in"])
+            lines.append(f"export {kind}: DIFFERENT (missing in {who})")
+        elif "error" in e:
+            lines.append(f"export {kind}: DIFFERENT ({e['error']})")
+        else:
+            verdict = "equal" if e["equal"] else "DIFFERENT: " + ", ".join(e["differing"][:4])
+            lines.append(f"export {kind} ({e['arrays']} arrays): {verdict}")
+    kills = (report.get("verify") or {}).get("kills")
+    if kills:
+        seed = report["verify"].get("seed")
+        lines.append(f"chaos: {len(kills)} SIGKILLs (verify.seed={seed}):")
+        for i, k in enumerate(kills, 1):
+            lines.append(
+                f"  {i}. {k['kind']:<16} after {k['delay']:.3f} s: last logged step "
+                f"{k['last_logged_step']}, newest checkpoint {k['newest_checkpoint']}, {k['landed']}"
+            )
     lines.append(f"RESULT: {'MATCH (' + exact + ')' if report['ok'] else 'DIFFERENT'}")
     return "\n".join(lines)
 

@@ -121,17 +121,17 @@ def _logged_eval(run_dir: str, step: int) -> dict | None:
 
 
 def _reference(cfg, data, ckpt_dir: str, prefix: str):
-    """A freshly built model + optimizer with checkpoint `prefix` restored, as a resume does."""
+    """A freshly built model + optimizer with checkpoint `prefix` restored, as a resume does
+    (every value checked one to one first)."""
     from trainer import build
     from trainer.checkpoints import CheckpointStore
-    from trainer.optim import build_optimizer
-    from trainer.state import TrainState
 
-    model = build.build_model(cfg.model, data)
-    optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
-    model.compile(optimizer=optimizer, loss=build.keras_loss(data.task))
-    optimizer.build(model.trainable_variables)
-    state = TrainState(model, optimizer)
+    state = build.build_state(cfg, data)
+    problems = state.restore_problems(prefix)
+    if problems:
+        raise UserError(
+            f"{prefix} does not match the model its config builds: {'; '.join(problems[:5])}"
+        )
     reader = CheckpointStore(
         ckpt_dir,
         state.checkpoint,
@@ -141,7 +141,7 @@ def _reference(cfg, data, ckpt_dir: str, prefix: str):
         write=False,  # read only: nothing in the run directory changes
     )
     reader.restore(prefix)
-    return model, optimizer
+    return state.model, state.optimizer
 
 
 def _load_artifacts(keras_path: str, sm_path: str, x_one):

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from trainer.config import UserError, validate
 
-MODES = ("stop", "sigterm", "sigkill")
+MODES = ("stop", "sigterm", "sigkill", "chaos")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SAFE_VALUE = re.compile(r"^[\w./:-]+$")
 
@@ -53,7 +53,12 @@ def check(cfg: DictConfig, out: str) -> None:
     if v.interrupt not in MODES:
         raise UserError(f"verify.interrupt: received {v.interrupt!r}; allowed: {' | '.join(MODES)}")
     validate(cfg)
-    if not 0 < v.interrupt_at < tc.max_steps:
+    if v.interrupt == "chaos":
+        if not v.kills >= 1:
+            raise UserError(f"verify.kills: received {v.kills}; allowed: an integer >= 1")
+        if not v.window >= 0:
+            raise UserError(f"verify.window: received {v.window}; allowed: seconds >= 0")
+    elif not 0 < v.interrupt_at < tc.max_steps:
         raise UserError(
             f"verify.interrupt_at: received {v.interrupt_at}; allowed: a step in "
             f"1..trainer.max_steps-1 ({tc.max_steps - 1})"
@@ -176,6 +181,54 @@ def interrupt(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say
     return phase
 
 
+def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) -> list[dict]:
+    """Phase 2 under verify.interrupt=chaos: verify.kills SIGKILLs at random moments, each
+    run after the first being the resume of the one before (trainer/chaos.py)."""
+    import random
+
+    from trainer import chaos as chaos_lib
+    from trainer import compare
+    from trainer.checkpoints import step_of
+
+    v = cfg.verify
+    rng = random.Random(int(v.seed))
+    timeout = float(v.timeout)
+    kills = []
+
+    def newest(run: str) -> int | None:
+        prefix = compare.newest_checkpoint(run)
+        return step_of(prefix) if prefix else None
+
+    for i, kind in enumerate(chaos_lib.plan(int(v.kills), int(v.seed))):
+        before = newest(run_dir)
+        phase = start(f"chaos-{i + 1}", overrides, run_dir, out)
+        try:
+            kill = chaos_lib.kill_at_random(
+                phase.proc, run_dir, kind, rng, float(v.window), time.monotonic() + timeout, newest
+            )
+            if kill is None:
+                finish(phase, timeout, expect=())  # ended before the kill: report how
+                raise PhaseFailed(
+                    f"run {i + 1} finished before kill {i + 1} of {v.kills}; raise "
+                    "trainer.max_steps (or lower verify.window)"
+                )
+        finally:
+            if phase.proc.poll() is None:
+                phase.proc.kill()
+                phase.proc.wait()
+        with open(phase.log) as f:
+            text = f.read()
+        if before is not None and f"Resuming from step {before}:" not in text:
+            raise PhaseFailed(f"run {i + 1} did not resume from step {before}: {phase.log}")
+        say(
+            f"[2/3] kill {i + 1}/{v.kills} ({kind}) after {kill.delay:.3f} s of training: last "
+            f"logged step {kill.last_logged_step}, newest checkpoint {kill.newest_checkpoint}; "
+            f"{kill.landed}"
+        )
+        kills.append({**kill.as_dict(), "resumed_from": before})
+    return kills
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -190,49 +243,67 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> di
     at, timeout = int(v.interrupt_at), float(v.timeout)
     overrides = trainer_overrides(task_overrides)
     ref_dir, res_dir = os.path.join(out, "reference"), os.path.join(out, "resumed")
-    say(f"Verify resume in {out}: {v.interrupt} at step {at} of {max_steps}")
+    what = (
+        f"{v.kills} SIGKILLs at random moments"
+        if v.interrupt == "chaos"
+        else f"{v.interrupt} at step {at}"
+    )
+    say(f"Verify resume in {out}: {what} of {max_steps} steps")
     say(f"  trainer overrides: {' '.join(overrides)}")
     phases: list[Phase] = []
     try:
         say(f"[1/3] reference run: started, uninterrupted to step {max_steps}")
         phases.append(start("reference", overrides, ref_dir, out))
-        say(f"[2/3] interrupted run: started, {v.interrupt} at step {at}")
-        phases.append(interrupt(cfg, overrides, res_dir, out, say))
-        expect = {"stop": (0,), "sigterm": (3,), "sigkill": (-signal.SIGKILL,)}[v.interrupt]
-        finish(phases[1], timeout, expect)
+        kills = None
+        if v.interrupt == "chaos":
+            say(f"[2/3] interrupted run: {v.kills} SIGKILLs at random moments (seed {v.seed})")
+            kills = chaos(cfg, overrides, res_dir, out, say)
+        else:
+            say(f"[2/3] interrupted run: started, {v.interrupt} at step {at}")
+            phases.append(interrupt(cfg, overrides, res_dir, out, say))
+            expect = {"stop": (0,), "sigterm": (3,), "sigkill": (-signal.SIGKILL,)}[v.interrupt]
+            finish(phases[1], timeout, expect)
         newest = compare.newest_checkpoint(res_dir)
         resume_from = step_of(newest) if newest else None
         train_dir = os.path.join(res_dir, "tensorboard", "train")
         logged = [step for step, _ in compare.read_all_scalars(train_dir).get("loss", [])]
-        if not resume_from or (v.interrupt != "sigkill" and resume_from != at):
+        if v.interrupt in ("stop", "sigterm") and resume_from != at:
             raise PhaseFailed(
                 f"interrupted run left its newest checkpoint at {resume_from}, not {at}"
             )
-        redone = sorted(s for s in logged if s > resume_from)
+        redone = sorted(s for s in logged if s > (resume_from or 0))
         note = f"; steps {redone[0]}..{redone[-1]} were logged and will be redone" if redone else ""
+        how = (
+            f"exit {phases[1].exit_code}) in {phases[1].seconds:.1f} s"
+            if kills is None
+            else "killed)"
+        )
         say(
-            f"[2/3] interrupted run: ended ({v.interrupt}, exit {phases[1].exit_code}) in "
-            f"{phases[1].seconds:.1f} s; newest checkpoint: step {resume_from}{note}"
+            f"[2/3] interrupted run: ended ({v.interrupt}, {how}; newest checkpoint: step "
+            f"{resume_from}{note}"
         )
         finish(phases[0], timeout, (0,))
         say(f"[1/3] reference run: done, {max_steps} steps in {phases[0].seconds:.1f} s")
         say(f"[3/3] resumed run: started, from step {resume_from} to {max_steps}")
         phases.append(finish(start("resume", overrides, res_dir, out), timeout, (0,)))
-        with open(phases[2].log) as f:
-            if f"Resuming from step {resume_from}:" not in f.read():
+        with open(phases[-1].log) as f:
+            if resume_from and f"Resuming from step {resume_from}:" not in f.read():
                 raise PhaseFailed(
-                    f"resumed run did not resume from step {resume_from}: {phases[2].log}"
+                    f"resumed run did not resume from step {resume_from}: {phases[-1].log}"
                 )
-        say(f"[3/3] resumed run: done in {phases[2].seconds:.1f} s")
+        say(f"[3/3] resumed run: done in {phases[-1].seconds:.1f} s")
     finally:
         for p in phases:
             if p.proc.poll() is None:
                 p.proc.kill()
                 p.proc.wait()
     report = compare.compare_runs(ref_dir, res_dir, atol=float(v.atol))
+    report["exports"] = compare.compare_exports(ref_dir, res_dir, atol=float(v.atol))
+    report["ok"] = report["ok"] and report["exports"]["ok"]
     report["verify"] = {
         "interrupt": v.interrupt,
-        "interrupt_at": at,
+        "interrupt_at": None if kills is not None else at,
+        **({"kills": kills, "seed": int(v.seed)} if kills is not None else {}),
         "max_steps": max_steps,
         "resumed_from": resume_from,
         "steps_redone": [redone[0], redone[-1]] if redone else None,
@@ -241,8 +312,11 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> di
             p.name: {"exit_code": p.exit_code, "seconds": round(p.seconds, 2)} for p in phases
         },
     }
-    marks = {f"{v.interrupt} at {at}": at}
-    if resume_from != at:
+    marks = {f"{v.interrupt} at {at}": at} if kills is None else {}
+    for i, kill in enumerate(kills or []):
+        if kill["last_logged_step"]:
+            marks[f"kill {i + 1} ({kill['kind']})"] = kill["last_logged_step"]
+    if kills is None and resume_from != at:
         marks[f"resumed from {resume_from}"] = resume_from
     report["plot"] = plot.plot_comparison(
         report, os.path.join(out, "curves.png"), ("reference", "resumed"), marks

@@ -125,7 +125,9 @@ def _from_checkpoint(path: str, state: TrainState) -> str:
 
     weights, problems = pairs("model", state.groups["model"])
     if problems:
-        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        shown = "; ".join(problems[:3]) + (
+            f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        )
         raise UserError(
             f"trainer.init_from: received {path!r}; checkpoint {os.path.basename(prefix)} does "
             f"not fit this model and data ({shown}). Allowed: a checkpoint of the same model "
@@ -140,7 +142,9 @@ def _from_checkpoint(path: str, state: TrainState) -> str:
     if not slot_vars:
         return "weights (this optimizer has no slot variables)"
     if missing:
-        held = sorted({k.split("/")[1].split(".S")[0] for k in shapes if k.startswith("optimizer/")})
+        held = sorted(
+            {k.split("/")[1].split(".S")[0] for k in shapes if k.startswith("optimizer/")}
+        )
         there = ", ".join(held) or "none"
         return f"weights only: the optimizer state there is {there}, this run uses {name}"
     return f"weights and {name} slot variables"

@@ -1,0 +1,194 @@
+"""User models written the way people write them (tests/user_models.py): each trains, stops,
+resumes and matches the uninterrupted run on training loss, eval loss and every final
+variable; each checkpoint holds every path of `model.variables`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import FAST, train
+from user_models import PATTERNS
+
+from trainer import build
+from trainer.compare import compare_runs
+from trainer.config import UserError
+from trainer.data import load_data
+from trainer.loop import fit
+from trainer.report import format_report
+from trainer.state import checkpoint_key, checkpoint_keys, seed_generator_states
+
+STEPS = [
+    "trainer.max_steps=40",
+    "trainer.log_every=1",
+    "trainer.eval_every=10",
+    "checkpoint.every=10",
+]
+
+
+def _overrides(pattern: str) -> list[str]:
+    return ["model=custom", f"model._target_=user_models.{pattern}", *STEPS]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_user_model_resumes_exactly_with_every_variable_saved(tmp_path, compose, pattern):
+    over = _overrides(pattern)
+    ref, res = tmp_path / "reference", tmp_path / "resumed"
+    assert fit(compose(over), str(ref)).status == "completed"
+    assert fit(compose([*over, "trainer.stop_at=20"]), str(res)).status == "stopped"
+    resumed = fit(compose(over), str(res))
+    assert resumed.status == "completed" and resumed.resumed_from == 20
+
+    report = compare_runs(str(ref), str(res))
+    assert report["ok"], format_report(report)
+    assert report["curve"]["steps_compared"] == 40
+    assert report["other_tags"]["eval/loss"]["steps_compared"] == 4  # steps 10..40, 30/40 resumed
+    assert report["final_state"]["not_saved"] == {"a": [], "b": []}
+
+    # Every path of model.variables is in the checkpoint, by its Keras path, independently of
+    # TrainState's grouping: a model rebuilt as fit builds it names each one.
+    cfg = compose(over)
+    build.setup_runtime(cfg)
+    model = build.build_state(cfg, load_data(cfg.data)).model
+    rng = {id(v) for v in seed_generator_states(model)}
+    keys = checkpoint_keys(str(res / "checkpoints" / "ckpt-40"))
+    for v in model.variables:
+        assert checkpoint_key("rng" if id(v) in rng else "model", v.path) in keys, v.path
+    reader = tf.train.load_checkpoint(str(res / "checkpoints" / "ckpt-40"))
+    for v in model.variables:  # a canary: trained statistics were saved, not initial values
+        if v.path.endswith("moving_mean"):
+            assert np.any(reader.get_tensor(checkpoint_key("model", v.path)) != 0), v.path
+
+
+def test_tensorflow_object_graph_misses_layers_in_containers(compose):
+    """The trap this layout exists for (README, "How resume works"): on Keras 3,
+    tf.train.Checkpoint(model=...) does not reach layers kept in a list of tuples."""
+    cfg = compose(_overrides("TupleBlocks"))
+    build.setup_runtime(cfg)
+    state = build.build_state(cfg, load_data(cfg.data))
+    graph = tf.train.Checkpoint(model=state.model)
+    reached = set()
+    queue = [graph]
+    while queue:
+        obj = queue.pop()
+        if id(obj) not in reached:
+            reached.add(id(obj))
+            queue.extend(obj._trackable_children(save_type="checkpoint").values())
+    missed = [v.path for v in state.model.variables if id(v) not in reached]
+    assert any(p.endswith("moving_variance") for p in missed)
+    assert state.missing_from_checkpoint() == []  # ours holds them
+
+
+def test_a_variable_left_out_is_named_before_the_first_save(compose):
+    from trainer.loop import check_complete
+
+    cfg = compose(_overrides("TupleBlocks"))
+    build.setup_runtime(cfg)
+    state = build.build_state(cfg, load_data(cfg.data))
+    path = next(p for p in state.groups["model"] if p.endswith("moving_mean"))
+    del state.groups["model"][path]  # as if the construction had missed it
+    state.checkpoint = tf.train.Checkpoint(**state.groups)
+    assert state.missing_from_checkpoint() == [path]
+    with pytest.raises(UserError, match=path):
+        check_complete(state, 10)
+
+
+@pytest.mark.slow
+def test_a_variable_created_during_training_stops_the_run_at_its_first_save(tmp_path):
+    """LateCounter creates a non-trainable variable at its first training call, after the
+    checkpoint was laid out: the first save refuses it in one line, exit 2."""
+    r = train(tmp_path / "run", "model=custom", "model._target_=user_models.LateCounter", *FAST)
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "would leave out 1 variable" in err[0] and "seen" in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_seed_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    over = ["model=custom", "model._target_=user_models.TupleBlocks", *FAST]
+    assert train(run, *over, "trainer.stop_at=20").returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in str(p)}
+    r = train(run, *over, "trainer.seed=1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "trainer.seed: checkpoint 0 -> now 1" in err[0], r.stderr
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in str(p)}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_rerun_of_a_completed_user_run_leaves_every_byte(tmp_path):
+    run = tmp_path / "run"
+    over = ["model=custom", "model._target_=user_models.LayerDict", *FAST]
+    assert train(run, *over).returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = train(run, *over)
+    assert again.returncode == 0 and "Run is complete at step 40; wrote nothing" in again.stdout
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    shutil.rmtree(run / "export" / "saved_model")  # as a run killed during its export leaves it
+    keras_bytes = (run / "export" / "model.keras").read_bytes()
+    third = train(run, *over)
+    assert third.returncode == 0 and "wrote saved_model" in third.stdout, third.stdout
+    assert (run / "export" / "saved_model" / "saved_model.pb").exists()
+    assert (run / "export" / "model.keras").read_bytes() == keras_bytes
+    kept = {p: b for p, b in before.items() if "saved_model" not in str(p)}
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+def _drop(prefix: str, suffix: str) -> list[str]:
+    """Rewrite checkpoint `prefix` without its values whose Keras path ends with `suffix` (as
+    the earlier layout left BatchNorm statistics out), manifest included; the dropped paths."""
+    from trainer.checkpoints import MANIFEST_SUFFIX, CheckpointStore, read_manifest
+    from trainer.state import _VALUE, readable
+
+    reader = tf.train.load_checkpoint(prefix)
+    groups: dict = {}
+    dropped = []
+    for key in checkpoint_keys(prefix):
+        name = readable(key)
+        if name.endswith(suffix):
+            dropped.append(name)
+            continue
+        group, _, rest = key[: -len(_VALUE)].partition("/")
+        var = tf.Variable(reader.get_tensor(key))
+        if rest:
+            groups.setdefault(group, {})[name[len(group) + 1 :]] = var
+        else:
+            groups[group] = var
+    manifest = read_manifest(prefix)
+    for path in tf.io.gfile.glob(prefix + ".*"):
+        tf.io.gfile.remove(path)
+    tf.train.Checkpoint(**groups).write(prefix)
+    own = ("step", "time", "files", "data_checksums")
+    store = CheckpointStore(
+        str(tf.io.gfile.join(prefix, "..")),
+        None,
+        max_to_keep=1,
+        keep_every_n_hours=None,
+        manifest_extra={k: v for k, v in manifest.items() if k not in own},
+        write=False,
+    )
+    store.write_manifest(prefix, manifest["step"])
+    assert json.load(open(prefix + MANIFEST_SUFFIX))["state_layout"] == manifest["state_layout"]
+    return sorted(dropped)
+
+
+def test_comparison_catches_a_variable_missing_from_both_checkpoints(tmp_path, compose):
+    over = _overrides("LayerList")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        fit(compose(over), str(run))
+    assert compare_runs(str(a), str(b))["ok"]
+    for run in (a, b):  # the same values left out of both: the tensors they share still agree
+        dropped = _drop(str(run / "checkpoints" / "ckpt-40"), "moving_mean")
+    report = compare_runs(str(a), str(b))
+    assert not report["ok"]
+    assert report["final_state"]["differing"] == [] and report["final_state"]["missing"] == []
+    assert report["final_state"]["not_saved"] == {"a": dropped, "b": dropped}
+    assert "not in A's checkpoint: model/" in format_report(report)
+    assert len(dropped) == 2
