@@ -192,3 +192,27 @@ def test_comparison_catches_a_variable_missing_from_both_checkpoints(tmp_path, c
     assert report["final_state"]["not_saved"] == {"a": dropped, "b": dropped}
     assert "not in A's checkpoint: model/" in format_report(report)
     assert len(dropped) == 2
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_earlier_layout_is_refused_in_one_line(tmp_path):
+    """A manifest without state_layout is what the earlier layout (through TensorFlow's object
+    graph) wrote: resuming from it, or warm starting from it, is refused; nothing changes."""
+    from trainer.checkpoints import read_manifest
+
+    run = tmp_path / "run"
+    assert train(run, *FAST, "trainer.stop_at=20").returncode == 0
+    prefix = run / "checkpoints" / "ckpt-20"
+    manifest = read_manifest(str(prefix))
+    del manifest["state_layout"]
+    (run / "checkpoints" / "ckpt-20.manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in str(p)}
+    for r, key in (
+        (train(run, *FAST), "resume refused"),
+        (train(tmp_path / "warm", *FAST, f"trainer.init_from={prefix}"), "trainer.init_from"),
+    ):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and key in err[0] and "earlier version" in err[0], r.stderr
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in str(p)}
+    assert after == before
