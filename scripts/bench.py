@@ -2,7 +2,7 @@
 
     python scripts/bench.py [--quick] [--out bench.json]
 
-The work is in trainer/bench.py (and trainer/bench_state.py).
+The work is in trainer/bench/suite.py (and trainer/bench/big_state.py).
 """
 
 import argparse
@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Import this checkout's trainer/, not an installed copy from another directory.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer import bench  # noqa: E402
+from trainer.bench import suite as bench  # noqa: E402
 
 
 def main() -> None:

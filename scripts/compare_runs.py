@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Use the trainer/ package of the checkout this script lives in, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.report import main  # noqa: E402
+from trainer.verify.report import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

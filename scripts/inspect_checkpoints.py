@@ -17,8 +17,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer import inspection  # noqa: E402
 from trainer.config import UserError  # noqa: E402
+from trainer.verify import inspection  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

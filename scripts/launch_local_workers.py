@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.launch import launch  # noqa: E402
+from trainer.distribute.launch import launch  # noqa: E402
 
 
 def main() -> int:

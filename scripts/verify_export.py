@@ -1,6 +1,6 @@
 """python scripts/verify_export.py RUN [--out report.json]: reload the run's exports and prove nothing is lost.
 
-Exit codes: 0 nothing lost, 1 something differs, 2 bad input. The work is in trainer/verify_export.py.
+Exit codes: 0 nothing lost, 1 something differs, 2 bad input. The work is in trainer/verify/exports.py.
 """
 
 import logging
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 for _name in ("absl", "tensorflow"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from trainer.verify_export import main  # noqa: E402
+from trainer.verify.exports import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

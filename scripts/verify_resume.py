@@ -3,7 +3,7 @@
     python scripts/verify_resume.py model=custom_bn trainer.max_steps=200 verify.interrupt_at=100 verify.interrupt=sigkill
 
 Takes every override `python -m trainer` takes plus the verify group (conf/verify/default.yaml).
-Exit 0: the curves (and final state) match; 1: they differ; 2: bad input. See trainer/verify_resume.py.
+Exit 0: the curves (and final state) match; 1: they differ; 2: bad input. See trainer/verify/resume.py.
 """
 
 import os
@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Use the trainer/ package of the checkout this script lives in, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.verify_resume import main  # noqa: E402
+from trainer.verify.resume import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, env, losses, train
 
-from trainer.checkpoints import CheckpointStore, list_checkpoints, verify
+from trainer.checkpoint.store import CheckpointStore, list_checkpoints, verify
 from trainer.config import UserError
 from trainer.nonfinite import NonFiniteLoss
 from trainer.state import TrainState
@@ -200,7 +200,7 @@ def test_at_most_one_write_in_flight_and_saves_keep_their_order(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_the_writer_thread_runs_at_a_lower_priority_and_the_loop_thread_does_not(tmp_path):
-    from trainer.async_save import WRITER_NICE
+    from trainer.checkpoint.async_save import WRITER_NICE
 
     state, _ = _state()
     store = _store(tmp_path, state)

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, env
 
-from trainer import integrity
-from trainer.checkpoints import (
+from trainer.checkpoint import integrity
+from trainer.checkpoint.store import (
     MANIFEST_SUFFIX,
     TRASH_DIR,
     CheckpointStore,
@@ -95,7 +95,7 @@ def test_manifests_with_a_sha256_per_file_are_still_checked(tmp_path):
 def moves(monkeypatch):
     """Retention moves every retired checkpoint into checkpoints/.deleting/, whatever its
     size; records the moves (destinations)."""
-    import trainer.checkpoints as ckpts
+    import trainer.checkpoint.store as ckpts
 
     made = []
     replace = os.replace
@@ -206,7 +206,7 @@ def test_retention_deletes_in_place_when_the_trash_cannot_be_made(tmp_path, move
 def test_a_non_chief_worker_retires_its_temp_checkpoints_in_place(tmp_path, moves):
     """A non-chief worker saves into its own temp dir, which no deleter thread empties:
     retention there deletes in place, and nothing is written into the chief's directory."""
-    from trainer.distribute import _NonChiefStore
+    from trainer.distribute.placement import _NonChiefStore
 
     chief, temp = tmp_path / "chief", tmp_path / "worker-temp"
     os.makedirs(chief)

@@ -1,4 +1,4 @@
-"""trainer.compare / scripts/compare_runs.py on hand-written event files: fast, in-process."""
+"""trainer.verify.compare / scripts/compare_runs.py on hand-written event files: fast, in-process."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from trainer import compare, summaries
-from trainer.report import main as compare_main
+from trainer import summaries
+from trainer.verify import compare
+from trainer.verify.report import main as compare_main
 
 
 def write_run(run_dir, values: dict[int, float], tag: str = "loss", split: str = "train") -> str:
@@ -29,7 +30,7 @@ CURVE = {s: 1.0 / s for s in range(1, 31)}
 
 def test_identical_curves_without_checkpoints_are_no_match(tmp_path):
     """Equal curves, but no final state to compare: that is not a match."""
-    from trainer.report import format_report
+    from trainer.verify.report import format_report
 
     a, b = write_run(tmp_path / "a", CURVE), write_run(tmp_path / "b", CURVE)
     report = compare.compare_runs(a, b)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import REPO, env, losses, spawn, train
 
-from trainer.checkpoints import list_checkpoints, step_of, verify
+from trainer.checkpoint.store import list_checkpoints, step_of, verify
 from trainer.config import UserError
 from trainer.summaries import read_metrics
 
@@ -70,7 +70,7 @@ def read_checkpoint(prefix: str) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- in-process checks (fast)
 def test_logical_cpus_only_with_mirrored(compose):
-    from trainer.distribute import make_strategy
+    from trainer.distribute.placement import make_strategy
 
     cfg = compose(["distribute.logical_cpus=2"])
     with pytest.raises(
@@ -80,7 +80,7 @@ def test_logical_cpus_only_with_mirrored(compose):
 
 
 def test_multi_worker_needs_tf_config(compose, monkeypatch):
-    from trainer.distribute import make_strategy
+    from trainer.distribute.placement import make_strategy
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(UserError, match="TF_CONFIG"):
@@ -91,7 +91,7 @@ def test_multi_worker_needs_tf_config(compose, monkeypatch):
 
 
 def test_batch_size_must_divide_replicas():
-    from trainer.distribute import check_global_batch
+    from trainer.distribute.placement import check_global_batch
 
     check_global_batch(32, 2, "mirrored")
     with pytest.raises(UserError, match=r"data.batch_size: received 31.*by the 2 replicas"):
@@ -107,7 +107,7 @@ def _fake_checkpoint(run: Path, config: dict) -> None:
 
 
 def test_resume_refuses_switching_loss_scaling(compose, tmp_path):
-    from trainer.distribute import check_resume
+    from trainer.distribute.placement import check_resume
 
     _fake_checkpoint(tmp_path, {"trainer": {"precision": "float32"}, "distribute": {}})
     with pytest.raises(UserError, match=r"trainer.precision: received 'mixed_float16'.*'float32'"):
@@ -116,7 +116,7 @@ def test_resume_refuses_switching_loss_scaling(compose, tmp_path):
 
 
 def test_resume_notes_a_topology_change(compose, tmp_path, capsys):
-    from trainer.distribute import check_resume
+    from trainer.distribute.placement import check_resume
 
     _fake_checkpoint(tmp_path, {"distribute": {"name": "mirrored", "logical_cpus": 2}})
     check_resume(compose(["distribute=mirrored", "distribute.logical_cpus=2"]), str(tmp_path))
@@ -126,7 +126,7 @@ def test_resume_notes_a_topology_change(compose, tmp_path, capsys):
 
 
 def test_mirrored_devices_must_exist(compose):
-    from trainer.distribute import make_strategy
+    from trainer.distribute.placement import make_strategy
 
     cfg = compose(["distribute=mirrored", "distribute.devices=[/cpu:0,/cpu:7]"])
     with pytest.raises(UserError, match=r"distribute.devices: received '/cpu:7'"):
@@ -143,7 +143,7 @@ def test_launcher_exits_with_a_failing_workers_code(tmp_path):
 
 def test_launcher_stops_the_others_once_one_worker_fails(tmp_path, capsys):
     """Bounded: a worker left waiting in a collective is stopped `grace` seconds after a failure."""
-    from trainer.launch import launch
+    from trainer.distribute.launch import launch
 
     fake = tmp_path / "fake_python"  # worker 0 fails at once, worker 1 would hang
     fake.write_text(
@@ -159,7 +159,7 @@ def test_launcher_stops_the_others_once_one_worker_fails(tmp_path, capsys):
 def test_tf_config_for_local_workers():
     import json
 
-    from trainer.launch import free_ports, tf_config, worker_overrides
+    from trainer.distribute.launch import free_ports, tf_config, worker_overrides
 
     ports = free_ports(3)
     assert len(set(ports)) == 3

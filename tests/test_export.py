@@ -22,10 +22,10 @@ import tensorflow as tf
 from conftest import REPO, env, run_cli, spawn
 
 import models
-from trainer import export
+from trainer.checkpoint import export
 from trainer.config import UserError
-from trainer.verify_export import main as verify_main
-from trainer.verify_export import verify_export
+from trainer.verify.exports import main as verify_main
+from trainer.verify.exports import verify_export
 
 ARTICLE = ["custom_dense", "custom_bn", "custom_variable"]
 STEPS = 30
@@ -102,7 +102,7 @@ def test_model_keras_holds_optimizer_iterations_and_slots(runs):
     slots = opt.variables[2:]
     assert len(slots) == n_slots
     # the checkpoint's optimizer keys in optimizer.variables order (a model rebuilt from the run's config)
-    from trainer.compare import expected_variables
+    from trainer.verify.compare import expected_variables
 
     keys = [k for k in expected_variables(_latest_prefix(run)) if k.startswith("optimizer/")]
     assert len(keys) == len(opt.variables)
@@ -296,7 +296,7 @@ _EXPORT_LOOP = """
 import sys, numpy as np, keras
 sys.path.insert(0, sys.argv[2])
 import models
-from trainer import export
+from trainer.checkpoint import export
 ms = []
 for seed in (0, 1):
     keras.utils.set_random_seed(seed)
@@ -352,7 +352,7 @@ def _fresh_state(compose, overrides):
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["model.keras", "run dir", "checkpoint prefix"])
 def test_warm_start_copies_weights_and_optimizer_slots(runs, compose, source):
-    from trainer.warm_start import optimizer_slots, warm_start
+    from trainer.checkpoint.warm_start import optimizer_slots, warm_start
 
     run = runs["custom_bn"]
     path = {
@@ -374,7 +374,7 @@ def test_warm_start_copies_weights_and_optimizer_slots(runs, compose, source):
 
 @pytest.mark.slow
 def test_warm_start_with_another_optimizer_copies_weights_only(runs, compose):
-    from trainer.warm_start import warm_start
+    from trainer.checkpoint.warm_start import warm_start
 
     state = _fresh_state(compose, ["model=custom_bn", "optimizer=sgd"])
     assert warm_start(str(runs["custom_bn"]), state).startswith("weights only")
@@ -384,7 +384,7 @@ def test_warm_start_with_another_optimizer_copies_weights_only(runs, compose):
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["model.keras", "run dir"])
 def test_warm_start_refuses_another_architecture(runs, compose, source):
-    from trainer.warm_start import warm_start
+    from trainer.checkpoint.warm_start import warm_start
 
     run = runs["custom_bn"]
     path = run / "export" / "model.keras" if source == "model.keras" else run

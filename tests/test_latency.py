@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from trainer.latency import compare_latency
+from trainer.verify.latency import compare_latency
 
 
 class _Result:

@@ -138,7 +138,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, reference):
 
 @pytest.mark.slow
 def test_sigterm_saves_flushes_logs_and_exits_3(tmp_path, reference):
-    from trainer.checkpoints import verify
+    from trainer.checkpoint.store import verify
     from trainer.summaries import read_scalars
 
     run = tmp_path / "run"
@@ -204,7 +204,7 @@ def test_second_sigint_aborts_at_once(tmp_path):
 def test_second_sigint_aborts_the_trainer_without_saving(tmp_path):
     """The real trainer: two SIGINTs 5 ms apart while paused at step 10 (last checkpoint at
     8). The first starts a graceful stop, the second aborts before the step-10 save."""
-    from trainer.checkpoints import verify
+    from trainer.checkpoint.store import verify
 
     run = tmp_path / "run"
     p, _ = start_paused(run, *BASE, "checkpoint.every=4", "trainer.pause_at=10")
@@ -285,7 +285,7 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, compose, capsys, m
     resumes from it. With async saves the failure surfaces at the next save, same outcome."""
     import errno
 
-    from trainer.checkpoints import CheckpointStore, verify
+    from trainer.checkpoint.store import CheckpointStore, verify
 
     original = CheckpointStore.write_manifest
     calls = []
@@ -324,7 +324,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 def test_full_disk_on_a_small_filesystem(tmp_path, compose, capsys):
     """A real full filesystem (tmpfs): the CLI exits 2 with one message, the previous
     checkpoint verifies, and after freeing space the run resumes and finishes."""
-    from trainer.checkpoints import verify
+    from trainer.checkpoint.store import verify
 
     mnt = tmp_path / "small"
     if not _mount_tmpfs(mnt, "4m"):
@@ -429,7 +429,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path, compose, async_save)
     variance holding Inf leaves the training loss finite (training normalizes with batch
     statistics) but stops the first save, naming the variable; no checkpoint is written."""
     from trainer import build
-    from trainer.checkpoints import list_checkpoints, verify
+    from trainer.checkpoint.store import list_checkpoints, verify
     from trainer.data import load_data
 
     cfg = compose(["model=custom_bn"])
@@ -458,7 +458,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path, compose, async_save)
 
 # ---------------------------------------------------------------- scripts/inspect_checkpoints.py
 def test_inspect_checkpoints(tmp_path, reference, capsys):
-    """The script's three views, in-process (it is a thin main() over trainer/inspection.py)
+    """The script's three views, in-process (it is a thin main() over trainer/verify/inspection.py)
     plus one real CLI call for the exit code."""
     sys.path.insert(0, str(REPO / "scripts"))
     from conftest import run_cli

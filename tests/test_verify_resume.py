@@ -22,15 +22,15 @@ import urllib.request
 import pytest
 from conftest import env, run_cli
 
-from trainer import compare
 from trainer.summaries import read_metrics
-from trainer.verify_resume import check, verify
+from trainer.verify import compare
+from trainer.verify.resume import check, verify
 
 SHORT = ["checkpoint.every=25", "trainer.eval_every=20"]
 
 
 def verified(compose, tmp_path, overrides: list[str]) -> dict:
-    """Run trainer.verify_resume.verify in-process (its three runs are subprocesses)."""
+    """Run trainer.verify.resume.verify in-process (its three runs are subprocesses)."""
     cfg = compose([*SHORT, *overrides], config_name="verify_resume")
     out = str(tmp_path / "verify")
     check(cfg, out)
@@ -292,7 +292,7 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path, args, message):
 
 
 def test_verify_group_is_not_passed_to_the_trainer():
-    from trainer.verify_resume import trainer_overrides
+    from trainer.verify.resume import trainer_overrides
 
     got = trainer_overrides(
         ["model=gru", "verify.interrupt=stop", "+verify.x=1", "data.batch_size=8"]

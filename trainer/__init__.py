@@ -1,1 +1,17 @@
-"""resumable-trainer: train subclassed Keras models with full-state checkpoints and exact resume."""
+"""resumable-trainer: train subclassed Keras models with full-state checkpoints and exact resume.
+
+The training core lives at the top of this package, in the order a run goes through it:
+`__main__` (the Hydra entry) -> `app` (exit codes) -> `config`, `preflight` (the schema and
+value checks) -> `data` -> `build` (model, losses) and `optim` -> `state` (what a checkpoint
+holds) -> `loop` (the fit loop: `fit` reads as a page) with `steps` (the traced train and eval
+steps), `summaries`, `signals`, `nonfinite`.
+
+Subsystems, one package each:
+- `checkpoint/`: the store and its manifests, async writes, integrity, fingerprint, warm
+  start, exports;
+- `distribute/`: strategies, preemption, mixed precision, the local launcher;
+- `verify/` and `bench/`: the tools around training (scripts/*.py call them).
+
+Imports go one way: the core and its subsystems never import `verify/` or `bench/`
+(tests/test_layout.py reads every import to check it).
+"""

@@ -11,7 +11,8 @@ import traceback
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from trainer import hydra_callbacks, integrity
+from trainer import hydra_callbacks
+from trainer.checkpoint import integrity
 from trainer.config import UserError
 from trainer.loop import NonFiniteLoss, RunResult, fit
 

@@ -114,7 +114,7 @@ def keras_loss(task: str):
 def build_state(cfg: DictConfig, data: Data):
     """The model, its optimizer and their TrainState, as `fit` builds them (call it inside
     the strategy's scope): what a checkpoint of a run with config `cfg` holds."""
-    from trainer import precision
+    from trainer.distribute import precision
     from trainer.optim import build_optimizer
     from trainer.state import TrainState
 

@@ -18,17 +18,20 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from trainer import build, distribute, export, integrity, nonfinite, precision, summaries
+from trainer import build, nonfinite, summaries
 from trainer import data as data_lib
-from trainer.checkpoints import CheckpointStore, list_checkpoints, read_manifest
+from trainer.checkpoint import export, integrity
+from trainer.checkpoint.fingerprint import manifest_extra
+from trainer.checkpoint.store import CheckpointStore, list_checkpoints, read_manifest
+from trainer.checkpoint.warm_start import warm_start
 from trainer.config import UserError, validate
-from trainer.fingerprint import manifest_extra
+from trainer.distribute import placement as distribute
+from trainer.distribute import precision
 from trainer.nonfinite import NonFiniteLoss
 from trainer.optim import build_optimizer, learning_rate_fn
 from trainer.signals import StopRequest
 from trainer.state import STATE_LAYOUT, TrainState
 from trainer.tfcall import flat_caller
-from trainer.warm_start import warm_start
 
 __all__ = ["NonFiniteLoss", "RunResult", "fit"]
 
@@ -135,7 +138,7 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened.
 
     Under multi-worker training only the chief writes into `run_dir`; the other workers
-    write into `place.write_dir`, a temporary directory (trainer/distribute.py).
+    write into `place.write_dir`, a temporary directory (trainer/distribute/placement.py).
     """
     validate(cfg)
     tc = cfg.trainer
@@ -435,7 +438,7 @@ def already_complete(step: int, run_dir: str, exports: dict | None = None) -> Ru
 def check_compatible(cfg: DictConfig, prefix: str) -> None:
     """Refuse to resume with a config that changes the architecture or the data, or from a
     checkpoint of the earlier layout (README, "How resume works")."""
-    from trainer.fingerprint import structural_diff
+    from trainer.checkpoint.fingerprint import structural_diff
 
     if read_manifest(prefix).get("state_layout") != STATE_LAYOUT:
         raise UserError(

@@ -15,9 +15,9 @@ import glob
 import os
 from dataclasses import dataclass
 
-from trainer.checkpoints import checkpoint_files, list_checkpoints, read_manifest, verify
+from trainer.checkpoint.fingerprint import flatten
+from trainer.checkpoint.store import checkpoint_files, list_checkpoints, read_manifest, verify
 from trainer.config import UserError
-from trainer.fingerprint import flatten
 
 
 @dataclass
@@ -119,8 +119,8 @@ def config_diff(run_dir: str, overrides: list[str], step: int | None = None) -> 
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    from trainer.checkpoint.fingerprint import structural
     from trainer.config import CONF_DIR, register_schemas
-    from trainer.fingerprint import structural
     from trainer.preflight import message
 
     prefix = _prefix(run_dir, step)

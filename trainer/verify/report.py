@@ -8,8 +8,8 @@ import os
 import sys
 import time
 
-from trainer.compare import compare_runs
 from trainer.config import UserError
+from trainer.verify.compare import compare_runs
 
 
 def _steps(steps: list[int]) -> str:
@@ -105,7 +105,7 @@ def write_report(report: dict, path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """scripts/compare_runs.py: compare two runs, print the report, write it; the exit code."""
-    from trainer.plot import plot_comparison
+    from trainer.verify.plot import plot_comparison
 
     parser = argparse.ArgumentParser(
         prog="compare_runs.py", description="Compare two runs from their TensorBoard event files."

@@ -9,7 +9,7 @@ def plot_comparison(
     labels: tuple[str, str] = ("A", "B"),
     marks: dict[str, int] | None = None,
 ) -> str:
-    """Draw both curves of `report` (from trainer.compare) and B - A per step into `path`.
+    """Draw both curves of `report` (from trainer.verify.compare) and B - A per step into `path`.
 
     `marks` are labelled vertical lines, e.g. {"interrupted": 100, "resumed from": 75}.
     """

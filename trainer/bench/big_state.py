@@ -20,10 +20,10 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import nonfinite
-from trainer.checkpoints import CheckpointStore, checkpoint_files, verify
+from trainer.checkpoint.store import CheckpointStore, checkpoint_files, verify
 from trainer.state import TrainState
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _big_state(units: int, features: int) -> TrainState:

@@ -17,7 +17,7 @@ import platform
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoints import read_manifest
+from trainer.checkpoint.store import read_manifest
 
 _NOT_STRUCTURAL = {"data.path"}
 

@@ -43,7 +43,7 @@ def load_config(run_dir: str, prefix: str):
     """The run's full resolved config: from the checkpoint manifest, else `.hydra/config.yaml`."""
     from omegaconf import OmegaConf
 
-    from trainer.checkpoints import read_manifest
+    from trainer.checkpoint.store import read_manifest
 
     cfg = read_manifest(prefix).get("config")
     if cfg:
@@ -124,7 +124,7 @@ def _reference(cfg, data, ckpt_dir: str, prefix: str):
     """A freshly built model + optimizer with checkpoint `prefix` restored, as a resume does
     (every value checked one to one first)."""
     from trainer import build
-    from trainer.checkpoints import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     state = build.build_state(cfg, data)
     problems = state.restore_problems(prefix)
@@ -173,9 +173,9 @@ def verify_export(
 
     from trainer import build
     from trainer import data as data_lib
-    from trainer.checkpoints import CheckpointStore
-    from trainer.latency import compare_latency
+    from trainer.checkpoint.store import CheckpointStore
     from trainer.loop import make_eval_fn
+    from trainer.verify.latency import compare_latency
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     finder = CheckpointStore(
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     except _ArtifactError as e:
         print(f"FAIL: {e}", file=sys.stderr)
         return EXIT_DIFFERS
-    from trainer.checkpoints import write_json_atomic
+    from trainer.checkpoint.store import write_json_atomic
 
     out = args.out or report["run"]
     if os.path.isdir(out):

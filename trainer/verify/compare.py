@@ -177,7 +177,7 @@ def compare_other_tags(run_a: str, run_b: str, skip: str, atol: float) -> dict[s
 
 def newest_checkpoint(run: str) -> str | None:
     """The newest checkpoint under `<run>/checkpoints` that verifies against its manifest, or None."""
-    from trainer.checkpoints import list_checkpoints, verify
+    from trainer.checkpoint.store import list_checkpoints, verify
 
     for prefix in reversed(list_checkpoints(os.path.join(run, "checkpoints"))):
         if verify(prefix).ok:
@@ -193,7 +193,7 @@ def expected_variables(prefix: str) -> dict[str, str]:
 
     from trainer import build
     from trainer import data as data_lib
-    from trainer.checkpoints import read_manifest
+    from trainer.checkpoint.store import read_manifest
 
     try:
         cfg = OmegaConf.create(read_manifest(prefix)["config"])
@@ -209,7 +209,7 @@ def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> Stat
     import numpy as np
     import tensorflow as tf
 
-    from trainer.checkpoints import read_manifest, step_of
+    from trainer.checkpoint.store import read_manifest, step_of
     from trainer.state import readable
 
     ra, rb = tf.train.load_checkpoint(prefix_a), tf.train.load_checkpoint(prefix_b)

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import precision
-from trainer.checkpoints import CheckpointStore, list_checkpoints, read_manifest
+from trainer.checkpoint.store import CheckpointStore, list_checkpoints, read_manifest
 from trainer.config import UserError
+from trainer.distribute import precision
 
 
 def configure_logical_cpus(n: int) -> None:

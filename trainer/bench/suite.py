@@ -27,8 +27,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import bench_state, build
+from trainer import build
 from trainer import data as data_lib
+from trainer.bench import big_state as bench_state
 from trainer.loop import fit
 from trainer.optim import build_optimizer
 from trainer.summaries import Writers, read_scalars

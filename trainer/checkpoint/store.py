@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from trainer import nonfinite
-from trainer.async_save import AsyncCheckpointWriter, refuse_nonfinite
+from trainer.checkpoint.async_save import AsyncCheckpointWriter, refuse_nonfinite
 from trainer.config import UserError
 
 MANIFEST_SUFFIX = ".manifest.json"

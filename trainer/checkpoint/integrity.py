@@ -1,7 +1,7 @@
 """Recovering a run directory after a crash, and saving so that a failure loses nothing.
 
 `recover()` runs once before a resume. It verifies the checkpoints newest first against
-their manifests (trainer/checkpoints.py) and sorts the ones it cannot use into two kinds:
+their manifests (trainer/checkpoint/store.py) and sorts the ones it cannot use into two kinds:
 - incomplete: no manifest. The manifest is written only after TensorFlow has finished the
   checkpoint, so this is what a kill or a crash during a save leaves behind;
 - corrupted: a manifest exists but a file is missing, truncated or has another checksum.
@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from trainer.checkpoints import (
+from trainer.checkpoint.store import (
     MANIFEST_SUFFIX,
     CheckpointStore,
     Verdict,

@@ -9,7 +9,7 @@ unless given, so that every step is compared):
        (SIGTERM: it saves and exits 3; SIGKILL: it dies, its resume redoes the steps
        since the last periodic checkpoint);
   3. the resume of (2) in a new process, to trainer.max_steps             -> <out>/resumed
-(1) and (2) run side by side. trainer.compare then compares the two runs from their
+(1) and (2) run side by side. trainer.verify.compare then compares the two runs from their
 TensorBoard event files and checkpoints; report.json and curves.png go into <out>.
 """
 
@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from trainer.config import UserError, validate
 
 MODES = ("stop", "sigterm", "sigkill", "chaos")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SAFE_VALUE = re.compile(r"^[\w./:-]+$")
 
 
@@ -183,12 +183,12 @@ def interrupt(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say
 
 def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) -> list[dict]:
     """Phase 2 under verify.interrupt=chaos: verify.kills SIGKILLs at random moments, each
-    run after the first being the resume of the one before (trainer/chaos.py)."""
+    run after the first being the resume of the one before (trainer/verify/chaos.py)."""
     import random
 
-    from trainer import chaos as chaos_lib
-    from trainer import compare
-    from trainer.checkpoints import step_of
+    from trainer.checkpoint.store import step_of
+    from trainer.verify import chaos as chaos_lib
+    from trainer.verify import compare
 
     v = cfg.verify
     rng = random.Random(int(v.seed))
@@ -235,9 +235,9 @@ def _say(line: str) -> None:
 
 def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> dict:
     """Run the three phases and compare; return the report (report["ok"] is the verdict)."""
-    from trainer import compare, plot
-    from trainer.checkpoints import step_of
-    from trainer.report import write_report
+    from trainer.checkpoint.store import step_of
+    from trainer.verify import compare, plot
+    from trainer.verify.report import write_report
 
     v, max_steps = cfg.verify, int(cfg.trainer.max_steps)
     at, timeout = int(v.interrupt_at), float(v.timeout)
@@ -328,7 +328,7 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> di
 def run(cfg: DictConfig, out: str, task_overrides: list[str]) -> int:
     """verify_resume from a composed config to an exit code (0 match, 1 differ, 2 bad input)."""
     from trainer import hydra_callbacks
-    from trainer.report import format_report
+    from trainer.verify.report import format_report
 
     try:
         check(cfg, out)
