@@ -83,7 +83,7 @@ def test_tensorflow_object_graph_misses_layers_in_containers(compose):
 
 
 def test_a_variable_left_out_is_named_before_the_first_save(compose):
-    from trainer.loop import check_complete
+    from trainer.restore import check_complete
 
     cfg = compose(_overrides("TupleBlocks"))
     build.setup_runtime(cfg)

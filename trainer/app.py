@@ -49,7 +49,7 @@ def summary(result: RunResult) -> str:
 
 
 def run(cfg: DictConfig, run_dir: str) -> int:
-    """Train and return the process exit code (see DESIGN.md: 0, 1, 2, 3)."""
+    """Train and return the process exit code (README, "Exit codes": 0, 1, 2, 3)."""
     debug = bool(cfg.trainer.get("debug", False))
     for name in ("absl", "tensorflow"):  # TF's INFO chatter would bury our own output
         logging.getLogger(name).setLevel(logging.WARNING)

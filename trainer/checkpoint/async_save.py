@@ -1,7 +1,7 @@
 """Asynchronous checkpoints (`checkpoint.async=true`): snapshot on the loop thread, write on another.
 
 TF 2.21's own `CheckpointOptions(enable_async=True)` fails on the second save with Keras 3
-variables (DESIGN.md): it copies variables inside a tf.function, and Keras' copy creates a new
+variables (README, "Performance"): it copies variables inside a tf.function, and Keras' copy creates a new
 tf.Variable on every call. This module does the same job without that copy:
 
 1. Snapshot (loop thread, ~0.5 ms for small models): read every saveable value into an

@@ -174,7 +174,7 @@ def verify_export(
     from trainer import build
     from trainer import data as data_lib
     from trainer.checkpoint.store import CheckpointStore
-    from trainer.loop import make_eval_fn
+    from trainer.steps import make_eval_fn
     from trainer.verify.latency import compare_latency
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")

@@ -1,0 +1,326 @@
+"""One run's working parts, and how each event of the fit loop happens (the mechanics).
+
+`Session.open` builds everything a run needs, in the order of a run's data flow (README,
+"What lives where"): strategy, data, checkpoints verified, model and optimizer, restore or
+initialize, logs, the train and eval steps. Its methods are the loop's events: train a chunk,
+record it, evaluate, save, roll back, pause, finish. When they happen is trainer/loop.py's
+business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from trainer import build, nonfinite, summaries
+from trainer import data as data_lib
+from trainer.checkpoint import export, integrity
+from trainer.checkpoint.fingerprint import manifest_extra
+from trainer.checkpoint.store import list_checkpoints
+from trainer.config import UserError
+from trainer.distribute import placement as distribute
+from trainer.distribute import precision
+from trainer.nonfinite import NonFiniteLoss
+from trainer.restore import check_compatible, check_complete, restore_or_initialize
+from trainer.state import STATE_LAYOUT
+from trainer.steps import make_chunk_fn, make_eval_fn
+
+
+@dataclass
+class RunResult:
+    # "completed" | "stopped" (trainer.stop_at) | "interrupted" (signal) | "already_complete"
+    # (a rerun of a run that had reached trainer.max_steps: nothing written but missing exports)
+    status: str
+    step: int
+    resumed_from: int | None
+    run_dir: str
+    final_loss: float | None = None
+    eval: dict = field(default_factory=dict)
+    exports: dict = field(default_factory=dict)
+    signal_name: str | None = None
+
+
+@dataclass
+class Chunk:
+    """What one call of the train chunk returned: per step loss, grad norm, metric, rate."""
+
+    losses: np.ndarray
+    norms: np.ndarray
+    metric: np.ndarray
+    rates: np.ndarray
+
+
+def hparams_of(cfg: DictConfig) -> dict:
+    flat = {
+        "model": str(cfg.model._target_),
+        "optimizer": cfg.optimizer.name,
+        "schedule": cfg.schedule.name,
+        "data": cfg.data.name,
+    }
+    for group in ("model", "optimizer", "data", "trainer", "checkpoint"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            if isinstance(value, (bool, int, float, str)) and key not in ("name", "_target_"):
+                flat[f"{group}.{key}"] = value
+    return flat
+
+
+def already_complete(step: int, run_dir: str, exports: dict | None = None) -> RunResult:
+    """The result of rerunning a run that had reached trainer.max_steps."""
+    last = summaries.last_records(run_dir)
+    return RunResult(
+        "already_complete",
+        step,
+        None,
+        run_dir,
+        final_loss=last.get("loss"),
+        eval=last.get("eval", {}),
+        exports=exports or {},
+    )
+
+
+class Session:
+    """Everything one run holds between steps, and the mechanics of each loop event."""
+
+    @classmethod
+    def open(cls, cfg: DictConfig, run_dir: str) -> Session | RunResult:
+        """Set a run up (resuming if `run_dir` holds checkpoints). A RunResult instead when
+        the run had already completed: then nothing is written but a missing export.
+
+        Under multi-worker training only the chief writes into `run_dir`; the other workers
+        write into `place.write_dir`, a temporary directory (trainer/distribute/placement.py).
+        """
+        tc = cfg.trainer
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        if tc.resume == "never" and list_checkpoints(ckpt_dir):
+            raise UserError(
+                f"trainer.resume: received 'never' but {ckpt_dir} already holds checkpoints; "
+                "use another hydra.run.dir or trainer.resume=auto"
+            )
+        build.setup_runtime(cfg)
+        place = distribute.setup(cfg, run_dir)  # strategy, replicas, chief or not
+        data = data_lib.load_data(cfg.data)
+        # Verify the checkpoints, refuse an incompatible config, move bad ones aside: all
+        # before the CheckpointManager reads its state file.
+        latest = integrity.recover(
+            ckpt_dir,
+            tidy=place.is_chief,
+            check=lambda prefix: (
+                check_compatible(cfg, prefix),
+                integrity.check_data_fits(prefix, data, cfg.data.get("path")),
+            ),
+        )
+        # A rerun of a completed run changes nothing; it only writes an export that is
+        # missing (a run killed during export), from the restored final checkpoint.
+        complete = latest is not None and latest.step >= int(tc.max_steps)
+        missing_exports = export.missing(place.write_dir) if complete else None
+        if complete and not missing_exports:
+            return already_complete(latest.step, run_dir)
+        with place.strategy.scope():
+            state = build.build_state(cfg, data)
+        store = place.checkpoint_store(
+            ckpt_dir,
+            state.checkpoint,
+            max_to_keep=int(cfg.checkpoint.max_to_keep),
+            keep_every_n_hours=cfg.checkpoint.keep_every_n_hours,
+            manifest_extra={
+                **manifest_extra(cfg),
+                "data_shape": integrity.data_signature(data),
+                "state_layout": STATE_LAYOUT,
+            },
+            async_write=bool(cfg.checkpoint["async"]),
+        )
+        step, resumed_from = restore_or_initialize(
+            cfg, store, state, place.write_dir, latest, complete
+        )
+        if complete:
+            exports = export.export_all(
+                state.model, place.write_dir, data.feature_shape, only=missing_exports
+            )
+            place.cleanup()
+            return already_complete(step, run_dir, exports)
+        return cls(cfg, run_dir, place, data, state, store, step, resumed_from)
+
+    def __init__(self, cfg, run_dir, place, data, state, store, step: int, resumed_from):
+        self.cfg, self.place, self.data, self.state, self.store = cfg, place, data, state, store
+        self.step, self.loop = step, state.loop
+        self.write_dir = place.write_dir
+        self.batch = int(cfg.data.batch_size)
+        self.steps_per_epoch = data.steps_per_epoch(self.batch)
+        self.writers = summaries.Writers(self.write_dir)
+        self.metrics = summaries.MetricsLog(self.write_dir)
+        if resumed_from is None:
+            self.writers.hparams(hparams_of(cfg))
+        loss_fn = build.per_example_loss(data.task)
+        self.metric_name, metric_fn = build.per_example_metric(data.task)
+        model, optimizer = state.model, state.optimizer
+        self._chunk_for = make_chunk_fn(
+            place.strategy, model, optimizer, loss_fn, metric_fn, self.batch
+        )
+        self._chunk = self._new_chunk()
+        self._evaluate = make_eval_fn(model, loss_fn, metric_fn)
+        self._eval_ds = data_lib.eval_dataset(data, self.batch)
+        self._k_tensors: dict[int, tf.Tensor] = {}  # chunk lengths as tensors: one eager op less
+        self.checked = model.variables + optimizer.variables  # never checkpointed with NaN/Inf
+        self.result = RunResult("completed", step, resumed_from, run_dir)
+        self.last_saved = step if resumed_from is not None else None
+        self.rollbacks = 0
+        self._complete_checked = False
+        self.bar = tqdm(
+            total=int(cfg.trainer.max_steps),
+            initial=step,
+            desc="train",
+            unit="step",
+            disable=None,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        )
+        self._window_t0, self._window_steps = time.perf_counter(), 0
+        self.log_every = int(cfg.trainer.log_every)  # plain ints: an OmegaConf read is ~25 us
+
+    def _new_chunk(self):
+        """The train chunk over the data stream from this step (a new one after a rollback)."""
+        dataset = data_lib.train_dataset(
+            self.data, self.batch, int(self.cfg.trainer.seed), self.step
+        )
+        return self._chunk_for(iter(self.place.distribute_dataset(dataset, self.batch)))
+
+    # ------------------------------------------------------------ the loop's events
+    def train(self, k: int) -> Chunk:
+        """Run the next `k` train steps in one traced call."""
+        if k not in self._k_tensors:
+            self._k_tensors[k] = tf.constant(k)
+        return Chunk(*self._chunk(self._k_tensors[k]).numpy())
+
+    def record(self, out: Chunk) -> None:
+        """Log each step of a good chunk (every log_every-th to metrics.jsonl and TensorBoard,
+        with the running window behind the averages) and advance the counters."""
+        loop, k, step = self.loop, len(out.losses), self.step
+        for i in range(k):
+            s = step + i + 1
+            loop.window_loss_sum += float(out.losses[i])
+            loop.window_metric_sum += float(out.metric[i])
+            loop.window_count += 1
+            if s % self.log_every == 0:
+                now = time.perf_counter()
+                rate = (self._window_steps + i + 1) / max(now - self._window_t0, 1e-9)
+                record = {
+                    "step": s,
+                    "loss": float(out.losses[i]),
+                    "loss_avg": loop.window_loss_sum / loop.window_count,
+                    self.metric_name: loop.window_metric_sum / loop.window_count,
+                    "learning_rate": float(out.rates[i]),
+                    "grad_norm": float(out.norms[i]),
+                }
+                self.metrics.write(record)
+                tb = {key: v for key, v in record.items() if key != "step"}
+                self.writers.scalars(self.writers.train, s, {**tb, "steps_per_sec": rate})
+                loop.reset_window()
+                self._window_t0, self._window_steps = now, -(i + 1)
+                self.bar.set_postfix(
+                    loss=f"{out.losses[i]:.4g}", steps_per_s=f"{rate:.1f}", refresh=False
+                )
+        self._window_steps += k
+        self.step = step + k
+        precision.sync_iterations(self.state.optimizer, self.step)
+        self.result.final_loss = float(out.losses[-1])
+        self.bar.update(k)
+
+    def rollback_or_raise(self, bad: int, out: Chunk) -> None:
+        """A non-finite loss or gradient at step `bad`: restore the newest good checkpoint and
+        continue from `bad` (trainer.on_nonfinite=rollback, at most max_rollbacks times), or
+        stop with NonFiniteLoss."""
+        tc = self.cfg.trainer
+        if tc.on_nonfinite == "rollback" and self.rollbacks < tc.max_rollbacks:
+            self.rollbacks += 1
+            restored = nonfinite.rollback(self.store, self.state, bad)
+            self.metrics.write({"step": bad, "event": "rollback", "restored_step": restored})
+            self.bar.update(bad - self.step)
+            self.step = bad  # then the eval / save / pause due at `bad`, as usual
+            self._chunk = self._new_chunk()
+            return
+        self.writers.flush()  # the logs up to the failure stay readable
+        self.metrics.sync()
+        raise NonFiniteLoss(
+            f"non-finite loss or gradient at step {bad} (loss={out.losses.tolist()}); nothing "
+            f"was saved after step {self.last_saved or 0}. Lower optimizer.learning_rate or "
+            "check the data."
+        )
+
+    def evaluate(self) -> None:
+        """The eval pass at this step: logged, kept as the result's eval, best loss tracked."""
+        at, loop = self.step, self.loop
+        eval_loss, eval_metric = self._evaluate(self._eval_ds)
+        loop.best_eval_loss = min(loop.best_eval_loss, eval_loss)
+        values = {"loss": eval_loss, self.metric_name: eval_metric}
+        self.writers.scalars(self.writers.eval, at, values)
+        self.metrics.write(
+            {"step": at, "split": "eval", **{f"eval_{k}": v for k, v in values.items()}}
+        )
+        self.result.eval = values
+        loop.last_eval_step = at
+        tqdm.write(f"step {at}: " + "  ".join(f"eval_{k} {v:.5g}" for k, v in values.items()))
+
+    def save(self, at: int | None = None) -> None:
+        """A checkpoint of this step: counters and loop state in it, logs synced first,
+        refused on NaN/Inf, and (first save of a process) on a variable left out."""
+        at = self.step if at is None else at
+        if not self._complete_checked:
+            check_complete(self.state, at)
+            self._complete_checked = True
+        writers, last_saved = self.writers, self.last_saved
+        integrity.save(
+            self.store,
+            at,
+            before_write=self._sync_logs,  # async: on the writer's thread
+            assign=self.state.assignments(at, at // self.steps_per_epoch),
+            check=self.checked,
+            on_nonfinite=lambda bad: nonfinite.refuse(bad, at, last_saved),
+            # async: queued before the write starts, so the write's sync_logs drains it with
+            # the rows before it (queued after, it split the next drain's rows in two calls)
+            blocked=lambda s: writers.scalars(writers.train, at, {"checkpoint_save_seconds": s}),
+        )
+        self.last_saved = at
+
+    def _sync_logs(self) -> None:
+        """Logs up to a checkpoint's step reach the disk before it counts (async: on the
+        writer's thread; Writers traces nothing there)."""
+        self.writers.flush()
+        self.metrics.fsync()
+
+    def preempted(self) -> bool:
+        """Multi-worker: a SIGTERM to any worker makes all save this step, then stop."""
+        save = self.save if self.last_saved != self.step else (lambda at: None)
+        if self.place.preempted(save, self.step):
+            self.last_saved = self.step
+            return True
+        return False
+
+    def pause(self, stop) -> None:
+        """Testing hook (`trainer.pause_at`): flush, announce `<run>/PAUSED`, wait for a signal."""
+        self.store.wait()  # an async save of this step is complete before PAUSED appears
+        self.writers.flush()
+        self.metrics.sync()
+        marker = os.path.join(self.write_dir, "PAUSED")
+        with open(marker, "w") as f:
+            json.dump({"step": self.step, "pid": os.getpid()}, f)
+        while stop.signal_name is None:
+            time.sleep(0.01)
+        os.remove(marker)
+
+    def export(self) -> None:
+        """Both artifacts of a completed run."""
+        self.result.exports = export.export_all(
+            self.state.model, self.write_dir, self.data.feature_shape
+        )
+
+    def close(self) -> None:
+        self.writers.close()
+        self.metrics.close()
+        self.place.cleanup()

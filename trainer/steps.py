@@ -1,0 +1,80 @@
+"""The inner steps (Orbit's split): `chunk(k)` runs k train steps in one traced call, and
+`evaluate(dataset)` the eval pass; the outer loop (trainer/loop.py) decides when to call them."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from trainer.distribute import precision
+from trainer.optim import learning_rate_fn
+from trainer.tfcall import flat_caller
+
+
+def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: int):
+    """`for_iterator(iterator)` -> `chunk(k)` (a traced tf.function, called through its concrete
+    function: `k` must be an int32 scalar tensor) running `k` train steps on batches
+    from `iterator`; it returns one [4, k] tensor: per step the loss, grad norm, metric and
+    learning rate (one device-to-host copy per chunk, no eager ops).
+
+    The iterator is captured, not passed: an iterator argument is bound again on every call
+    (its type spec hashed), ~0.1 ms of the ~2 ms a 10-step chunk takes (profiled). A new
+    iterator (after a rollback) gets a new function, traced once.
+    """
+    replicas = strategy.num_replicas_in_sync
+    learning_rate = learning_rate_fn(optimizer)
+
+    def step_fn(x, y):
+        with tf.GradientTape() as tape:
+            pred = tf.cast(model(x, training=True), tf.float32)
+            loss = tf.reduce_sum(loss_fn(y, pred)) / global_batch
+            if model.losses:
+                loss += tf.add_n(model.losses) / replicas
+            scaled = optimizer.scale_loss(loss)  # loss scaling under mixed_float16, else loss
+        tvars = model.trainable_variables
+        grads = tape.gradient(scaled, tvars)
+        optimizer.apply_gradients(zip(grads, tvars, strict=True))
+        return (
+            loss,
+            precision.grad_norm(optimizer, grads) / replicas,
+            tf.reduce_sum(metric_fn(y, pred)) / global_batch,
+        )
+
+    def for_iterator(iterator):
+        # called through its concrete function: tf.function's per-call dispatch was ~0.1 ms
+        # of a ~2 ms chunk (profiled)
+        return flat_caller(tf.function(lambda k: chunk(iterator, k)), tf.constant(1))
+
+    def chunk(iterator, k):
+        losses = tf.TensorArray(tf.float32, size=k)
+        norms = tf.TensorArray(tf.float32, size=k)
+        metric = tf.TensorArray(tf.float32, size=k)
+        rates = tf.TensorArray(tf.float32, size=k)
+        # iterations == the step at a chunk's start (sync_iterations), read once before the loop
+        start = tf.cast(tf.convert_to_tensor(optimizer.iterations), tf.int64)
+        for i in tf.range(k):
+            rates = rates.write(i, learning_rate(start + tf.cast(i, tf.int64)))
+            x, y = next(iterator)
+            loss, norm, m = strategy.run(step_fn, args=(x, y))
+            losses = losses.write(i, strategy.reduce("SUM", loss, axis=None))
+            norms = norms.write(i, strategy.reduce("SUM", norm, axis=None))
+            metric = metric.write(i, strategy.reduce("SUM", m, axis=None))
+        return tf.stack([losses.stack(), norms.stack(), metric.stack(), rates.stack()])
+
+    return for_iterator
+
+
+def make_eval_fn(model, loss_fn, metric_fn):
+    @tf.function
+    def batch_sums(x, y):
+        pred = tf.cast(model(x, training=False), tf.float32)
+        return tf.reduce_sum(loss_fn(y, pred)), tf.reduce_sum(metric_fn(y, pred))
+
+    def evaluate(dataset) -> tuple[float, float]:
+        loss = metric = 0.0
+        n = 0
+        for x, y in dataset:
+            a, b = batch_sums(x, y)
+            loss, metric, n = loss + float(a), metric + float(b), n + int(x.shape[0])
+        return loss / n, metric / n
+
+    return evaluate
