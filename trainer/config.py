@@ -52,12 +52,18 @@ CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
                 "keep_every_n_hours": float | None,
                 "async": bool,
                 "restore_rng": bool,
+                "durable": bool,
+                "every_seconds": float | None,
+                "max_overhead": float | None,
             },
             "every": 100,
             "max_to_keep": 3,
             "keep_every_n_hours": None,
             "async": False,
             "restore_rng": True,
+            "durable": True,
+            "every_seconds": None,
+            "max_overhead": None,
         },
     )
 )
@@ -296,6 +302,12 @@ def validate(cfg: DictConfig) -> None:
             raise _bad(
                 key, value, f"null or a step in 1..trainer.max_steps ({cfg.trainer.max_steps})"
             )
+    seconds = cfg.checkpoint.get("every_seconds")
+    if seconds is not None and not 0 < seconds < float("inf"):
+        raise _bad("checkpoint.every_seconds", seconds, "null or a number of seconds > 0")
+    budget = cfg.checkpoint.get("max_overhead")
+    if budget is not None and not 0 < budget < 1:
+        raise _bad("checkpoint.max_overhead", budget, "null or a fraction strictly between 0 and 1")
     if cfg.checkpoint.keep_every_n_hours is not None and not cfg.checkpoint.keep_every_n_hours > 0:
         raise _bad(
             "checkpoint.keep_every_n_hours",

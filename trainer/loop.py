@@ -7,7 +7,8 @@ and eval steps are trainer/steps.py; restore-or-initialize is trainer/restore.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
@@ -30,6 +31,7 @@ class Cadence:
     eval_every: int
     save_every: int
     pause_at: int  # 0: never (a testing hook)
+    cut_at_saves: bool = True  # False under checkpoint.max_overhead: saves land on chunk ends
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Cadence:
@@ -41,17 +43,15 @@ class Cadence:
             eval_every=int(tc.eval_every),
             save_every=int(cfg.checkpoint.every),
             pause_at=int(tc.pause_at or 0),
+            cut_at_saves=cfg.checkpoint.get("max_overhead") is None,
         )
 
     def chunk(self, step: int) -> int:
         """Steps in the next call: up to per_call, ending at the next save, eval, pause or the
         end, so that steps_per_execution never moves them."""
-        k = min(
-            self.per_call,
-            self.end - step,
-            self.save_every - step % self.save_every,
-            self.eval_every - step % self.eval_every,
-        )
+        k = min(self.per_call, self.end - step, self.eval_every - step % self.eval_every)
+        if self.cut_at_saves:
+            k = min(k, self.save_every - step % self.save_every)
         return min(k, self.pause_at - step) if self.pause_at and step < self.pause_at else k
 
     def eval_due(self, prev: int, step: int) -> bool:
@@ -66,18 +66,84 @@ class Cadence:
         return bool(self.pause_at) and step == self.pause_at
 
 
+@dataclass
+class SaveBudget:
+    """Saves by time and within a budget, beyond the step cadence (CheckFreq, FAST'21):
+    `checkpoint.every_seconds` makes a save due once that much training time has passed since
+    the last one; `checkpoint.max_overhead` then holds a due save back until the time since
+    the last one is at least its measured cost / max_overhead, so saves cost the loop at most
+    that fraction of its time. The cost of a save is what the loop lost to it: the time the
+    save call blocked, plus, for an async save, how much longer the next chunk took than chunks
+    usually take (the writer competing for the CPU, copy-on-write of updated variables).
+    The first save of a process also pays one-time work (tracing the save, checking that the
+    checkpoint is complete: 0.1 s against 0.02 s for the next ones, default model): it counts
+    in the overhead but does not space the next save."""
+
+    every_seconds: float | None
+    max_overhead: float | None
+    clock: object = time.perf_counter
+    start: float = 0.0
+    last: float = 0.0  # when the last save ended
+    cost: float = 0.0  # the last save's cost, seconds
+    total: float = 0.0  # every save's cost, seconds
+    step_seconds: float | None = None  # a chunk's usual time per step (running estimate)
+    pending: bool = False  # the chunk after a save: its excess time is that save's
+    saves: int = 0
+    costs: list = field(default_factory=list)  # (step, cost) measured, not yet logged
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> SaveBudget:
+        budget = cls(cfg.checkpoint.get("every_seconds"), cfg.checkpoint.get("max_overhead"))
+        budget.start = budget.last = budget.clock()
+        return budget
+
+    def due(self, by_steps: bool) -> bool:
+        since = self.clock() - self.last
+        want = by_steps or (self.every_seconds is not None and since >= self.every_seconds)
+        if want and self.max_overhead is not None:
+            want = since * self.max_overhead >= self.cost
+        return want
+
+    def saved(self, step: int, blocked: float) -> None:
+        self.saves += 1
+        self.cost = blocked if self.saves > 1 else 0.0  # the first: one-time work (see above)
+        self.last, self.pending = self.clock(), True
+        self.total += blocked
+        self.costs.append([step, blocked])
+
+    def chunk_took(self, seconds: float, steps: int) -> None:
+        """Learn a chunk's usual time per step; charge a post-save chunk's excess to the save."""
+        if self.pending and self.step_seconds is not None:
+            excess = max(0.0, seconds - steps * self.step_seconds)
+            self.cost += excess if self.saves > 1 else 0.0
+            self.total += excess
+            self.costs[-1][1] += excess
+        elif not self.pending:
+            per_step = seconds / steps
+            self.step_seconds = (
+                per_step if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * per_step
+            )
+        self.pending = False
+
+    def overhead(self) -> float:
+        """The fraction of the loop's time so far that went to saves."""
+        return self.total / max(self.clock() - self.start, 1e-9)
+
+
 def fit(cfg: DictConfig, run_dir: str) -> RunResult:
     """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened."""
     validate(cfg)
     run = Session.open(cfg, run_dir)  # restore-or-initialize: trainer/restore.py
     if isinstance(run, RunResult):  # a rerun of a completed run: nothing to train
         return run
-    cadence = Cadence.of(cfg)
+    cadence, budget = Cadence.of(cfg), SaveBudget.of(cfg)
     with StopRequest() as stop, run.store.pending_writes():  # exit waits for an async write
         run.place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop
         while run.step < cadence.end and stop.signal_name is None:
             prev = run.step
+            t0 = budget.clock()
             out = run.train(cadence.chunk(prev))
+            budget.chunk_took(budget.clock() - t0, len(out.losses))
             bad = nonfinite.first_bad_step(prev, out.losses, out.norms)
             if bad is None:
                 run.record(out)  # log each step, advance the counters
@@ -85,8 +151,9 @@ def fit(cfg: DictConfig, run_dir: str) -> RunResult:
                 run.rollback_or_raise(bad, out)  # back to the last checkpoint, or stop
             if cadence.eval_due(prev, run.step):
                 run.evaluate()
-            if cadence.save_due(prev, run.step):
-                run.save()
+            if budget.due(cadence.save_due(prev, run.step)):
+                budget.saved(run.step, run.save())
+                run.log_save_costs(budget)
             if run.preempted():
                 stop.signal_name = "SIGTERM (preemption)"
             if cadence.pause_due(run.step):

@@ -135,6 +135,7 @@ class Session:
                 "state_layout": STATE_LAYOUT,
             },
             async_write=bool(cfg.checkpoint["async"]),
+            durable=bool(cfg.checkpoint.get("durable", True)),
         )
         step, resumed_from = restore_or_initialize(
             cfg, store, state, place.write_dir, latest, complete
@@ -267,7 +268,7 @@ class Session:
         loop.last_eval_step = at
         tqdm.write(f"step {at}: " + "  ".join(f"eval_{k} {v:.5g}" for k, v in values.items()))
 
-    def save(self, at: int | None = None) -> None:
+    def save(self, at: int | None = None) -> float:
         """A checkpoint of this step: counters and loop state in it, logs synced first,
         refused on NaN/Inf, and (first save of a process) on a variable left out."""
         at = self.step if at is None else at
@@ -275,7 +276,7 @@ class Session:
             check_complete(self.state, at)
             self._complete_checked = True
         writers, last_saved = self.writers, self.last_saved
-        integrity.save(
+        blocked = integrity.save(
             self.store,
             at,
             before_write=self._sync_logs,  # async: on the writer's thread
@@ -287,6 +288,18 @@ class Session:
             blocked=lambda s: writers.scalars(writers.train, at, {"checkpoint_save_seconds": s}),
         )
         self.last_saved = at
+        return blocked
+
+    def log_save_costs(self, budget) -> None:
+        """Each save's measured cost to the loop, and the running overhead, to TensorBoard
+        (logged at the next save, once the cost of an async one is known)."""
+        done, budget.costs = budget.costs[:-1], budget.costs[-1:]
+        for step, cost in done:
+            self.writers.scalars(
+                self.writers.train,
+                step,
+                {"checkpoint_cost_seconds": cost, "checkpoint_overhead": budget.overhead()},
+            )
 
     def _sync_logs(self) -> None:
         """Logs up to a checkpoint's step reach the disk before it counts (async: on the

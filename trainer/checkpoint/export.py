@@ -35,6 +35,15 @@ def _fsync_tree(path: str) -> None:
             os.close(fd)
 
 
+def _fsync_tree_dir(directory: str) -> None:
+    """fsync one directory (its entries), not what is under it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap the names `a` and `b` (Linux renameat2); False where unsupported."""
     try:
@@ -54,6 +63,7 @@ def export_keras(model: keras.Model, path: str) -> str:
         model.save(tmp)
         _fsync_tree(tmp)
         os.replace(tmp, path)
+        _fsync_tree_dir(os.path.dirname(path))  # the new name, durable
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -79,6 +89,7 @@ def export_saved_model(model: keras.Model, path: str, feature_shape: tuple[int, 
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree_dir(parent)  # the swapped names, durable
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -62,14 +62,26 @@ def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` via a temporary file, fsync and rename: never a torn file."""
+def fsync_path(path: str) -> None:
+    """Flush a file's data, or a directory's entries (names created or renamed in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str, text: str, durable: bool = True) -> None:
+    """Write `text` to `path` via a temporary file, fsync and rename: never a torn file.
+    `durable`: the directory is fsynced after the rename, so the new name survives a power loss."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fsync_path(os.path.dirname(path) or ".")
 
 
 def checkpoint_files(prefix: str) -> list[str]:
@@ -249,8 +261,10 @@ class CheckpointStore:
         manifest_extra: dict,
         write: bool = True,
         async_write: bool = False,
+        durable: bool = True,
     ):
         self.directory = directory
+        self.durable = durable  # checkpoint.durable: fsync files and directory (README)
         self.checkpoint = checkpoint
         self.manifest_extra = manifest_extra
         # serialized once (later changes to manifest_extra are not seen): the manifest of every
@@ -444,8 +458,18 @@ class CheckpointStore:
             self._deleter = None
 
     def write_manifest(self, prefix: str, step: int) -> None:
+        """The manifest that makes checkpoint `prefix` count. Durable (checkpoint.durable):
+        TensorFlow does not fsync, so every file of the checkpoint is fsynced, then the
+        directory (their names), before the manifest is written (fsynced and renamed), and the
+        directory again after the rename; retention, which runs after this callback, deletes
+        older checkpoints only then. A power loss leaves the previous checkpoint, or this one."""
+        paths = checkpoint_files(prefix)
+        if self.durable:
+            for path in paths:
+                fsync_path(path)
+            fsync_path(self.directory)
         files = {}
-        for path in checkpoint_files(prefix):
+        for path in paths:
             files[os.path.basename(path)] = {"size": os.path.getsize(path)}
             if path.endswith(".index"):  # the data files are covered by its tensor CRC32Cs
                 files[os.path.basename(path)]["sha256"] = sha256_file(path)
@@ -459,7 +483,7 @@ class CheckpointStore:
             text = json.dumps(own, sort_keys=True)[:-1] + ", " + self._extra_json[1:]
         else:
             text = json.dumps(own, sort_keys=True)
-        write_text_atomic(prefix + MANIFEST_SUFFIX, text)
+        write_text_atomic(prefix + MANIFEST_SUFFIX, text, durable=self.durable)
         verdict = verify(prefix, hashes=False)  # sizes re-read from disk: a cheap read-back
         if not verdict.ok:
             os.remove(prefix + MANIFEST_SUFFIX)  # not a good checkpoint: leave it "incomplete"

@@ -21,7 +21,12 @@ from dataclasses import asdict, dataclass, field
 from trainer.config import UserError
 
 # Scalars that measure wall-clock time: they differ between any two runs.
-TIMING_TAGS = ("steps_per_sec", "checkpoint_save_seconds")
+TIMING_TAGS = (
+    "steps_per_sec",
+    "checkpoint_save_seconds",
+    "checkpoint_cost_seconds",
+    "checkpoint_overhead",
+)
 # Checkpoint keys that count saves, not training: a resumed run saved more often.
 BOOKKEEPING_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE")
 

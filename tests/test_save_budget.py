@@ -1,0 +1,108 @@
+"""Saves by time and within a budget (checkpoint.every_seconds, checkpoint.max_overhead)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli, train
+
+from trainer.loop import SaveBudget
+from trainer.summaries import read_scalars
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def budget(every_seconds=None, max_overhead=None) -> tuple[SaveBudget, Clock]:
+    clock = Clock()
+    b = SaveBudget(every_seconds, max_overhead, clock=clock)
+    return b, clock
+
+
+def test_every_seconds_makes_a_save_due_by_training_time():
+    b, clock = budget(every_seconds=5.0)
+    clock.now = 4.9
+    assert not b.due(by_steps=False)
+    clock.now = 5.0
+    assert b.due(by_steps=False)
+    b.saved(10, blocked=0.1)
+    clock.now = 9.0
+    assert not b.due(by_steps=False) and b.due(by_steps=True)  # steps still make saves due
+
+
+def test_max_overhead_spaces_saves_by_their_measured_cost():
+    b, clock = budget(max_overhead=0.02)
+    b.saved(1, blocked=3.0)  # the first save of a process: one-time work, does not space
+    assert b.due(by_steps=True)
+    b.saved(2, blocked=0.5)  # a save that cost 0.5 s: the next waits 0.5 / 0.02 = 25 s
+    clock.now = 24.9
+    assert not b.due(by_steps=True)
+    clock.now = 25.0
+    assert b.due(by_steps=True)
+
+
+def test_an_async_saves_cost_includes_the_slower_chunk_after_it():
+    b, clock = budget(max_overhead=0.1)
+    b.saves = 1  # not the first save of the process
+    for _ in range(3):
+        b.chunk_took(1.0, 10)  # 0.1 s per step, usually
+    b.saved(30, blocked=0.01)  # the snapshot blocked 10 ms...
+    b.chunk_took(1.5, 10)  # ...and the next chunk took 0.5 s longer than usual
+    assert b.cost == pytest.approx(0.51)
+    assert b.costs == [[30, pytest.approx(0.51)]]
+    b.chunk_took(3.0, 10)  # chunks after that are not charged, and teach the estimate
+    assert b.cost == pytest.approx(0.51) and b.step_seconds > 0.1
+
+
+@pytest.mark.slow
+def test_budgeted_saves_are_spaced_and_logged(tmp_path):
+    """checkpoint.every=1 with a budget: far fewer saves than steps, each cost and the running
+    overhead in TensorBoard."""
+    run = tmp_path / "run"
+    r = train(
+        run,
+        "trainer.max_steps=6000",
+        "trainer.log_every=500",
+        "checkpoint.every=1",
+        "checkpoint.max_overhead=0.02",
+        "checkpoint.max_to_keep=2",
+    )
+    assert r.returncode == 0, r.stderr
+    logdir = str(run / "tensorboard" / "train")
+    scalars = {
+        t: read_scalars(logdir, t)
+        for t in ("checkpoint_save_seconds", "checkpoint_cost_seconds", "checkpoint_overhead")
+    }
+    saves = [s for s, _ in scalars["checkpoint_save_seconds"]]
+    assert 3 <= len(saves) < 6000 / 100, saves  # spaced, not every step (nor every chunk)
+    costs = scalars["checkpoint_cost_seconds"]
+    assert costs and all(v > 0 for _, v in costs)
+    assert all(0 < v < 1 for _, v in scalars["checkpoint_overhead"])
+
+
+@pytest.mark.slow
+def test_time_based_saves_resume_exactly_under_random_kills(tmp_path):
+    out = tmp_path / "verify"
+    proc = run_cli(
+        "scripts/verify_resume.py",
+        "model=dropout_mlp",
+        "trainer.max_steps=3000",
+        "checkpoint.every=100000",
+        "checkpoint.every_seconds=0.1",
+        "verify.interrupt=chaos",
+        "verify.kills=2",
+        "verify.seed=5",
+        "verify.window=1.0",
+        f"verify.out={out}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["final_state"]["equal"] and report["curve"]["max_abs_diff"] == 0
+    assert any(k["newest_checkpoint"] for k in report["verify"]["kills"])  # saved by time
