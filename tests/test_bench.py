@@ -12,7 +12,9 @@ RATIOS = [
     "loop_vs_fit",
     "loop_vs_fit_same_spe",
     "checkpoint_overhead",
-    "async_block_ratio",
+    "big_state_async_cost",
+    "async_cost_vs_floor",
+    "budget_overhead",
     "save_vs_numpy",
 ]
 
@@ -27,4 +29,8 @@ def test_bench_writes_bench_json_with_the_ratios(tmp_path):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
         assert key in proc.stdout  # the printed table names every ratio
     assert result["state"]["checkpoint_mb"] > 0 and result["memory"]["train_default_mb"] > 0
-    assert result["state"]["data_position_bytes"] == 16
+    st = result["state"]
+    assert st["data_position_bytes"] == 16  # two int64 counters, read from a real checkpoint
+    assert 0 < st["data_position_checkpoint_bytes"] < st["tf_data_iterator_bytes"]
+    assert len(st["save_vs_numpy_min_median_max"]) == 3
+    assert result["big_state_loop"]["saves"] > 0 and result["budget"]["loop_seconds_trials"]

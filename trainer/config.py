@@ -62,7 +62,7 @@ CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
             "async": False,
             "restore_rng": True,
             "durable": True,
-            "every_seconds": None,
+            "every_seconds": 1800.0,
             "max_overhead": None,
         },
     )

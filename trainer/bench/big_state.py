@@ -40,23 +40,62 @@ def _big_state(units: int, features: int) -> TrainState:
     return TrainState(model, optimizer)
 
 
-def _numpy_write(arrays: list[np.ndarray], path: str) -> float:
+def _numpy_write(arrays: list[np.ndarray], path: str, fsync: bool = False) -> float:
     t0 = time.perf_counter()
     with open(path, "wb") as f:
         for a in arrays:
             np.save(f, a)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     return time.perf_counter() - t0
 
 
-def _iterator_checkpoint_bytes(features: int, workdir: str, buffer: int = 1024) -> int:
-    """Size of a tf.data iterator checkpoint for a shuffle buffer of `buffer` examples."""
-    x = np.random.default_rng(0).standard_normal((2 * buffer, features), dtype=np.float32)
-    ds = tf.data.Dataset.from_tensor_slices(x).shuffle(buffer, seed=0).batch(32).repeat()
+_VMSTAT = ("pgscan_direct", "allocstall_normal", "allocstall_movable", "nr_dirty")
+
+
+def _vmstat() -> dict[str, int]:
+    """The kernel's memory-pressure counters (direct reclaim, dirty pages) from /proc/vmstat."""
+    try:
+        with open("/proc/vmstat") as f:
+            pairs = (line.split() for line in f)
+            return {k: int(v) for k, v in pairs if k in _VMSTAT}
+    except OSError:
+        return {}
+
+
+def data_position_bytes(workdir: str) -> dict:
+    """On the default data (synthetic_regression, 10 features, batch 32): the bytes of a real
+    checkpoint holding our data position (the step and epoch counters), against a checkpoint
+    of the tf.data iterator users would otherwise save: the whole training set shuffled
+    (`shuffle(len(x))`, as Keras users do), batched, repeated, three batches in."""
+    from trainer import data as data_lib
+    from trainer.bench.suite import compose
+
+    cfg = compose([])
+    data = data_lib.load_data(cfg.data)
+    counters = {"step": tf.Variable(3, dtype=tf.int64), "epoch": tf.Variable(0, dtype=tf.int64)}
+    ours = tf.train.Checkpoint(**counters).write(os.path.join(workdir, "position", "ckpt"))
+    ds = tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
+    ds = ds.shuffle(len(data.x_train), seed=0).batch(int(cfg.data.batch_size)).repeat()
     it = iter(ds)
     for _ in range(3):
         next(it)
-    prefix = tf.train.Checkpoint(iterator=it).write(os.path.join(workdir, "iterator", "ckpt"))
-    return sum(os.path.getsize(p) for p in checkpoint_files(prefix))
+    theirs = tf.train.Checkpoint(iterator=it).write(os.path.join(workdir, "iterator", "ckpt"))
+    reader = tf.train.load_checkpoint(ours)
+    tensor_bytes = sum(
+        reader.get_tensor(k).nbytes
+        for k in reader.get_variable_to_dtype_map()
+        if k.startswith(("step", "epoch"))
+    )
+    size = lambda prefix: sum(os.path.getsize(p) for p in checkpoint_files(prefix))  # noqa: E731
+    return {
+        "data_position_bytes": tensor_bytes,  # the counters' tensors in the checkpoint
+        "data_position_checkpoint_bytes": size(ours),  # a checkpoint of only them, files
+        "tf_data_iterator_bytes": size(theirs),
+        "tf_data_iterator_note": f"shuffle({len(data.x_train)}).batch({cfg.data.batch_size}) "
+        f"over the default data ({data.feature_shape[0]} features): the iterator checkpoint",
+    }
 
 
 def state_io(m: dict, workdir: str, log) -> dict:
@@ -73,8 +112,9 @@ def state_io(m: dict, workdir: str, log) -> dict:
             keep_every_n_hours=None,
             manifest_extra={},
             async_write=kind == "async",
+            durable=kind != "sync_nondurable",
         )
-        for kind in ("sync", "async")
+        for kind in ("sync", "sync_nondurable", "async")
     }
     grads = [tf.ones_like(v) * 1e-3 for v in state.model.trainable_variables]
 
@@ -87,7 +127,9 @@ def state_io(m: dict, workdir: str, log) -> dict:
     update()  # trace / warm up
     t = {k: [] for k in ("sync", "manifest", "async_block", "async_total", "numpy", "restore")}
     t |= {"update": [], "update_after_snapshot": [], "verify": [], "tf_write": []}
-    t |= {"sync_with_delete": [], "numpy_fresh": [], "guard": []}
+    t |= {"sync_with_delete": [], "numpy_fresh": [], "guard": [], "copy": []}
+    t |= {"nondurable": [], "nondurable_with_delete": [], "numpy_fresh_fsync": []}
+    pressure = []  # per round: /proc/vmstat deltas over the non-durable save (see BENCHMARKS.md)
     guard = nonfinite.nonfinite_variables(variables)  # the loop's check before every save
     # Round 0 is a warm-up, left out of the medians: its writes pay one-time costs (tracing,
     # first allocations, the disk's state from earlier work) that differ per kind of write.
@@ -111,6 +153,18 @@ def state_io(m: dict, workdir: str, log) -> dict:
         t0 = time.perf_counter()
         stores["sync"].write_manifest(prefix, step)  # the manifest part of a save, on its own
         t["manifest"].append(time.perf_counter() - t0)
+        # the same save without durability (no fsync): what the bimodal figure was about
+        os.sync()
+        before = _vmstat()
+        t0 = time.perf_counter()
+        t["nondurable"].append(stores["sync_nondurable"].save(step, assign=assign))
+        stores["sync_nondurable"].wait()
+        t["nondurable_with_delete"].append(time.perf_counter() - t0)
+        after = _vmstat()
+        pressure.append(
+            {k: after.get(k, 0) - before.get(k, 0) for k in _VMSTAT}
+            | {"nr_dirty_before": before.get("nr_dirty", 0)}
+        )
         t["update"].append(update())
         os.sync()
         t0 = time.perf_counter()
@@ -127,6 +181,15 @@ def state_io(m: dict, workdir: str, log) -> dict:
         os.remove(os.path.join(workdir, "numpy.bin"))
         os.sync()
         t["numpy_fresh"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
+        os.remove(os.path.join(workdir, "numpy.bin"))
+        os.sync()
+        t["numpy_fresh_fsync"].append(
+            _numpy_write(arrays, os.path.join(workdir, "numpy.bin"), fsync=True)
+        )
+        t0 = time.perf_counter()
+        copies = [np.array(a, copy=True) for a in arrays]  # one in-memory copy of the state
+        t["copy"].append(time.perf_counter() - t0)
+        del copies
         t0 = time.perf_counter()
         assert verify(prefix).ok  # what a resume checks: every tensor read back and CRC-checked
         t["verify"].append(time.perf_counter() - t0)
@@ -146,10 +209,23 @@ def state_io(m: dict, workdir: str, log) -> dict:
         )
     med = {k: float(statistics.median(v[1:])) for k, v in t.items()}
     ckpt_bytes = sum(os.path.getsize(p) for p in checkpoint_files(prefix))
+    # like for like, neither fsyncs: the non-durable save (retention's delete included) over
+    # numpy replacing its previous copy; per round, for the distribution
+    ratios = [a / b for a, b in zip(t["nondurable_with_delete"][1:], t["numpy"][1:], strict=True)]
     return {
-        "async_block_ratio": med["async_block"] / med["sync"],
-        # both replace the previous copy: write the new one and free the old one's blocks
-        "save_vs_numpy": med["sync_with_delete"] / med["numpy"],
+        "save_vs_numpy": float(statistics.median(ratios)),
+        "save_vs_numpy_rounds": ratios,
+        "save_vs_numpy_min_median_max": [min(ratios), statistics.median(ratios), max(ratios)],
+        "memory_pressure_rounds": pressure[1:],
+        # durability: the durable sync save against numpy writing and fsyncing a fresh file
+        "durable_save_vs_numpy_fsync": med["sync"] / med["numpy_fresh_fsync"],
+        "durable_sync_save_s": med["sync"],
+        "nondurable_sync_save_s": med["nondurable"],
+        "durability_cost_s": med["sync"] - med["nondurable"],
+        "numpy_fresh_fsync_s": med["numpy_fresh_fsync"],
+        # the floor of an async save's cost: one in-memory copy + a page-cache write of it
+        "state_copy_s": med["copy"],
+        "async_floor_s": med["copy"] + med["numpy_fresh"],
         "save_blocking_vs_numpy_fresh": med["sync"] / med["numpy_fresh"],
         "state_mb": state_bytes / 1e6,
         "sync_save_s": med["sync"],
@@ -171,11 +247,7 @@ def state_io(m: dict, workdir: str, log) -> dict:
         "nonfinite_guard_s": med["guard"],
         "checkpoint_mb": ckpt_bytes / 1e6,
         "checkpoint_over_state": ckpt_bytes / state_bytes,
-        # Our data position is the step counter (+ epoch): two int64 variables in the checkpoint.
-        "data_position_bytes": state.step.dtype.size + state.epoch.dtype.size,
-        "tf_data_iterator_bytes": _iterator_checkpoint_bytes(m["features"], workdir),
-        "tf_data_iterator_note": "iterator checkpoint of shuffle(1024).batch(32) over the "
-        "big state's feature size, for comparison (not used by this trainer)",
+        **data_position_bytes(workdir),
         "trials_s": t,
     }
 
