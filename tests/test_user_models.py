@@ -216,3 +216,18 @@ def test_a_checkpoint_of_the_earlier_layout_is_refused_in_one_line(tmp_path):
         assert len(err) == 1 and key in err[0] and "earlier version" in err[0], r.stderr
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in str(p)}
     assert after == before
+
+
+def test_repeated_keras_paths_are_numbered_in_order():
+    """Two layers given the same name have the same variable paths: both are kept (#1)."""
+    import keras
+
+    from trainer.state import keyed
+
+    keras.utils.clear_session(free_memory=False)
+    inputs = keras.Input((3,))
+    a, b = keras.layers.Dense(2, name="twin"), keras.layers.Dense(2, name="twin")
+    a(inputs), b(inputs)
+    keys = keyed(a.weights + b.weights)
+    assert list(keys) == ["twin/kernel", "twin/bias", "twin/kernel#1", "twin/bias#1"]
+    assert keys["twin/kernel#1"] is b.weights[0]

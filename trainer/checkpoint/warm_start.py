@@ -32,9 +32,19 @@ def _assign_all(dst: list, src: list, what: str, path: str) -> None:
         a.assign(b)
 
 
+def _not_slots(optimizer: keras.optimizers.Optimizer) -> set[int]:
+    """ids of the iteration counters and learning rates of `optimizer` and, under
+    mixed_float16, of the optimizer its LossScaleOptimizer wraps: a new run's own."""
+    out = set()
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if opt is not None:
+            out |= {id(opt.iterations), id(getattr(opt, "_learning_rate", None))}
+    return out
+
+
 def optimizer_slots(optimizer: keras.optimizers.Optimizer) -> list:
-    """The optimizer's variables minus its iteration counter and learning rate."""
-    skip = {id(optimizer.iterations), id(getattr(optimizer, "_learning_rate", None))}
+    """The optimizer's variables minus its iteration counters and learning rates."""
+    skip = _not_slots(optimizer)
     return [v for v in optimizer.variables if id(v) not in skip]
 
 
@@ -133,7 +143,7 @@ def _from_checkpoint(path: str, state: TrainState) -> str:
             f"not fit this model and data ({shown}). Allowed: a checkpoint of the same model "
             "trained on data with the same number of features and outputs"
         )
-    skip = {id(state.optimizer.iterations), id(getattr(state.optimizer, "_learning_rate", None))}
+    skip = _not_slots(state.optimizer)
     slot_vars = {k: v for k, v in state.groups["optimizer"].items() if id(v) not in skip}
     slots, missing = pairs("optimizer", slot_vars)
     for var, key in weights + (slots if not missing else []):

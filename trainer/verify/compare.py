@@ -176,7 +176,10 @@ def compare_other_tags(run_a: str, run_b: str, skip: str, atol: float) -> dict[s
             if tag in TIMING_TAGS or (split == "train" and tag == skip):
                 continue
             curves = Curve("", tag, sa[tag]), Curve("", tag, sb[tag])
-            out[f"{split}/{tag}"] = compare_curves(*curves, atol=atol, same_steps=False)
+            # eval points must be the same steps (a missing final eval is a difference); train
+            # tags other than the compared one may be logged at other steps
+            same = split == "eval"
+            out[f"{split}/{tag}"] = compare_curves(*curves, atol=atol, same_steps=same)
     return out
 
 

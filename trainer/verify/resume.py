@@ -271,6 +271,12 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> di
             raise PhaseFailed(
                 f"interrupted run left its newest checkpoint at {resume_from}, not {at}"
             )
+        if not resume_from:  # every run started over: no resume was tested
+            raise PhaseFailed(
+                "the interrupted run left no checkpoint, so the last run would start from "
+                "scratch and test no resume; save earlier (checkpoint.every) or kill later "
+                "(verify.interrupt_at, verify.window)"
+            )
         redone = sorted(s for s in logged if s > (resume_from or 0))
         note = f"; steps {redone[0]}..{redone[-1]} were logged and will be redone" if redone else ""
         how = (
