@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,6 +92,46 @@ def losses(run_dir: Path) -> dict[int, float]:
             if "loss" in r:
                 out[r["step"]] = r["loss"]
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(base: str, path: str, **query):
+    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def tensorboard_cmd() -> list[str]:
+    """The `tensorboard` beside this Python, else on PATH, else `python -m tensorboard.main`."""
+    exe = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    exe = exe if os.path.exists(exe) else shutil.which("tensorboard")
+    return [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir: Path, log_path: Path):
+    """A real `tensorboard --logdir logdir` on a free local port; yields (its base URL, the
+    process). Its output goes to `log_path`; it is stopped on exit."""
+    port = free_port()
+    log = open(log_path, "w")
+    cmd = [*tensorboard_cmd(), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--load_fast", "false", "--reload_interval", "1"]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env())
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
 
 
 @pytest.fixture

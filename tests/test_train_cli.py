@@ -47,7 +47,17 @@ def test_short_run_writes_everything(tmp_path, model):
     } <= tags
     loss_events = train_tb.Tensors("loss")
     assert [e.step for e in loss_events] == train_steps
-    assert train_tb.PluginTagToContent("hparams")  # the run's hyperparameters
+    assert not any(t.startswith("_hparams_") for t in tags)
+    # the run's hyperparameters, once, in the HPARAMS session <run>/tensorboard, whose train/
+    # and eval/ runs hold the metrics its experiment declares (the tab's metric columns)
+    session = tb_tags(run / "tensorboard").PluginTagToContent("hparams")
+    assert set(session) == {"_hparams_/experiment", "_hparams_/session_start_info"}, session
+    from tensorboard.plugins.hparams import metadata
+
+    experiment = metadata.parse_experiment_plugin_data(session["_hparams_/experiment"])
+    declared = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
+    assert declared == {("train", "loss"), ("eval", "loss"), ("eval", "mae")}
+    assert "optimizer.learning_rate" in {h.name for h in experiment.hparam_infos}
     assert {"loss", "mae"} <= set(tb_tags(run / "tensorboard" / "eval").Tags()["tensors"])
     assert (run / "export" / "model.keras").stat().st_size > 0
     assert (run / "export" / "saved_model" / "saved_model.pb").exists()

@@ -8,19 +8,12 @@ training rows, so 51 steps per epoch at batch 32 (synthetic_sequence: 25, digits
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
-from conftest import env, run_cli
+from conftest import get_json, run_cli, tensorboard_server
 
 from trainer.summaries import read_metrics
 from trainer.verify import compare
@@ -130,51 +123,11 @@ def test_one_clean_curve_after_sigkill(bn_sigkill):
 
 
 # ---------------------------------------------------------------- the real TensorBoard server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(base: str, path: str, **query):
-    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def tensorboard_cmd() -> list[str]:
-    """The `tensorboard` beside this Python, else on PATH, else `python -m tensorboard.main`."""
-    exe = os.path.join(os.path.dirname(sys.executable), "tensorboard")
-    exe = exe if os.path.exists(exe) else shutil.which("tensorboard")
-    return [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
-
-
 @pytest.mark.slow
 def test_tensorboard_serves_one_clean_curve_per_run(bn_sigkill, tmp_path):
     _, out = bn_sigkill
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "tensorboard.log", "w")
-    server = subprocess.Popen(
-        [
-            *tensorboard_cmd(),
-            "--logdir",
-            str(out),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--load_fast",
-            "false",
-            "--reload_interval",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env(),
-    )
     runs = {"reference/tensorboard/train", "resumed/tensorboard/train"}
-    try:
+    with tensorboard_server(out, tmp_path / "tensorboard.log") as (base, server):
         deadline = time.monotonic() + 60
         curves = {}
         while time.monotonic() < deadline:
@@ -197,14 +150,6 @@ def test_tensorboard_serves_one_clean_curve_per_run(bn_sigkill, tmp_path):
         assert [row[1] for row in ref] == list(range(1, 81))
         assert [row[1] for row in res] == list(range(1, 81))  # 51..60 were logged twice on disk
         assert [row[2] for row in res] == [row[2] for row in ref]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 # ---------------------------------------------------------------- a broken restore is caught

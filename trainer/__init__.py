@@ -4,7 +4,10 @@ The training core lives at the top of this package, in the order a run goes thro
 `__main__` (the Hydra entry) -> `app` (exit codes) -> `config`, `preflight` (the schema and
 value checks) -> `data` -> `build` (model, losses) and `optim` -> `state` (what a checkpoint
 holds) -> `loop` (the fit loop: `fit` reads as a page) with `steps` (the traced train and eval
-steps), `summaries`, `signals`, `nonfinite`.
+steps), `summaries`, `signals`, `nonfinite`. Sweeps (`-m`): `sweep` (each job skipped, resumed or
+trained, and the signals), `sweep_report` (the table, sweep.csv/json, the HPARAMS
+experiment), `sweep_optuna` (an Optuna study that continues), and `runinfo` (what can be read
+about a run without TensorFlow).
 
 Subsystems, one package each:
 - `checkpoint/`: the store and its manifests, async writes, integrity, fingerprint, warm

@@ -1,4 +1,5 @@
-"""`python -m trainer [overrides]`: the Hydra entry point and nothing else (work is in app.py)."""
+"""`python -m trainer [overrides]`: the Hydra entry point and nothing else (work is in app.py;
+a sweep's jobs, `-m`, in sweep.py)."""
 
 import os
 import sys
@@ -7,7 +8,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 
+from trainer import sweep  # noqa: E402  (registers hydra.sweep.subdir's job_dirname resolver)
 from trainer.config import CONF_DIR, register_schemas  # noqa: E402
 
 register_schemas()
@@ -15,14 +18,20 @@ _task_started = False
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _entry(cfg) -> None:
+def _entry(cfg) -> float | None:
     global _task_started
     _task_started = True
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        from trainer import sweep
+
+        return sweep.run_job(cfg, hc.runtime.output_dir)
     from trainer import app
 
-    code = app.run(cfg, HydraConfig.get().runtime.output_dir)
+    code = app.run(cfg, hc.runtime.output_dir)
     if code:
         sys.exit(code)
+    return None
 
 
 def main() -> None:
@@ -34,12 +43,18 @@ def main() -> None:
         sys.exit(2)
     try:
         _entry()
+    except sweep.SweepInterrupted:
+        pass  # a job saved and stopped on a signal: the report below, exit 3
     except SystemExit as e:
         # Hydra exits 1 when composing the config fails (unknown option or key, wrong type):
         # that is bad input, exit code 2 by our contract.
-        if not _task_started and e.code not in (0, None):
+        if not _task_started and not sweep.started() and e.code not in (0, None):
             sys.exit(2)
+        sweep.finish()  # a sweep that Hydra ended still reports the jobs it ran
         raise
+    code = sweep.finish()  # a sweep: the table, sweep.csv/json; None for a single run
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

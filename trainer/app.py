@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import traceback
+from dataclasses import dataclass
 
 import tensorflow as tf
 from omegaconf import DictConfig
@@ -48,50 +49,73 @@ def summary(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Outcome:
+    """How a run ended: its exit code, what it did (None if it failed) and the error line."""
+
+    code: int
+    result: RunResult | None = None
+    error: str | None = None
+
+
 def run(cfg: DictConfig, run_dir: str) -> int:
     """Train and return the process exit code (README, "Exit codes": 0, 1, 2, 3)."""
+    return execute(cfg, run_dir).code
+
+
+def _resume_hint(run_dir: str, sweep: bool) -> str:
+    if sweep:
+        return "Rerun the sweep's command to resume it."
+    return f"Resume with:\n  {resume_command(run_dir)}"
+
+
+def _failed(code: int, message: str) -> Outcome:
+    print(f"error: {message}", file=sys.stderr)
+    return Outcome(code, error=message)
+
+
+def execute(cfg: DictConfig, run_dir: str, sweep: bool = False) -> Outcome:
+    """Train, print what happened and return it with the exit code. `sweep`: one job of a
+    sweep (no HPARAMS experiment of its own; rerunning the sweep resumes it)."""
     debug = bool(cfg.trainer.get("debug", False))
     for name in ("absl", "tensorflow"):  # TF's INFO chatter would bury our own output
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        result = fit(cfg, run_dir)
+        result = fit(cfg, run_dir, experiment=not sweep)
     except UserError as e:
         hydra_callbacks.restore()
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _failed(EXIT_BAD_INPUT, str(e))
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed(EXIT_FAILED, str(e))
     except (OSError, tf.errors.OpError) as e:  # a full disk or an unwritable file (logs...)
         problem = integrity.disk_problem(e)
         if problem is None or debug:
             raise
         hydra_callbacks.restore()
         where = getattr(e, "filename", None) or f"in {run_dir}"
-        print(
-            f"error: cannot write {where} ({problem}); the checkpoints "
-            "written so far are intact. Free space or fix permissions, then rerun the same "
-            "command to resume.",
-            file=sys.stderr,
+        return _failed(
+            EXIT_BAD_INPUT,
+            f"cannot write {where} ({problem}); the checkpoints written so far are intact. "
+            "Free space or fix permissions, then rerun the same command to resume.",
         )
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # SIGINT outside the training loop (start-up, export)
         print(
             "\ninterrupted (SIGINT) outside the training loop; the checkpoints written so far "
-            f"are intact. Resume with:\n  {resume_command(run_dir)}",
+            f"are intact. {_resume_hint(run_dir, sweep)}",
             file=sys.stderr,
         )
-        return 130
+        return Outcome(130, error="interrupted (SIGINT) outside the training loop")
     print(summary(result))
     if result.status == "already_complete":
+        hydra_callbacks.restore()  # the run's .hydra/ too stays as it was (a sweep's rerun)
         wrote = ", ".join(result.exports) if result.exports else "nothing"
         print(
             f"Run is complete at step {result.step}; wrote {wrote} (missing exports only); "
             "checkpoints, logs and event files are unchanged."
         )
     if result.status == "interrupted":
-        print(f"Checkpoint saved at step {result.step}. Resume with:\n  {resume_command(run_dir)}")
-        return EXIT_INTERRUPTED
-    return EXIT_OK
+        print(f"Checkpoint saved at step {result.step}. {_resume_hint(run_dir, sweep)}")
+        return Outcome(EXIT_INTERRUPTED, result)
+    return Outcome(EXIT_OK, result)

@@ -1,34 +1,67 @@
-"""Keeps a refused run from overwriting what is already in its run directory.
+"""Keeps a refused run, or a sweep's finished job, from overwriting its `.hydra/` files.
 
 Hydra writes `<run>/.hydra/{config,hydra,overrides}.yaml` before the task starts. When the
-task then refuses the run (bad input, resume refused), `restore()` puts the previous
-files back, so the run directory still describes the run that wrote its checkpoints.
+task then refuses the run (bad input, resume refused), or finds a sweep's job already
+complete, `restore()` puts the previous files back, so the run directory still describes the
+run that wrote its checkpoints. A single run's files are read in `on_run_start`; a sweep's,
+for every job directory already in the sweep directory, in `on_multirun_start` (Hydra
+rewrites a job's files before any hook of that job runs), and handed to each job in
+`on_job_start` (the callback travels with the job to a launcher's worker process).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+_NAMES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 _saved: dict[str, bytes | None] = {}
 
 
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 class PreserveRunFiles(Callback):
+    def __init__(self) -> None:
+        self._jobs: dict[str, bytes | None] = {}  # a sweep's job files, by absolute path
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         _saved.clear()
         subdir = config.hydra.output_subdir
         if subdir is None:
             return
         hydra_dir = os.path.join(str(config.hydra.run.dir), str(subdir))
-        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        for name in _NAMES:
             path = os.path.join(hydra_dir, name)
-            try:
-                with open(path, "rb") as f:
-                    _saved[path] = f.read()
-            except OSError:
-                _saved[path] = None
+            _saved[path] = _read(path)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        subdir = config.hydra.output_subdir
+        if subdir is None:
+            return
+        root = glob.escape(os.path.abspath(str(config.hydra.sweep.dir)))
+        for name in _NAMES:  # job directories at any depth (hydra.sweep.subdir may nest)
+            pattern = os.path.join(root, "**", glob.escape(str(subdir)), name)
+            for path in glob.glob(pattern, recursive=True):
+                self._jobs[path] = _read(path)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN or config.hydra.output_subdir is None:
+            return
+        _saved.clear()
+        out = os.path.abspath(str(config.hydra.runtime.output_dir))
+        for name in _NAMES:
+            path = os.path.join(out, str(config.hydra.output_subdir), name)
+            _saved[path] = self._jobs.get(path)  # None: this job created it
 
 
 def restore() -> None:

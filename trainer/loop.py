@@ -130,10 +130,11 @@ class SaveBudget:
         return self.total / max(self.clock() - self.start, 1e-9)
 
 
-def fit(cfg: DictConfig, run_dir: str) -> RunResult:
-    """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened."""
+def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
+    """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened.
+    `experiment`: a fresh run declares its HPARAMS experiment (False: a sweep's job)."""
     validate(cfg)
-    run = Session.open(cfg, run_dir)  # restore-or-initialize: trainer/restore.py
+    run = Session.open(cfg, run_dir, experiment)  # restore-or-initialize: trainer/restore.py
     if isinstance(run, RunResult):  # a rerun of a completed run: nothing to train
         return run
     cadence, budget = Cadence.of(cfg), SaveBudget.of(cfg)

@@ -3,16 +3,22 @@
 Hydra reports a failed composition with its own multi-line text (and sometimes a
 traceback, e.g. for a run directory it cannot create). `check(argv)` composes the same
 config with Hydra's compose API first and turns each failure into one line naming the key,
-the value received and what is allowed. It only handles plain `key=value` overrides; with
-Hydra flags (`--multirun`, `--cfg`, `-cn`...) it steps aside and Hydra reports as usual.
+the value received and what is allowed. With `-m`/`--multirun` it composes every job of the
+sweep (`sweep_jobs`), so that a value no job could run, or an empty list of values, stops the
+sweep before any job starts. It only handles plain `key=value` overrides; with other Hydra
+flags (`--cfg`, `-cn`...) it steps aside and Hydra reports as usual.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
 import tempfile
 import typing
+
+from omegaconf import OmegaConf
 
 from trainer.config import CONF_DIR, UserError, register_schemas, validate
 
@@ -56,6 +62,9 @@ def message(e: Exception, overrides: list[str]) -> str:
     cause = e.__cause__ or e
     key = getattr(cause, "full_key", None)
     fields = _fields(getattr(cause, "object_type", None))
+    parent = getattr(cause, "parent_node", None)
+    if not fields and "not in struct" in str(cause) and hasattr(parent, "keys"):
+        fields = dict.fromkeys(parent.keys())  # a group without a schema (model): its keys
     if key:
         name = key.rpartition(".")[2]
         value = _received(key, overrides)
@@ -89,31 +98,89 @@ def _writable_dir_problem(run_dir: str) -> str | None:
     return None
 
 
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+_MAX_COMBINATIONS = 64  # more: each swept value checked once, with the others' first values
+
+
+def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], str | None]:
+    """The override lists of a sweep's jobs to check before any starts, or a problem line.
+
+    Every combination of the swept values when there are at most 64 (Hydra's basic sweeper
+    runs each one), else each value once with the first value of every other sweep. An
+    interval (the Optuna sweeper's) is checked at both ends; a glob is left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:
+        return [], message(e, overrides)
+    fixed, swept = [], []
+    for o in parsed:
+        if not o.is_sweep_override():
+            fixed.append(o.input_line)
+            continue
+        if isinstance(o.value(), IntervalSweep):
+            values = [o.value().start, o.value().end]
+        else:
+            try:
+                values = list(o.sweep_string_iterator())
+            except HydraException:  # a glob: only Hydra's config loader can expand it
+                continue
+        if not values:
+            received = str(o.input_line).partition("=")[2]
+            return [], (
+                f"{o.key_or_group}: received {received!r}, an empty list of values; "
+                "allowed: one value or more"
+            )
+        swept.append([f"{o.get_key_element()}={v}" for v in values])
+    if math.prod(len(v) for v in swept) <= _MAX_COMBINATIONS:
+        return [[*fixed, *c] for c in itertools.product(*swept)], None
+    first = [v[0] for v in swept]
+    jobs = [[*fixed, *first]]
+    for i, values in enumerate(swept):
+        jobs += [[*fixed, *first[:i], v, *first[i + 1 :]] for v in values[1:]]
+    return jobs, None
+
+
 def check(argv: list[str]) -> str | None:
-    """Compose the config `python -m trainer argv` would get; the problem as one line, or None."""
-    if any(a.startswith("-") for a in argv):
-        return None  # Hydra flags: let Hydra handle the command line itself
+    """Compose the config `python -m trainer argv` would get (with `-m`, every job's); the
+    problem as one line, or None."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in _MULTIRUN_FLAGS for f in flags):
+        return None  # other Hydra flags: let Hydra handle the command line itself
+    overrides = [a for a in argv if not a.startswith("-")]
+    multirun = bool(flags) or "hydra.mode=MULTIRUN" in overrides
+    jobs, problem = sweep_jobs(overrides) if multirun else ([overrides], None)
+    if problem:
+        return problem
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_schemas()
     GlobalHydra.instance().clear()
+    cfg = None
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(argv), return_hydra_config=True)
-    except Exception as e:  # every composition failure is a command-line mistake
-        return message(e, list(argv))
+            for job in jobs:
+                swept = " ".join(o for o in job if o not in overrides)
+                where = f" (in the sweep's job {swept})" if swept else ""
+                try:
+                    cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+                    validate(cfg)  # value checks too, before TensorFlow is even imported
+                except UserError as e:
+                    return f"{e}{where}"
+                except Exception as e:  # every composition failure is a command-line mistake
+                    return message(e, job) + where
     finally:
         GlobalHydra.instance().clear()
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
-        validate(cfg)  # value checks too, before TensorFlow is even imported
-    except UserError as e:
-        return str(e)
-    try:
-        run_dir = str(cfg.hydra.run.dir)
+        out_dir = str(OmegaConf.select(cfg, key))
     except Exception:  # an interpolation only Hydra's runtime can resolve
         return None
-    problem = _writable_dir_problem(run_dir)
+    problem = _writable_dir_problem(out_dir)
     if problem:
-        return f"hydra.run.dir: received {run_dir!r}; {problem}. Allowed: a writable directory"
+        return f"{key}: received {out_dir!r}; {problem}. Allowed: a writable directory"
     return None

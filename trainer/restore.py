@@ -47,7 +47,8 @@ def restore_or_initialize(
         print(f"Resuming from step {step}: {latest.prefix}{note}", file=sys.stderr)
         return step, step
     summaries.truncate_metrics(run_dir, 0)
-    summaries.truncate_events(os.path.join(run_dir, "tensorboard"), 0)
+    # from scratch: even step 0 goes (the hparams a run killed before its first save wrote)
+    summaries.truncate_events(os.path.join(run_dir, "tensorboard"), -1)
     if cfg.trainer.init_from:
         warm_start(cfg.trainer.init_from, state)  # prints what it copied
     return 0, None

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from trainer import build, nonfinite, summaries
+from trainer import build, nonfinite, runinfo, summaries
 from trainer import data as data_lib
 from trainer.checkpoint import export, integrity
 from trainer.checkpoint.fingerprint import manifest_extra
@@ -57,23 +57,9 @@ class Chunk:
     rates: np.ndarray
 
 
-def hparams_of(cfg: DictConfig) -> dict:
-    flat = {
-        "model": str(cfg.model._target_),
-        "optimizer": cfg.optimizer.name,
-        "schedule": cfg.schedule.name,
-        "data": cfg.data.name,
-    }
-    for group in ("model", "optimizer", "data", "trainer", "checkpoint"):
-        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
-            if isinstance(value, (bool, int, float, str)) and key not in ("name", "_target_"):
-                flat[f"{group}.{key}"] = value
-    return flat
-
-
 def already_complete(step: int, run_dir: str, exports: dict | None = None) -> RunResult:
     """The result of rerunning a run that had reached trainer.max_steps."""
-    last = summaries.last_records(run_dir)
+    last = runinfo.last_records(run_dir)
     return RunResult(
         "already_complete",
         step,
@@ -89,9 +75,11 @@ class Session:
     """Everything one run holds between steps, and the mechanics of each loop event."""
 
     @classmethod
-    def open(cls, cfg: DictConfig, run_dir: str) -> Session | RunResult:
+    def open(cls, cfg: DictConfig, run_dir: str, experiment: bool = True) -> Session | RunResult:
         """Set a run up (resuming if `run_dir` holds checkpoints). A RunResult instead when
         the run had already completed: then nothing is written but a missing export.
+        `experiment`: a fresh run declares its own HPARAMS experiment (False in a sweep,
+        which declares one for all its jobs: Writers.hparams).
 
         Under multi-worker training only the chief writes into `run_dir`; the other workers
         write into `place.write_dir`, a temporary directory (trainer/distribute/placement.py).
@@ -146,9 +134,11 @@ class Session:
             )
             place.cleanup()
             return already_complete(step, run_dir, exports)
-        return cls(cfg, run_dir, place, data, state, store, step, resumed_from)
+        return cls(cfg, run_dir, place, data, state, store, step, resumed_from, experiment)
 
-    def __init__(self, cfg, run_dir, place, data, state, store, step: int, resumed_from):
+    def __init__(
+        self, cfg, run_dir, place, data, state, store, step: int, resumed_from, experiment=True
+    ):
         self.cfg, self.place, self.data, self.state, self.store = cfg, place, data, state, store
         self.step, self.loop = step, state.loop
         self.write_dir = place.write_dir
@@ -156,10 +146,11 @@ class Session:
         self.steps_per_epoch = data.steps_per_epoch(self.batch)
         self.writers = summaries.Writers(self.write_dir)
         self.metrics = summaries.MetricsLog(self.write_dir)
-        if resumed_from is None:
-            self.writers.hparams(hparams_of(cfg))
         loss_fn = build.per_example_loss(data.task)
         self.metric_name, metric_fn = build.per_example_metric(data.task)
+        if resumed_from is None:  # once per run: a resume or a rerun adds no second session
+            metrics = [("train", "loss"), ("eval", "loss"), ("eval", self.metric_name)]
+            self.writers.hparams(runinfo.hparams_of(cfg), metrics if experiment else None)
         model, optimizer = state.model, state.optimizer
         self._chunk_for = make_chunk_fn(
             place.strategy, model, optimizer, loss_fn, metric_fn, self.batch

@@ -34,9 +34,8 @@ import keras
 import tensorflow as tf
 from tensorflow.python.trackable import trackable_utils
 
-# Recorded in every manifest. Checkpoints without it were written through TensorFlow's object
-# graph (model=<the model>), which can miss variables: they are refused on resume.
-STATE_LAYOUT = 2
+from trainer.checkpoint.fingerprint import STATE_LAYOUT  # noqa: F401 (defined without TF there)
+
 _VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
 _UNESCAPE = re.compile(r"\.(.)")  # trackable_utils.escape_local_name: '.' -> '..', '/' -> '.S'
 _BOOKKEEPING = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter" + _VALUE)

@@ -17,9 +17,9 @@ import time
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 
+from trainer.runinfo import METRICS_FILE, last_records, read_metrics  # noqa: F401 (re-exported)
 from trainer.tfcall import flat_caller
 
-METRICS_FILE = "metrics.jsonl"
 _TMP_SUFFIX = ".truncating"
 
 
@@ -44,32 +44,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self._f.close()
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    """Every record of `<run>/metrics.jsonl` (a torn last line from a kill is skipped)."""
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
-
-
-def last_records(run_dir: str) -> dict:
-    """{"loss": the last logged training loss, "eval": {metric: value} of the last eval}."""
-    out: dict = {}
-    for r in read_metrics(run_dir):
-        if r.get("split") == "eval":
-            out["eval"] = {k[len("eval_") :]: v for k, v in r.items() if k.startswith("eval_")}
-        elif "loss" in r:
-            out["loss"] = r["loss"]
-    return out
 
 
 def truncate_metrics(run_dir: str, max_step: int) -> int:
@@ -186,7 +160,7 @@ class Writers:
     """TensorBoard writers for `<run>/tensorboard/train` and `eval`."""
 
     def __init__(self, run_dir: str):
-        root = os.path.join(run_dir, "tensorboard")
+        self.root = root = os.path.join(run_dir, "tensorboard")
         self.train = tf.summary.create_file_writer(os.path.join(root, "train"))
         self.eval = tf.summary.create_file_writer(os.path.join(root, "eval"))
         # Scalars are queued and written in batches, one tf.function call per batch: eager
@@ -227,11 +201,23 @@ class Writers:
                 tf.constant([[float(v) for v in r[2].values()] for r in rows], tf.float32),
             )
 
-    def hparams(self, hparams: dict) -> None:
+    def hparams(self, hparams: dict, metrics: list[tuple[str, str]] | None = None) -> None:
+        """The run's hyperparameters, in `<run>/tensorboard/`: the HPARAMS tab's session, whose
+        `train/` and `eval/` runs hold its metrics. `metrics`, (group, tag) pairs such as
+        ("eval", "loss"), also declares the experiment: the tab's metric columns. A sweep's
+        jobs pass None: TensorBoard takes one experiment per logdir, and the sweep declares
+        one for all its jobs (trainer/sweep_report.py)."""
         from tensorboard.plugins.hparams import api as hp
 
-        with self.train.as_default(step=0):
+        writer = tf.summary.create_file_writer(self.root)
+        with writer.as_default(step=0):
+            if metrics is not None:
+                hp.hparams_config(
+                    hparams=[hp.HParam(name) for name in sorted(hparams)],
+                    metrics=[hp.Metric(t, group=g, display_name=f"{g} {t}") for g, t in metrics],
+                )
             hp.hparams(hparams)
+        writer.close()
 
     def flush(self) -> None:
         self.drain()

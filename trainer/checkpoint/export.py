@@ -6,6 +6,9 @@ never a torn file. A file is swapped with one `os.replace`; a directory is swapp
 Linux `renameat2(RENAME_EXCHANGE)`, which exchanges both names in one step (elsewhere: two
 renames, with a moment in which only `saved_model.old-*` exists). A failed export removes
 its temporary files and leaves the previous artifact untouched.
+
+TensorFlow is imported where an artifact is written: `missing()` serves a sweep's check of a
+finished job before TensorFlow loads (trainer/runinfo.py).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import ctypes
 import os
 import re
 import shutil
+from typing import TYPE_CHECKING
 
-import keras
-import tensorflow as tf
+if TYPE_CHECKING:
+    import keras
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
@@ -77,6 +81,8 @@ def export_saved_model(model: keras.Model, path: str, feature_shape: tuple[int, 
     tmp = f"{path}.tmp-{os.getpid()}"
     old = f"{path}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    import tensorflow as tf
+
     signature = [tf.TensorSpec((None, *feature_shape), tf.float32, name="inputs")]
     try:
         model.export(tmp, format="tf_saved_model", verbose=False, input_signature=signature)

@@ -7,6 +7,9 @@ weights and random masks of each step depend on: the whole `model` group, the `d
 under an existing run would load tensors into the wrong places or train on other batches
 than the interrupted run would have, so a resume with a different structural part is
 refused; max_steps, logging, eval and checkpoint cadence may change.
+
+Nothing here loads TensorFlow (the store is imported where a manifest is read): a sweep
+compares a finished job's manifest with its config before TensorFlow loads (trainer/runinfo.py).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import platform
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoint.store import read_manifest
-
+# Recorded in every manifest. Checkpoints without it were written through TensorFlow's object
+# graph (model=<the model>), which can miss variables: they are refused on resume.
+STATE_LAYOUT = 2
 _NOT_STRUCTURAL = {"data.path"}
 
 
@@ -73,6 +77,8 @@ def manifest_extra(cfg: DictConfig) -> dict:
 
 def structural_diff(cfg: DictConfig, prefix: str) -> dict[str, tuple]:
     """{key: (in checkpoint, now)} for structural keys that differ from checkpoint `prefix`."""
+    from trainer.checkpoint.store import read_manifest
+
     then = read_manifest(prefix).get("structural", {})
     now = structural(cfg)
     return {

@@ -1,0 +1,298 @@
+"""Hydra multirun sweeps that resume (README, "Sweeps"): through the real CLI, interrupted by
+real signals, compared with the same jobs run alone and read back through a real TensorBoard.
+
+Jobs run in one process with Hydra's basic launcher unless a test names the joblib launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, env, get_json, losses, run_cli, spawn, tensorboard_server
+
+from trainer.sweep import job_dirname
+
+SMALL = [
+    "trainer.max_steps=40",
+    "trainer.log_every=1",
+    "trainer.eval_every=20",
+    "checkpoint.every=10",
+]
+GRID = ["model=custom_bn,custom_dense", "optimizer.learning_rate=0.01,0.1"]
+# Hydra's basic sweeper runs the combinations in this order
+JOBS = [(m, lr) for m in ("custom_bn", "custom_dense") for lr in ("0.01", "0.1")]
+
+
+def job_overrides(model: str, lr: str) -> list[str]:
+    return [f"model={model}", f"optimizer.learning_rate={lr}", *SMALL]
+
+
+def job_dir(sweep: Path, overrides: list[str]) -> Path:
+    """Where a job lives: named by its overrides, sorted (not by its number in the sweep)."""
+    return sweep / ",".join(sorted(overrides))
+
+
+def start_sweep(sweep: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "trainer", "-m", *args, f"hydra.sweep.dir={sweep}"]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def run_sweep(sweep: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cli("trainer", "-m", *args, f"hydra.sweep.dir={sweep}", timeout=timeout)
+
+
+def manifests(run: Path) -> list[int]:
+    """Steps of the checkpoints in `run` that have a manifest (so they count on resume)."""
+    return sorted(
+        int(p.name.split("-")[1].split(".")[0]) for p in run.glob("checkpoints/*.manifest.json")
+    )
+
+
+def wait_for_checkpoints(proc: subprocess.Popen, runs: list[Path], timeout: float = 120) -> None:
+    """Return as soon as each of `runs` holds a checkpoint with its manifest."""
+    deadline = time.monotonic() + timeout
+    while not all(manifests(r) for r in runs):
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the sweep ended first ({proc.returncode}):\n{proc.stderr.read()}"
+            )
+        assert time.monotonic() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.002)
+
+
+def jobs_of(sweep: Path) -> dict[str, dict]:
+    """sweep.json's jobs by directory name."""
+    return {j["dir"]: j for j in json.loads((sweep / "sweep.json").read_text())["jobs"]}
+
+
+def files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def hparams_events(logdir: Path) -> list[str]:
+    """Tags of the hparams summaries in the event files directly in `logdir` (TFRecords read
+    by hand: length, its CRC, the Event, its CRC)."""
+    from tensorboard.compat.proto import event_pb2
+
+    tags = []
+    for path in sorted(logdir.glob("*tfevents*")):
+        data = path.read_bytes()
+        i = 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            tags += [v.tag for v in event.summary.value if v.tag.startswith("_hparams_")]
+            i += 12 + n + 4
+    return tags
+
+
+# ---------------------------------------------------------------- the 2x2 sweep, killed, rerun
+def test_job_directories_are_named_by_overrides_one_component_each():
+    assert (
+        job_dirname("model=a,optimizer.learning_rate=0.1") == "model=a,optimizer.learning_rate=0.1"
+    )
+    assert job_dirname("") == "defaults"
+    assert "/" not in job_dirname("data.path=data/x.csv")
+    assert job_dirname("data.path=a/b") != job_dirname("data.path=a%2Fb")  # injective
+    long = job_dirname("model._target_=" + "x" * 400)
+    assert len(long.encode()) <= 200 and long != job_dirname("model._target_=" + "x" * 401)
+
+
+@pytest.mark.slow
+def test_killed_sweep_reruns_skips_resumes_starts_and_compares_in_tensorboard(tmp_path):
+    sweep = tmp_path / "sweep"
+    dirs = [job_dir(sweep, job_overrides(*job)) for job in JOBS]
+    proc = start_sweep(sweep, *GRID, *SMALL)
+    try:
+        wait_for_checkpoints(proc, [dirs[2]])  # the third job has saved: a real SIGKILL now
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    killed_at = max(manifests(dirs[2]))
+    assert killed_at < 40 and not dirs[3].exists(), "the kill came after the third job ended"
+    before = {d: files(d) for d in dirs[:2]}
+
+    # The same command again, while the third and fourth jobs also run alone, for comparison.
+    alone = {i: spawn(tmp_path / f"alone{i}", *job_overrides(*JOBS[i])) for i in (2, 3)}
+    rerun = run_sweep(sweep, *GRID, *SMALL)
+    for p in alone.values():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert rerun.returncode == 0, rerun.stderr
+
+    jobs = jobs_of(sweep)
+    status = {d.name: (jobs[d.name]["status"], jobs[d.name]["resumed_from"]) for d in dirs}
+    assert status == {
+        dirs[0].name: ("already_complete", None),
+        dirs[1].name: ("already_complete", None),
+        dirs[2].name: ("resumed", killed_at),
+        dirs[3].name: ("completed", None),
+    }
+    assert f"Resuming from step {killed_at}" in rerun.stderr
+    assert all(jobs[d.name]["seconds"] < 0.5 for d in dirs[:2]), jobs  # skipped, not retrained
+    assert {d: files(d) for d in dirs[:2]} == before  # every file byte for byte, .hydra/ too
+    # the resumed job and the one trained after it in the same process equal each run alone
+    for i in (2, 3):
+        assert losses(dirs[i]) == losses(tmp_path / f"alone{i}")
+        assert len(losses(dirs[i])) == 40
+    # the table: printed, and as sweep.csv / sweep.json
+    assert f"resumed from step {killed_at}, completed" in rerun.stdout
+    assert rerun.stdout.count("already complete (skipped)") == 2
+    csv_lines = (sweep / "sweep.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("overrides,status,")
+    # one HPARAMS session per job (the resumed one wrote no second), no experiment of its own
+    for d in dirs:
+        assert hparams_events(d / "tensorboard") == ["_hparams_/session_start_info"]
+    assert_tensorboard_compares(sweep, dirs, jobs, tmp_path)
+
+
+def assert_tensorboard_compares(sweep: Path, dirs: list[Path], jobs: dict, tmp_path: Path):
+    """A real `tensorboard --logdir <sweep>`: every job a run, and its HPARAMS tab lists the
+    four jobs with their hyperparameters and final metrics, sorted by eval loss."""
+    request = {
+        "experimentName": "",
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [{"metric": {"group": "eval", "tag": "loss"}, "order": "ORDER_ASC"}],
+        "startIndex": 0,
+        "sliceSize": 100,
+    }
+    with tensorboard_server(sweep, tmp_path / "tensorboard.log") as (base, server):
+        deadline, groups = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            assert server.poll() is None, (tmp_path / "tensorboard.log").read_text()
+            try:
+                groups = get_json(
+                    base, "/data/plugin/hparams/session_groups", request=json.dumps(request)
+                ).get("sessionGroups", [])
+                if len(groups) == 4 and all(len(g["metricValues"]) == 3 for g in groups):
+                    break
+            except OSError:
+                pass  # not listening yet / still loading
+            time.sleep(0.5)
+        runs = set(get_json(base, "/data/runs"))
+        experiment = get_json(
+            base, "/data/plugin/hparams/experiment", request=json.dumps({"experimentName": ""})
+        )
+    assert {f"{d.name}/tensorboard/{split}" for d in dirs for split in ("train", "eval")} <= runs
+    metrics = {(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]}
+    assert metrics == {("train", "loss"), ("eval", "loss"), ("eval", "mae")}
+    assert {"model", "optimizer.learning_rate"} <= {h["name"] for h in experiment["hparamInfos"]}
+    assert len(groups) == 4, groups
+    sessions = [g["sessions"] for g in groups]
+    assert all(len(s) == 1 for s in sessions)
+    names = [s[0]["name"].removesuffix("/tensorboard") for s in sessions]
+    assert sorted(names) == sorted(d.name for d in dirs)
+    eval_loss = [
+        next(m["value"] for m in g["metricValues"] if m["name"] == {"group": "eval", "tag": "loss"})
+        for g in groups
+    ]
+    assert eval_loss == sorted(eval_loss)  # the table sorts jobs by eval loss
+    assert eval_loss == [pytest.approx(jobs[n]["eval"]["loss"], rel=1e-6) for n in names]
+    lrs = {n: g["hparams"]["optimizer.learning_rate"] for n, g in zip(names, groups, strict=True)}
+    assert lrs == {n: jobs[n]["hparams"]["optimizer.learning_rate"] for n in names}
+
+
+# ---------------------------------------------------------------- mistakes, failures
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (  # model.units exists for custom_bn only
+            ["model=custom_bn,custom_dense", "model.units=8"],
+            ["model.units: unknown key", "num_units", "in the sweep's job model=custom_dense"],
+        ),
+        (["optimizer.learning_rate=range(1,1)"], ["an empty list of values", "one value or more"]),
+        (["model=custom_bn,nope"], ["model: received 'nope'", "custom_dense"]),
+        (["optimizer.learning_rate=0.1,0"], ["optimizer.learning_rate: received 0.0", "> 0"]),
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_exit_2_before_any_job(tmp_path, args, expected):
+    r = run_sweep(tmp_path / "sweep", *args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    for text in expected:
+        assert text in r.stderr
+    assert not (tmp_path / "sweep").exists()  # no job (nor its directory) started
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = run_sweep(sweep, "optimizer.learning_rate=1e30,0.01", "trainer.max_steps=20")
+    assert r.returncode == 1, r.stderr  # README, "Exit codes": a job failed
+    jobs = list(json.loads((sweep / "sweep.json").read_text())["jobs"])
+    assert [(j["status"], j["exit_code"]) for j in jobs] == [("failed", 1), ("completed", 0)]
+    assert "non-finite loss" in jobs[0]["error"]
+    assert "failed (exit 1): non-finite loss" in r.stdout
+    assert (sweep / jobs[1]["dir"] / "export" / "model.keras").exists()
+
+
+# ---------------------------------------------------------------- parallel jobs, signals
+@pytest.mark.slow
+def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["model=custom_bn,custom_dense", "trainer.max_steps=300", "checkpoint.every=10"]
+    args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    dirs = [job_dir(sweep, [f"model={m}", *args[1:3]]) for m in ("custom_bn", "custom_dense")]
+    proc = start_sweep(sweep, *args)
+    wait_for_checkpoints(proc, dirs)  # both jobs train at once, in two worker processes
+    proc.send_signal(signal.SIGTERM)  # to the sweep's own process only: it tells the workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    jobs = jobs_of(sweep)
+    saved = {d.name: max(manifests(d)) for d in dirs}
+    assert {n: (j["status"], j["step"]) for n, j in jobs.items()} == {
+        n: ("interrupted", step) for n, step in saved.items()
+    }
+    assert all(step < 300 for step in saved.values())
+    alone = spawn(tmp_path / "alone", "model=custom_dense", *args[1:3])
+    rerun = run_sweep(sweep, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert alone.wait(timeout=300) == 0
+    jobs = jobs_of(sweep)
+    assert {n: (j["status"], j["resumed_from"]) for n, j in jobs.items()} == {
+        n: ("resumed", step) for n, step in saved.items()
+    }
+    assert losses(dirs[1]) == losses(tmp_path / "alone")
+
+
+# ---------------------------------------------------------------- the Optuna sweeper
+@pytest.mark.slow
+def test_an_interrupted_optuna_study_continues_with_its_trials(tmp_path):
+    import optuna
+
+    sweep = tmp_path / "study"
+    args = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1"]
+    args += ["hydra.sweeper.sampler.seed=0", "optimizer.learning_rate=tag(log,interval(0.001,0.1))"]
+    args += ["trainer.max_steps=300", "checkpoint.every=10"]
+    proc = start_sweep(sweep, *args)
+    deadline = time.monotonic() + 120
+    while len([d for d in sweep.glob("*=*") if manifests(d)]) < 2:  # the second trial trains
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 3
+    first = jobs_of(sweep)
+    (stopped,) = [j for j in first.values() if j["status"] == "interrupted"]
+
+    rerun = run_sweep(sweep, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    done = [t for t in study.trials if t.number not in study.user_attrs["sweep_interrupted"]]
+    assert [t.state.name for t in done] == ["COMPLETE"] * 3  # three trials in all, not 3 + 3
+    jobs = jobs_of(sweep)
+    assert len(jobs) == 3
+    assert jobs[stopped["dir"]]["status"] == "resumed"  # the same trial, from its checkpoint
+    assert jobs[stopped["dir"]]["resumed_from"] == stopped["step"]
+    assert sorted(j["status"] for j in jobs.values()) == ["completed", "completed", "resumed"]

@@ -1,0 +1,127 @@
+"""What can be read about a run without TensorFlow: its logged metrics, its hyperparameters,
+and whether it is complete, so that a sweep skips a finished job before TensorFlow loads.
+
+`finished(cfg, run_dir)` answers from files only: the newest checkpoint's manifest (its step,
+its files' sizes, its index's SHA-256, its state layout and the structural part of its
+config) and the exports. When it cannot tell (a data file given by path, whose contents
+only loading can compare; `trainer.resume=never`; multi-worker), it returns None and the
+run takes the usual path (Session.open), which decides the same thing with TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.checkpoint.export import missing as missing_exports
+from trainer.checkpoint.fingerprint import STATE_LAYOUT, structural
+
+METRICS_FILE = "metrics.jsonl"
+_MANIFEST = re.compile(r"ckpt-(\d+)\.manifest\.json$")
+_CKPT_FILE = re.compile(r"ckpt-(\d+)")
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """Every record of `<run>/metrics.jsonl` (a torn last line from a kill is skipped)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def last_records(run_dir: str) -> dict:
+    """{"loss": the last logged training loss, "eval": {metric: value} of the last eval}."""
+    out: dict = {}
+    for r in read_metrics(run_dir):
+        if r.get("split") == "eval":
+            out["eval"] = {k[len("eval_") :]: v for k, v in r.items() if k.startswith("eval_")}
+        elif "loss" in r:
+            out["loss"] = r["loss"]
+    return out
+
+
+def hparams_of(cfg: DictConfig) -> dict:
+    """The run's hyperparameters as TensorBoard's HPARAMS tab shows them (flat, scalars only)."""
+    flat = {
+        "model": str(cfg.model._target_),
+        "optimizer": cfg.optimizer.name,
+        "schedule": cfg.schedule.name,
+        "data": cfg.data.name,
+    }
+    for group in ("model", "optimizer", "data", "trainer", "checkpoint"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            if isinstance(value, (bool, int, float, str)) and key not in ("name", "_target_"):
+                flat[f"{group}.{key}"] = value
+    return flat
+
+
+@dataclass
+class Finished:
+    """A run that had reached trainer.max_steps: its step and last logged metrics."""
+
+    step: int
+    final_loss: float | None
+    eval: dict = field(default_factory=dict)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _newest_manifest(ckpt_dir: str) -> dict | None:
+    """The newest checkpoint's manifest if its files match it (sizes, the index's SHA-256,
+    which pins the CRC32C of every tensor); None if the newest checkpoint has none or differs."""
+    try:
+        names = os.listdir(ckpt_dir)
+    except OSError:
+        return None
+    steps = [int(m.group(1)) for n in names if (m := _CKPT_FILE.match(n))]
+    if not steps:
+        return None
+    prefix = os.path.join(ckpt_dir, f"ckpt-{max(steps)}")
+    try:
+        with open(prefix + ".manifest.json") as f:
+            manifest = json.load(f)
+        for name, meta in manifest["files"].items():
+            path = os.path.join(ckpt_dir, name)
+            if os.path.getsize(path) != meta["size"]:
+                return None
+            if "sha256" in meta and _sha256(path) != meta["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest
+
+
+def finished(cfg: DictConfig, run_dir: str) -> Finished | None:
+    """The complete run in `run_dir` that a rerun with `cfg` would leave as it is, or None
+    (not complete, or only Session.open can tell: see the module docstring)."""
+    tc = cfg.trainer
+    if tc.resume == "never" or cfg.distribute.name == "multi_worker" or "path" in cfg.data:
+        return None
+    manifest = _newest_manifest(os.path.join(run_dir, "checkpoints"))
+    if manifest is None or int(manifest.get("step", -1)) < int(tc.max_steps):
+        return None
+    now = json.loads(json.dumps(structural(cfg)))  # as the manifest stores it
+    if manifest.get("state_layout") != STATE_LAYOUT or manifest.get("structural") != now:
+        return None
+    if missing_exports(run_dir):
+        return None
+    last = last_records(run_dir)
+    return Finished(int(manifest["step"]), last.get("loss"), last.get("eval", {}))
