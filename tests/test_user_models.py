@@ -5,6 +5,7 @@ variable; each checkpoint holds every path of `model.variables`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -166,7 +167,7 @@ def _drop(prefix: str, suffix: str) -> list[str]:
     tf.train.Checkpoint(**groups).write(prefix)
     own = ("step", "time", "files", "data_checksums")
     store = CheckpointStore(
-        str(tf.io.gfile.join(prefix, "..")),
+        os.path.dirname(prefix),
         None,
         max_to_keep=1,
         keep_every_n_hours=None,

@@ -273,6 +273,8 @@ def test_chaos_kills_at_random_moments_resume_exactly(tmp_path, async_save):
     report = json.loads((out / "report.json").read_text())
     kills = report["verify"]["kills"]
     assert sorted(k["kind"] for k in kills) == ["checkpoint-write", "log-flush", "mid-chunk"]
+    (mid_write,) = [k for k in kills if k["kind"] == "checkpoint-write"]
+    assert mid_write["landed"].startswith("half-written checkpoint left"), mid_write
     assert report["verify"]["seed"] == 3 and "verify.seed=3" in proc.stdout
     # each kill after the first resumed from the newest checkpoint the previous one left
     assert [k["resumed_from"] for k in kills[1:]] == [k["newest_checkpoint"] for k in kills[:-1]]

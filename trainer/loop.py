@@ -88,24 +88,30 @@ class SaveBudget:
     total: float = 0.0  # every save's cost, seconds
     step_seconds: float | None = None  # a chunk's usual time per step (running estimate)
     pending: bool = False  # the chunk after a save: its excess time is that save's
+    owed: bool = False  # a step-based save the budget held back: due until it happens
     saves: int = 0
     costs: list = field(default_factory=list)  # (step, cost) measured, not yet logged
 
     @classmethod
     def of(cls, cfg: DictConfig) -> SaveBudget:
-        budget = cls(cfg.checkpoint.get("every_seconds"), cfg.checkpoint.get("max_overhead"))
+        if cfg.distribute.name == "multi_worker":  # collective saves: every worker must agree
+            budget = cls(None, None)  # so steps alone decide (README, Limits)
+        else:
+            budget = cls(cfg.checkpoint.get("every_seconds"), cfg.checkpoint.get("max_overhead"))
         budget.start = budget.last = budget.clock()
         return budget
 
     def due(self, by_steps: bool) -> bool:
         since = self.clock() - self.last
-        want = by_steps or (self.every_seconds is not None and since >= self.every_seconds)
+        self.owed = self.owed or by_steps
+        want = self.owed or (self.every_seconds is not None and since >= self.every_seconds)
         if want and self.max_overhead is not None:
             want = since * self.max_overhead >= self.cost
         return want
 
     def saved(self, step: int, blocked: float) -> None:
         self.saves += 1
+        self.owed = False
         self.cost = blocked if self.saves > 1 else 0.0  # the first: one-time work (see above)
         self.last, self.pending = self.clock(), True
         self.total += blocked
@@ -152,7 +158,8 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
                 run.rollback_or_raise(bad, out)  # back to the last checkpoint, or stop
             if cadence.eval_due(prev, run.step):
                 run.evaluate()
-            if budget.due(cadence.save_due(prev, run.step)):
+            # (never at max_steps: the final save follows the final eval, below)
+            if run.step != cadence.max_steps and budget.due(cadence.save_due(prev, run.step)):
                 budget.saved(run.step, run.save())
                 run.log_save_costs(budget)
             if run.preempted():

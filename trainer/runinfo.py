@@ -121,7 +121,7 @@ def finished(cfg: DictConfig, run_dir: str) -> Finished | None:
     now = json.loads(json.dumps(structural(cfg)))  # as the manifest stores it
     if manifest.get("state_layout") != STATE_LAYOUT or manifest.get("structural") != now:
         return None
-    if missing_exports(run_dir):
+    if missing_exports(run_dir, int(manifest["step"])):
         return None
     last = last_records(run_dir)
     return Finished(int(manifest["step"]), last.get("loss"), last.get("eval", {}))

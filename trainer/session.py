@@ -107,7 +107,8 @@ class Session:
         # A rerun of a completed run changes nothing; it only writes an export that is
         # missing (a run killed during export), from the restored final checkpoint.
         complete = latest is not None and latest.step >= int(tc.max_steps)
-        missing_exports = export.missing(place.write_dir) if complete else None
+        # (the chief's run_dir on every worker: all take the same branch)
+        missing_exports = export.missing(run_dir, latest.step) if complete else None
         if complete and not missing_exports:
             return already_complete(latest.step, run_dir)
         with place.strategy.scope():
@@ -130,7 +131,7 @@ class Session:
         )
         if complete:
             exports = export.export_all(
-                state.model, place.write_dir, data.feature_shape, only=missing_exports
+                state.model, place.write_dir, data.feature_shape, only=missing_exports, step=step
             )
             place.cleanup()
             return already_complete(step, run_dir, exports)
@@ -321,7 +322,7 @@ class Session:
     def export(self) -> None:
         """Both artifacts of a completed run."""
         self.result.exports = export.export_all(
-            self.state.model, self.write_dir, self.data.feature_shape
+            self.state.model, self.write_dir, self.data.feature_shape, step=self.step
         )
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ finished job before TensorFlow loads (trainer/runinfo.py).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -89,13 +90,15 @@ def export_saved_model(model: keras.Model, path: str, feature_shape: tuple[int, 
         _fsync_tree(tmp)
         if not os.path.exists(path):
             os.replace(tmp, path)
+            _fsync_tree_dir(parent)  # the new name, durable
         elif _exchange(tmp, path):
+            _fsync_tree_dir(parent)  # the swapped names, durable before the old one goes
             shutil.rmtree(tmp)  # now holds the previous artifact
         else:
             os.replace(path, old)
             os.replace(tmp, path)
+            _fsync_tree_dir(parent)
             shutil.rmtree(old, ignore_errors=True)
-        _fsync_tree_dir(parent)  # the swapped names, durable
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -130,9 +133,22 @@ def sweep(root: str) -> None:
 ARTIFACTS = {"keras": "model.keras", "saved_model": "saved_model"}
 
 
-def missing(run_dir: str) -> list[str]:
-    """The artifacts (keys of ARTIFACTS) not present under `<run>/export/`. A SavedModel
-    counts once its `saved_model.pb` is there (it is swapped in whole)."""
+MARKER = "EXPORTED.json"  # <run>/export/EXPORTED.json: {artifact: the step it was written at}
+
+
+def _marker(root: str) -> dict:
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def missing(run_dir: str, step: int | None = None) -> list[str]:
+    """The artifacts (keys of ARTIFACTS) under `<run>/export/` that are not there, or (with
+    `step`) were not written at that step: an export of an earlier completion that a longer
+    run, killed before its own export, left behind is stale. A SavedModel counts once its
+    `saved_model.pb` is there (it is swapped in whole)."""
     root = os.path.join(run_dir, "export")
     present = {
         "keras": os.path.isfile(os.path.join(root, ARTIFACTS["keras"])),
@@ -140,7 +156,26 @@ def missing(run_dir: str) -> list[str]:
             os.path.join(root, ARTIFACTS["saved_model"], "saved_model.pb")
         ),
     }
-    return [kind for kind, ok in present.items() if not ok]
+    written = _marker(root) if step is not None else {}
+    return [
+        kind
+        for kind, ok in present.items()
+        if not ok or (step is not None and written.get(kind) != step)
+    ]
+
+
+def _record(root: str, kind: str, step: int | None) -> None:
+    """Note in export/EXPORTED.json that `kind` now holds the model of `step` (atomically)."""
+    if step is None:
+        return
+    written = {**_marker(root), kind: step}
+    tmp = os.path.join(root, f"{MARKER}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(written, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, MARKER))
+    _fsync_tree_dir(root)
 
 
 def export_all(
@@ -148,8 +183,10 @@ def export_all(
     run_dir: str,
     feature_shape: tuple[int, ...],
     only: list[str] | None = None,
+    step: int | None = None,
 ) -> dict[str, str]:
-    """The artifacts under `<run>/export/` (all, or those in `only`); returns their paths."""
+    """The artifacts under `<run>/export/` (all, or those in `only`); returns their paths.
+    `step`: recorded per artifact in export/EXPORTED.json once it is in place."""
     root = os.path.join(run_dir, "export")
     if os.path.isdir(root):
         sweep(root)
@@ -157,7 +194,9 @@ def export_all(
     out = {}
     if "keras" in kinds:
         out["keras"] = export_keras(model, os.path.join(root, ARTIFACTS["keras"]))
+        _record(root, "keras", step)
     if "saved_model" in kinds:
         path = os.path.join(root, ARTIFACTS["saved_model"])
         out["saved_model"] = export_saved_model(model, path, feature_shape)
+        _record(root, "saved_model", step)
     return out

@@ -96,9 +96,12 @@ def kill_at_random(
     window: float,
     deadline: float,
     newest_step,
+    need_checkpoint: bool = False,
 ) -> Kill | None:
     """Wait for `proc` to train, then a random time in [0, window), then the moment `kind`;
-    SIGKILL it. None if the process ended first (nothing left to kill)."""
+    SIGKILL it. None if the process ended first (nothing left to kill). `need_checkpoint`:
+    first wait until the run has a good checkpoint (the last kill: so that the final run
+    resumes from one, rather than start over)."""
     started, resumed_at = time.time(), newest_step(run_dir) or 0
     metrics = os.path.join(run_dir, "metrics.jsonl")
     while True:  # this process trains: it logged a step past its checkpoint (after truncating)
@@ -110,7 +113,8 @@ def kill_at_random(
         except OSError:
             fresh = False
         if fresh and step is not None and step > resumed_at:
-            break
+            if not need_checkpoint or newest_step(run_dir) is not None:
+                break
         time.sleep(0.002)
     delay = rng.uniform(0.0, window)
     time.sleep(delay)

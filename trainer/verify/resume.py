@@ -204,7 +204,14 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
         phase = start(f"chaos-{i + 1}", overrides, run_dir, out)
         try:
             kill = chaos_lib.kill_at_random(
-                phase.proc, run_dir, kind, rng, float(v.window), time.monotonic() + timeout, newest
+                phase.proc,
+                run_dir,
+                kind,
+                rng,
+                float(v.window),
+                time.monotonic() + timeout,
+                newest,
+                need_checkpoint=i == int(v.kills) - 1,
             )
             if kill is None:
                 finish(phase, timeout, expect=())  # ended before the kill: report how
