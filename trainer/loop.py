@@ -90,6 +90,7 @@ class SaveBudget:
     pending: bool = False  # the chunk after a save: its excess time is that save's
     owed: bool = False  # a step-based save the budget held back: due until it happens
     saves: int = 0
+    chunks: int = 0
     costs: list = field(default_factory=list)  # (step, cost) measured, not yet logged
 
     @classmethod
@@ -124,12 +125,13 @@ class SaveBudget:
             self.cost += excess if self.saves > 1 else 0.0
             self.total += excess
             self.costs[-1][1] += excess
-        elif not self.pending:
+        elif not self.pending and self.chunks > 0:  # (the first chunk traces: not usual)
             per_step = seconds / steps
             self.step_seconds = (
                 per_step if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * per_step
             )
         self.pending = False
+        self.chunks += 1
 
     def overhead(self) -> float:
         """The fraction of the loop's time so far that went to saves."""
