@@ -296,3 +296,19 @@ def test_an_interrupted_optuna_study_continues_with_its_trials(tmp_path):
     assert jobs[stopped["dir"]]["status"] == "resumed"  # the same trial, from its checkpoint
     assert jobs[stopped["dir"]]["resumed_from"] == stopped["step"]
     assert sorted(j["status"] for j in jobs.values()) == ["completed", "completed", "resumed"]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("trainer.seed=1,1", "trainer.seed: received '1' twice in one sweep"),
+        ("optimizer.learning_rate=interval(0.001,0.1)", "intervals need hydra/sweeper=optuna"),
+    ],
+)
+def test_duplicate_values_and_intervals_without_optuna_are_refused(tmp_path, value, message):
+    sweep_dir = tmp_path / "sweep"
+    r = run_cli("trainer", "-m", value, f"hydra.sweep.dir={sweep_dir}")
+    assert r.returncode == 2, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and not sweep_dir.exists()

@@ -50,8 +50,8 @@ def main() -> None:
         # that is bad input, exit code 2 by our contract.
         if not _task_started and not sweep.started() and e.code not in (0, None):
             sys.exit(2)
-        sweep.finish()  # a sweep that Hydra ended still reports the jobs it ran
-        raise
+        code = sweep.finish()  # a sweep that Hydra ended still reports the jobs it ran
+        sys.exit(code if code else e.code)
     code = sweep.finish()  # a sweep: the table, sweep.csv/json; None for a single run
     if code:
         sys.exit(code)

@@ -7,6 +7,7 @@ and eval steps are trainer/steps.py; restore-or-initialize is trainer/restore.py
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -146,40 +147,45 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
     if isinstance(run, RunResult):  # a rerun of a completed run: nothing to train
         return run
     cadence, budget = Cadence.of(cfg), SaveBudget.of(cfg)
-    with StopRequest() as stop, run.store.pending_writes():  # exit waits for an async write
-        run.place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop
-        while run.step < cadence.end and stop.signal_name is None:
-            prev = run.step
-            t0 = budget.clock()
-            out = run.train(cadence.chunk(prev))
-            budget.chunk_took(budget.clock() - t0, len(out.losses))
-            bad = nonfinite.first_bad_step(prev, out.losses, out.norms)
-            if bad is None:
-                run.record(out)  # log each step, advance the counters
-            else:
-                run.rollback_or_raise(bad, out)  # back to the last checkpoint, or stop
-            if cadence.eval_due(prev, run.step):
-                run.evaluate()
-            # (never at max_steps: the final save follows the final eval, below)
-            if run.step != cadence.max_steps and budget.due(cadence.save_due(prev, run.step)):
-                budget.saved(run.step, run.save())
-                run.log_save_costs(budget)
-            if run.preempted():
-                stop.signal_name = "SIGTERM (preemption)"
-            if cadence.pause_due(run.step):
-                run.pause(stop)
-        run.bar.close()
-        result = run.result
-        result.step = run.step
-        if stop.signal_name is not None:
-            result.status, result.signal_name = "interrupted", stop.signal_name
-        elif run.step < cadence.max_steps:
-            result.status = "stopped"
-        if run.step == cadence.max_steps and run.loop.last_eval_step != run.step:
-            run.evaluate()  # once, also if interrupted in the last chunk
-        if run.last_saved != run.step:
-            run.save()  # after the final eval, so the checkpoint includes it
-    if result.status == "completed":
-        run.export()
+    try:
+        with StopRequest() as stop, run.store.pending_writes():  # exit waits for an async write
+            run.place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop
+            while run.step < cadence.end and stop.signal_name is None:
+                prev = run.step
+                t0 = budget.clock()
+                out = run.train(cadence.chunk(prev))
+                budget.chunk_took(budget.clock() - t0, len(out.losses))
+                bad = nonfinite.first_bad_step(prev, out.losses, out.norms)
+                if bad is None:
+                    run.record(out)  # log each step, advance the counters
+                else:
+                    run.rollback_or_raise(bad, out)  # back to the last checkpoint, or stop
+                if cadence.eval_due(prev, run.step):
+                    run.evaluate()
+                # (never at max_steps: the final save follows the final eval, below)
+                if run.step != cadence.max_steps and budget.due(cadence.save_due(prev, run.step)):
+                    budget.saved(run.step, run.save())
+                    run.log_save_costs(budget)
+                if run.preempted():
+                    stop.signal_name = "SIGTERM (preemption)"
+                if cadence.pause_due(run.step):
+                    run.pause(stop)
+            run.bar.close()
+            result = run.result
+            result.step = run.step
+            if stop.signal_name is not None:
+                result.status, result.signal_name = "interrupted", stop.signal_name
+            elif run.step < cadence.max_steps:
+                result.status = "stopped"
+            if run.step == cadence.max_steps and run.loop.last_eval_step != run.step:
+                run.evaluate()  # once, also if interrupted in the last chunk
+            if run.last_saved != run.step:
+                run.save()  # after the final eval, so the checkpoint includes it
+        if result.status == "completed":
+            run.export()
+    except BaseException:  # a failed run (a sweep's job) still closes its writers, log file
+        with contextlib.suppress(Exception):  # and temp dirs; the original error is raised
+            run.close()
+        raise
     run.close()
     return result

@@ -117,11 +117,19 @@ def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], str | None]:
     except Exception as e:
         return [], message(e, overrides)
     fixed, swept = [], []
+    optuna = any(str(o.input_line).replace(" ", "") == "hydra/sweeper=optuna" for o in parsed)
     for o in parsed:
         if not o.is_sweep_override():
             fixed.append(o.input_line)
             continue
         if isinstance(o.value(), IntervalSweep):
+            if not optuna:  # Hydra's basic sweeper runs lists of values only
+                received = str(o.input_line).partition("=")[2]
+                return [], (
+                    f"{o.key_or_group}: received {received!r}, an interval; allowed with "
+                    "Hydra's basic sweeper: a list of values (a,b,c), a range(...) or "
+                    "choice(...); intervals need hydra/sweeper=optuna"
+                )
             values = [o.value().start, o.value().end]
         else:
             try:
@@ -135,6 +143,13 @@ def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], str | None]:
                 "allowed: one value or more"
             )
         swept.append([f"{o.get_key_element()}={v}" for v in values])
+    for values in swept:  # the same value twice: two jobs in one directory
+        if len(set(values)) < len(values):
+            dup = next(v for v in values if values.count(v) > 1)
+            return [], (
+                f"{dup.partition('=')[0]}: received {dup.partition('=')[2]!r} twice in one "
+                "sweep; allowed: each value once (one job per directory)"
+            )
     if math.prod(len(v) for v in swept) <= _MAX_COMBINATIONS:
         return [[*fixed, *c] for c in itertools.product(*swept)], None
     first = [v[0] for v in swept]
