@@ -20,6 +20,12 @@ class UserError(Exception):
     """A mistake in the user's config or input: reported as one message, exit code 2."""
 
 
+def first_few(items: list[str], limit: int, sep: str = ", ") -> str:
+    """The first `limit` items joined, '(and N more)' after them when there are more."""
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
+
+
 # ---------------------------------------------------------------- trainer, checkpoint, distribute
 @dataclass
 class TrainerConfig:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from trainer import summaries
 from trainer.checkpoint.store import CheckpointStore, read_manifest
 from trainer.checkpoint.warm_start import warm_start
-from trainer.config import UserError
+from trainer.config import UserError, first_few
 from trainer.state import STATE_LAYOUT, TrainState
 
 
@@ -65,9 +65,8 @@ def _restore_mismatch(cfg: DictConfig, prefix: str, problems: list[str]) -> str:
             "checkpoint.restore_rng=false, or another hydra.run.dir"
         )
     else:
-        shown = "; ".join(p.splitlines()[0][:200] for p in problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        why = f"It holds {shown}{more}. Use another hydra.run.dir"
+        shown = first_few([p.splitlines()[0][:200] for p in problems], 5, "; ")
+        why = f"It holds {shown}. Use another hydra.run.dir"
     return f"resume refused: {prefix} does not match this run's variables one to one. {why}."
 
 
@@ -75,9 +74,7 @@ def check_complete(state: TrainState, step: int) -> None:
     """Before the first save: refuse (exit 2) a checkpoint that would leave a variable out."""
     missing = state.missing_from_checkpoint()
     if missing:
-        names = ", ".join(missing[:5]) + (
-            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        )
+        names = first_few(missing, 5)
         raise UserError(
             f"checkpoint: the checkpoint of step {step} would leave out {len(missing)} "
             f"variable(s) created after the model was built: {names}. Create every variable "

@@ -10,7 +10,6 @@ run takes the usual path (Session.open), which decides the same thing with Tenso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint.export import missing as missing_exports
+from trainer.checkpoint.files import sha256_file
 from trainer.checkpoint.fingerprint import STATE_LAYOUT, structural
 
 METRICS_FILE = "metrics.jsonl"
@@ -76,14 +76,6 @@ class Finished:
     eval: dict = field(default_factory=dict)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _newest_manifest(ckpt_dir: str) -> dict | None:
     """The newest checkpoint's manifest if its files match it (sizes, the index's SHA-256,
     which pins the CRC32C of every tensor); None if the newest checkpoint has none or differs."""
@@ -102,7 +94,7 @@ def _newest_manifest(ckpt_dir: str) -> dict | None:
             path = os.path.join(ckpt_dir, name)
             if os.path.getsize(path) != meta["size"]:
                 return None
-            if "sha256" in meta and _sha256(path) != meta["sha256"]:
+            if "sha256" in meta and sha256_file(path) != meta["sha256"]:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -38,7 +38,10 @@ from trainer.checkpoint.fingerprint import STATE_LAYOUT  # noqa: F401 (defined w
 
 _VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
 _UNESCAPE = re.compile(r"\.(.)")  # trackable_utils.escape_local_name: '.' -> '..', '/' -> '.S'
-_BOOKKEEPING = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter" + _VALUE)
+BOOKKEEPING = (  # TensorFlow's own entries: save counts, not training state
+    "_CHECKPOINTABLE_OBJECT_GRAPH",
+    "save_counter" + _VALUE,
+)
 
 
 @dataclass
@@ -88,7 +91,7 @@ def readable(key: str) -> str:
 
 def checkpoint_keys(prefix: str) -> set[str]:
     """The value keys checkpoint `prefix` holds (TensorFlow's bookkeeping left out)."""
-    return {name for name, _ in tf.train.list_variables(prefix)} - set(_BOOKKEEPING)
+    return {name for name, _ in tf.train.list_variables(prefix)} - set(BOOKKEEPING)
 
 
 class TrainState:

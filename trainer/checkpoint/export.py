@@ -20,6 +20,8 @@ import re
 import shutil
 from typing import TYPE_CHECKING
 
+from trainer.checkpoint.files import fsync_path, write_text_atomic
+
 if TYPE_CHECKING:
     import keras
 
@@ -33,20 +35,7 @@ def _fsync_tree(path: str) -> None:
         for root, dirs, files in os.walk(path):
             paths += [os.path.join(root, n) for n in dirs + files]
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree_dir(directory: str) -> None:
-    """fsync one directory (its entries), not what is under it."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(p)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -68,7 +57,7 @@ def export_keras(model: keras.Model, path: str) -> str:
         model.save(tmp)
         _fsync_tree(tmp)
         os.replace(tmp, path)
-        _fsync_tree_dir(os.path.dirname(path))  # the new name, durable
+        fsync_path(os.path.dirname(path))  # the new name, durable
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -90,14 +79,14 @@ def export_saved_model(model: keras.Model, path: str, feature_shape: tuple[int, 
         _fsync_tree(tmp)
         if not os.path.exists(path):
             os.replace(tmp, path)
-            _fsync_tree_dir(parent)  # the new name, durable
+            fsync_path(parent)  # the new name, durable
         elif _exchange(tmp, path):
-            _fsync_tree_dir(parent)  # the swapped names, durable before the old one goes
+            fsync_path(parent)  # the swapped names, durable before the old one goes
             shutil.rmtree(tmp)  # now holds the previous artifact
         else:
             os.replace(path, old)
             os.replace(tmp, path)
-            _fsync_tree_dir(parent)
+            fsync_path(parent)
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,13 +158,7 @@ def _record(root: str, kind: str, step: int | None) -> None:
     if step is None:
         return
     written = {**_marker(root), kind: step}
-    tmp = os.path.join(root, f"{MARKER}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(written, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, MARKER))
-    _fsync_tree_dir(root)
+    write_text_atomic(os.path.join(root, MARKER), json.dumps(written))
 
 
 def export_all(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import re
@@ -35,20 +34,13 @@ import tensorflow as tf
 
 from trainer import nonfinite
 from trainer.checkpoint.async_save import AsyncCheckpointWriter, refuse_nonfinite
+from trainer.checkpoint.files import fsync_path, sha256_file, write_text_atomic
 from trainer.config import UserError
 
 MANIFEST_SUFFIX = ".manifest.json"
 TRASH_DIR = ".deleting"  # checkpoints/.deleting/: retention's deletions, finished in the background
 DEFER_BYTES = 32 << 20  # retention deletes smaller checkpoints in place
 _CKPT_RE = re.compile(r"ckpt-(\d+)$")
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(prefix: str) -> dict:
@@ -60,28 +52,6 @@ def read_manifest(prefix: str) -> dict:
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON to `path` via a temporary file, fsync and rename: never a torn file."""
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def fsync_path(path: str) -> None:
-    """Flush a file's data, or a directory's entries (names created or renamed in it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str, text: str, durable: bool = True) -> None:
-    """Write `text` to `path` via a temporary file, fsync and rename: never a torn file.
-    `durable`: the directory is fsynced after the rename, so the new name survives a power loss."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_path(os.path.dirname(path) or ".")
 
 
 def checkpoint_files(prefix: str) -> list[str]:

@@ -16,7 +16,7 @@ import sys
 import keras
 import tensorflow as tf
 
-from trainer.config import UserError
+from trainer.config import UserError, first_few
 from trainer.state import TrainState
 
 
@@ -135,9 +135,7 @@ def _from_checkpoint(path: str, state: TrainState) -> str:
 
     weights, problems = pairs("model", state.groups["model"])
     if problems:
-        shown = "; ".join(problems[:3]) + (
-            f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        )
+        shown = first_few(problems, 3, "; ")
         raise UserError(
             f"trainer.init_from: received {path!r}; checkpoint {os.path.basename(prefix)} does "
             f"not fit this model and data ({shown}). Allowed: a checkpoint of the same model "

@@ -27,8 +27,6 @@ TIMING_TAGS = (
     "checkpoint_cost_seconds",
     "checkpoint_overhead",
 )
-# Checkpoint keys that count saves, not training: a resumed run saved more often.
-BOOKKEEPING_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE")
 
 
 @dataclass
@@ -218,11 +216,10 @@ def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> Stat
     import tensorflow as tf
 
     from trainer.checkpoint.store import read_manifest, step_of
-    from trainer.state import readable
+    from trainer.state import checkpoint_keys, readable
 
     ra, rb = tf.train.load_checkpoint(prefix_a), tf.train.load_checkpoint(prefix_b)
-    ka = {n for n, _ in tf.train.list_variables(prefix_a)} - set(BOOKKEEPING_KEYS)
-    kb = {n for n, _ in tf.train.list_variables(prefix_b)} - set(BOOKKEEPING_KEYS)
+    ka, kb = checkpoint_keys(prefix_a), checkpoint_keys(prefix_b)
     differing, worst = [], 0.0
     for name in sorted(ka & kb):
         x, y = np.asarray(ra.get_tensor(name)), np.asarray(rb.get_tensor(name))
@@ -324,8 +321,10 @@ def _saved_model_variables(path: str) -> dict:
     values compare equal, whatever their order."""
     import tensorflow as tf
 
+    from trainer.state import BOOKKEEPING
+
     reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
-    keys = [k for k in reader.get_variable_to_dtype_map() if k not in BOOKKEEPING_KEYS]
+    keys = [k for k in reader.get_variable_to_dtype_map() if k not in BOOKKEEPING]
     arrays = sorted(
         (reader.get_tensor(k) for k in keys), key=lambda x: (str(x.dtype), x.shape, x.tobytes())
     )
