@@ -71,13 +71,13 @@ def build_model(model_cfg: DictConfig, data: Data) -> keras.Model:
     except (TypeError, ValueError) as e:
         raise UserError(f"model: {cls.__name__}({kwargs}) failed: {e}") from None
     try:
-        model(tf.constant(data.x_train[:1]))  # build every variable before restore/optimizer
+        model(tf.constant(data.sample(1)))  # build every variable before restore/optimizer
     except Exception as e:
         raise UserError(
             f"model: {cls.__name__} cannot take this data's inputs of shape {(None, *data.feature_shape)} "
             f"({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from None
-    out = model(tf.constant(data.x_train[:2]))
+    out = model(tf.constant(data.sample(2)))
     if out.shape[-1] != data.output_units:
         raise UserError(
             f"model: {cls.__name__} outputs {out.shape[-1]} values per example; the data "

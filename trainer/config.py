@@ -192,6 +192,20 @@ class CsvConfig(DataConfig):
     task: str = "auto"
 
 
+@dataclass
+class RecordsConfig(DataConfig):
+    name: str = "records"
+    files: Any = MISSING  # a glob or a list of paths/globs of training shards
+    val_files: Any = None  # null: the description's validation shards, else held-out shards
+    description: str | None = None  # null: description.json beside the first training shard
+    task: str = "auto"  # from the description
+    val_fraction: float = 0.2  # shards held out when there are no validation shards
+    lanes: int = 4
+    cycle_shards: int = 4
+    shuffle_buffer: int = 4096
+    verify: str = "checksums"
+
+
 # ---------------------------------------------------------------- verify (scripts/verify_resume.py)
 @dataclass
 class VerifyConfig:
@@ -236,6 +250,7 @@ SCHEMAS: dict[tuple[str | None, str], Any] = {
     ("data", "digits_schema"): DigitsConfig,
     ("data", "npz_schema"): NpzConfig,
     ("data", "csv_schema"): CsvConfig,
+    ("data", "records_schema"): RecordsConfig,
     ("verify", "verify_schema"): VerifyConfig,
 }
 
@@ -254,6 +269,7 @@ _CHOICES = {
     "trainer.resume": ("auto", "never"),
     "trainer.on_nonfinite": ("stop", "rollback"),
     "data.task": ("regression", "classification", "auto"),
+    "data.verify": ("checksums", "sizes"),
     "distribute.name": ("default", "mirrored", "multi_worker"),
     "distribute.communication": ("auto", "ring", "nccl"),
     "trainer.precision": ("float32", "mixed_float16", "mixed_bfloat16"),

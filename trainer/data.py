@@ -1,11 +1,16 @@
 """Datasets and deterministic tf.data pipelines.
 
-Every dataset is loaded into memory as numpy arrays and split once into train and
-validation parts. The training stream is a pure function of (seed, step): epoch `e` is a
-permutation drawn with the stateless seed (seed, e), cut into fixed-size batches, so the
-position in the data is just the step counter. A resumed run rebuilds the stream at its
-restored step and sees exactly the batches the uninterrupted run would have seen, with
-no shuffle buffer to checkpoint.
+Two kinds of data, one interface (`load_data` returns either):
+- `Data`: a source loaded into memory as numpy arrays (synthetic, digits, npz, csv) and split
+  once into train and validation parts. Epoch `e` is a permutation drawn with the stateless
+  seed (seed, e), cut into fixed-size batches.
+- `data=records`: sharded TFRecord files streamed from disk (trainer/records.py).
+
+Either way the training stream is a pure function of (seed, step), so the position in the
+data is just the step counter: a resumed run rebuilds the stream at its restored step and
+sees exactly the batches the uninterrupted run would have seen, with no shuffle buffer to
+checkpoint. Each batch carries its examples' ids (the row of the source), as per-row terms
+of `batch_ids_hash` (`id_terms`): the loop sums them into one fingerprint per step.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from omegaconf import DictConfig
 from trainer.config import UserError
 
 _SYNTHETIC_SEED = 20240601  # the synthetic datasets' identity: the same arrays in every run
+_BLOCK_ROWS = 65536  # synthetic rows are drawn in blocks: any prefix, any size, little memory
 
 
 @dataclass
 class Data:
-    """In-memory train/validation arrays plus what the model and loss need to know."""
+    """In-memory train/validation arrays plus what the model and loss need to know.
+
+    `train_ids`/`val_ids`: each row's index in the source (the ids of `batch_ids_hash`).
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -33,6 +42,14 @@ class Data:
     y_val: np.ndarray
     task: str  # "regression" | "classification"
     output_units: int
+    train_ids: np.ndarray | None = None
+    val_ids: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.train_ids is None:
+            self.train_ids = np.arange(len(self.x_train), dtype=np.int64)
+        if self.val_ids is None:
+            self.val_ids = np.arange(len(self.x_val), dtype=np.int64) + len(self.x_train)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -41,24 +58,116 @@ class Data:
     def steps_per_epoch(self, batch_size: int) -> int:
         return len(self.x_train) // batch_size
 
+    def sample(self, n: int) -> np.ndarray:
+        """The first `n` training inputs (to build a model on)."""
+        return self.x_train[:n]
+
+    def val_x(self, limit: int | None = None) -> np.ndarray:
+        """The validation inputs (the first `limit`)."""
+        return self.x_val[:limit]
+
+    def signature(self) -> dict:
+        """What a checkpoint's tensors depend on in the data (recorded in every manifest)."""
+        return {
+            "feature_shape": list(self.feature_shape),
+            "output_units": int(self.output_units),
+            "task": self.task,
+        }
+
+    def check_parts(self, parts: int) -> None:
+        """Any number of input pipelines works: each slices the same global stream."""
+
+    def train_dataset(
+        self, batch_size: int, seed: int, start_step: int, part: tuple[int, int] = (0, 1)
+    ) -> tf.data.Dataset:
+        """The endless training stream from batch number `start_step` (0-based): (x, y,
+        id terms). `part` (i, n): input pipeline i of n keeps rows [i*B/n, (i+1)*B/n) of
+        each global batch (every pipeline builds the same global stream)."""
+        n = len(self.x_train)
+        spe = self.steps_per_epoch(batch_size)
+        x, y = tf.constant(self.x_train), tf.constant(self.y_train)
+        ids = tf.constant(self.train_ids, tf.int64)
+        seed = tf.constant(seed, tf.int64)
+
+        def epoch_batches(epoch):
+            noise = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch]))
+            perm = tf.argsort(noise, stable=True)[: spe * batch_size]
+            return tf.data.Dataset.from_tensor_slices(tf.reshape(perm, [spe, batch_size]))
+
+        start_epoch, offset = divmod(start_step, spe)
+        ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(offset)
+        i, parts = part
+        rows = batch_size // parts
+        first = i * rows
+
+        def gather(idx):
+            idx = idx[first : first + rows]
+            return tf.gather(x, idx), tf.gather(y, idx), id_terms(tf.gather(ids, idx), first)
+
+        return ds.map(gather).prefetch(2)
+
+    def eval_dataset(self, batch_size: int) -> tf.data.Dataset:
+        """The validation split in order, last batch possibly smaller: (x, y)."""
+        return tf.data.Dataset.from_tensor_slices((self.x_val, self.y_val)).batch(batch_size)
+
+
+def id_terms(ids: tf.Tensor, first_row) -> tf.Tensor:
+    """Per-row terms of a step's `batch_ids_hash`: a 40-bit fingerprint of (example id,
+    row in the global batch), as float64. Their sum over the global batch (exact in float64
+    for batches up to 8192 rows, whichever replica holds which rows) is the step's
+    fingerprint: it changes when any example, or the order of the examples, changes."""
+    rows = tf.range(tf.shape(ids, out_type=tf.int64)[0]) + tf.cast(first_row, tf.int64)
+    fp = tf.cast(tf.fingerprint(tf.stack([ids, rows], axis=1))[:, :5], tf.float64)
+    return tf.linalg.matvec(
+        fp, tf.constant([2.0**0, 2.0**8, 2.0**16, 2.0**24, 2.0**32], tf.float64)
+    )
+
 
 # ---------------------------------------------------------------- sources
+def _blocks(num_samples: int):
+    """(block number, first row, rows) of the synthetic sources' row blocks."""
+    for b, start in enumerate(range(0, num_samples, _BLOCK_ROWS)):
+        yield b, start, min(_BLOCK_ROWS, num_samples - start)
+
+
+def _synthetic_regression_blocks(cfg: DictConfig):
+    """The regression set's rows block by block: (first row, x, y). Block b's rows come
+    from the generator seeded (seed, b): the first N rows are the same for any size."""
+    f = int(cfg.num_features)
+    weights = np.random.default_rng([_SYNTHETIC_SEED, 0, f])
+    w1 = weights.normal(size=(f, 16)) / np.sqrt(f)
+    w2 = weights.normal(size=(16, 1))
+    for b, start, rows in _blocks(int(cfg.num_samples)):
+        x = np.random.default_rng([_SYNTHETIC_SEED, 1, b]).standard_normal((rows, f), np.float32)
+        noise = np.random.default_rng([_SYNTHETIC_SEED, 2, b]).normal(size=(rows, 1))
+        y = np.tanh(x @ w1) @ w2 + cfg.noise * noise
+        yield start, x, y.astype(np.float32)
+
+
+def _synthetic_sequence_blocks(cfg: DictConfig):
+    """The sequence set's rows block by block, as `_synthetic_regression_blocks`."""
+    decay = 0.8 ** np.arange(cfg.seq_len)[::-1]  # recent steps matter most: needs memory
+    shape = (int(cfg.seq_len), int(cfg.num_features))
+    for b, start, rows in _blocks(int(cfg.num_samples)):
+        x = np.random.default_rng([_SYNTHETIC_SEED, 1, b]).standard_normal(
+            (rows, *shape), np.float32
+        )
+        noise = np.random.default_rng([_SYNTHETIC_SEED, 2, b]).normal(size=(rows, 1))
+        y = (x[:, :, 0] * decay).sum(axis=1, keepdims=True) - 0.5 * x[:, -1, 1:2]
+        yield start, x, (y + cfg.noise * noise).astype(np.float32)
+
+
+def _concat(blocks) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(blocks)
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
 def _synthetic_regression(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(_SYNTHETIC_SEED)
-    x = rng.normal(size=(cfg.num_samples, cfg.num_features)).astype(np.float32)
-    w1 = rng.normal(size=(cfg.num_features, 16)) / np.sqrt(cfg.num_features)
-    w2 = rng.normal(size=(16, 1))
-    y = np.tanh(x @ w1) @ w2 + cfg.noise * rng.normal(size=(cfg.num_samples, 1))
-    return x, y.astype(np.float32)
+    return _concat(_synthetic_regression_blocks(cfg))
 
 
 def _synthetic_sequence(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(_SYNTHETIC_SEED)
-    x = rng.normal(size=(cfg.num_samples, cfg.seq_len, cfg.num_features)).astype(np.float32)
-    decay = 0.8 ** np.arange(cfg.seq_len)[::-1]  # recent steps matter most: needs memory
-    y = (x[:, :, 0] * decay).sum(axis=1, keepdims=True) - 0.5 * x[:, -1, 1:2]
-    y = y + cfg.noise * rng.normal(size=y.shape)
-    return x, y.astype(np.float32)
+    return _concat(_synthetic_sequence_blocks(cfg))
 
 
 def _digits(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -126,10 +235,23 @@ _SOURCES = {
     "npz": _npz,
     "csv": _csv,
 }
+# sources that can be drawn block by block (the record converter streams them)
+STREAMED = {
+    "synthetic_regression": _synthetic_regression_blocks,
+    "synthetic_sequence": _synthetic_sequence_blocks,
+}
 
 
-def load_data(cfg: DictConfig) -> Data:
-    """Load the dataset that `cfg` (the `data` group) names and split it train/validation."""
+def split_ids(n: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(validation rows, training rows) of a source of `n` rows: a fixed random split,
+    the same for the in-memory data and the record converter."""
+    order = np.random.default_rng(_SYNTHETIC_SEED).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    return order[:n_val], order[n_val:]
+
+
+def read_source(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray, str, int]:
+    """The source `cfg` names, whole and checked: (x, y, task, output units)."""
     x, y = _SOURCES[cfg.name](cfg)
     if len(x) != len(y):
         raise UserError(f"data: x has {len(x)} rows but y has {len(y)}; they must match")
@@ -142,41 +264,24 @@ def load_data(cfg: DictConfig) -> Data:
         if not np.all(y == np.round(y)) or y.min() < 0:
             raise UserError("data.task: classification needs integer class labels 0..K-1 in y")
         y = y.astype(np.int32)
-        output_units = int(y.max()) + 1
-    else:
-        y = np.asarray(y, dtype=np.float32)
-        y = y.reshape(len(y), -1)
-        output_units = y.shape[1]
-    order = np.random.default_rng(_SYNTHETIC_SEED).permutation(len(x))  # a fixed split
-    n_val = max(1, int(round(cfg.val_fraction * len(x))))
-    val, train = order[:n_val], order[n_val:]
+        return x, y, task, int(y.max()) + 1
+    y = np.asarray(y, dtype=np.float32)
+    y = y.reshape(len(y), -1)
+    return x, y, task, y.shape[1]
+
+
+def load_data(cfg: DictConfig):
+    """The dataset that `cfg` (the `data` group) names: `Data` in memory, split
+    train/validation, or sharded records streamed from disk (trainer/records.py)."""
+    if cfg.name == "records":
+        from trainer.records import open_records
+
+        return open_records(cfg)
+    x, y, task, output_units = read_source(cfg)
+    val, train = split_ids(len(x), cfg.val_fraction)
     if len(train) < cfg.batch_size:
         raise UserError(
             f"data.batch_size: received {cfg.batch_size}; the training split has only "
             f"{len(train)} examples (allowed: 1..{len(train)})"
         )
-    return Data(x[train], y[train], x[val], y[val], task, output_units)
-
-
-# ---------------------------------------------------------------- pipelines
-def train_dataset(data: Data, batch_size: int, seed: int, start_step: int) -> tf.data.Dataset:
-    """The endless training stream, starting at batch number `start_step` (0-based)."""
-    n = len(data.x_train)
-    spe = data.steps_per_epoch(batch_size)
-    x, y = tf.constant(data.x_train), tf.constant(data.y_train)
-    seed = tf.constant(seed, tf.int64)
-
-    def epoch_batches(epoch):
-        noise = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch]))
-        perm = tf.argsort(noise, stable=True)[: spe * batch_size]
-        return tf.data.Dataset.from_tensor_slices(tf.reshape(perm, [spe, batch_size]))
-
-    start_epoch, offset = divmod(start_step, spe)
-    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(offset)
-    ds = ds.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
-    return ds.prefetch(2)
-
-
-def eval_dataset(data: Data, batch_size: int) -> tf.data.Dataset:
-    """The validation split in order, last batch possibly smaller."""
-    return tf.data.Dataset.from_tensor_slices((data.x_val, data.y_val)).batch(batch_size)
+    return Data(x[train], y[train], x[val], y[val], task, output_units, train, val)

@@ -32,6 +32,8 @@ from trainer.restore import check_compatible, check_complete, restore_or_initial
 from trainer.state import STATE_LAYOUT
 from trainer.steps import make_chunk_fn, make_eval_fn
 
+_NOT_SCALARS = ("step", "batch_ids_hash")  # metrics.jsonl only (a float32 scalar would round it)
+
 
 @dataclass
 class RunResult:
@@ -49,12 +51,14 @@ class RunResult:
 
 @dataclass
 class Chunk:
-    """What one call of the train chunk returned: per step loss, grad norm, metric, rate."""
+    """What one call of the train chunk returned: per step loss, grad norm, metric, rate
+    and the fingerprint of the batch's example ids."""
 
     losses: np.ndarray
     norms: np.ndarray
     metric: np.ndarray
     rates: np.ndarray
+    ids_hash: np.ndarray
 
 
 def already_complete(step: int, run_dir: str, exports: dict | None = None) -> RunResult:
@@ -158,7 +162,7 @@ class Session:
         )
         self._chunk = self._new_chunk()
         self._evaluate = make_eval_fn(model, loss_fn, metric_fn)
-        self._eval_ds = data_lib.eval_dataset(data, self.batch)
+        self._eval_ds = data.eval_dataset(self.batch)
         self._k_tensors: dict[int, tf.Tensor] = {}  # chunk lengths as tensors: one eager op less
         self.checked = model.variables + optimizer.variables  # never checkpointed with NaN/Inf
         self.result = RunResult("completed", step, resumed_from, run_dir)
@@ -179,17 +183,26 @@ class Session:
 
     def _new_chunk(self):
         """The train chunk over the data stream from this step (a new one after a rollback)."""
-        dataset = data_lib.train_dataset(
-            self.data, self.batch, int(self.cfg.trainer.seed), self.step
-        )
-        return self._chunk_for(iter(self.place.distribute_dataset(dataset, self.batch)))
+        seed, step = int(self.cfg.trainer.seed), self.step
+
+        def make(i: int, parts: int):  # input pipeline i of `parts` (one per worker)
+            self.data.check_parts(parts)
+            return self.data.train_dataset(self.batch, seed, step, part=(i, parts))
+
+        return self._chunk_for(iter(self.place.distribute_dataset(make, self.batch)))
 
     # ------------------------------------------------------------ the loop's events
     def train(self, k: int) -> Chunk:
         """Run the next `k` train steps in one traced call."""
         if k not in self._k_tensors:
             self._k_tensors[k] = tf.constant(k)
-        return Chunk(*self._chunk(self._k_tensors[k]).numpy())
+        try:
+            stats, hashes = self._chunk(self._k_tensors[k])
+            return Chunk(*stats.numpy(), hashes.numpy())
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            if hasattr(self.data, "diagnose"):  # records: name the shard and record at fault
+                raise self.data.diagnose(e) from None
+            raise
 
     def record(self, out: Chunk) -> None:
         """Log each step of a good chunk (every log_every-th to metrics.jsonl and TensorBoard,
@@ -210,9 +223,10 @@ class Session:
                     self.metric_name: loop.window_metric_sum / loop.window_count,
                     "learning_rate": float(out.rates[i]),
                     "grad_norm": float(out.norms[i]),
+                    "batch_ids_hash": int(out.ids_hash[i]),
                 }
                 self.metrics.write(record)
-                tb = {key: v for key, v in record.items() if key != "step"}
+                tb = {key: v for key, v in record.items() if key not in _NOT_SCALARS}
                 self.writers.scalars(self.writers.train, s, {**tb, "steps_per_sec": rate})
                 loop.reset_window()
                 self._window_t0, self._window_steps = now, -(i + 1)

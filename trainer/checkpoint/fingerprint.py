@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 # Recorded in every manifest. Checkpoints without it were written through TensorFlow's object
 # graph (model=<the model>), which can miss variables: they are refused on resume.
 STATE_LAYOUT = 2
-_NOT_STRUCTURAL = {"data.path"}
+# where the data lives and how it is checked (records: the dataset_id in data_shape is checked)
+_NOT_STRUCTURAL = {"data.path", "data.files", "data.val_files", "data.description", "data.verify"}
 
 
 def flatten(value, prefix: str = "", out: dict | None = None) -> dict:

@@ -207,11 +207,7 @@ def recover(
 # ---------------------------------------------------------------- data shape
 def data_signature(data) -> dict:
     """What the checkpoint's tensors depend on in the data: recorded in every manifest."""
-    return {
-        "feature_shape": list(data.feature_shape),
-        "output_units": int(data.output_units),
-        "task": data.task,
-    }
+    return data.signature()
 
 
 def check_data_fits(prefix: str, data, data_path: str | None = None) -> None:

@@ -172,27 +172,27 @@ class Placement:
         tmp = os.path.join(self.write_dir, "checkpoints")
         return _NonChiefStore(ckpt_dir, tmp, checkpoint, **kwargs)
 
-    def distribute_dataset(self, dataset: tf.data.Dataset, global_batch: int):
+    def distribute_dataset(self, make, global_batch: int):
         """Split each global batch over the replicas: replica r gets rows [r*b, (r+1)*b).
 
-        Every worker builds the same global stream (a pure function of seed and step) and
-        keeps its own contiguous slice, so the batch of step s is the same for any topology.
+        `make(i, n)`: input pipeline i of n's rows [i*B/n, (i+1)*B/n) of each global batch
+        (one pipeline per worker; the data's stream is a pure function of seed and step), so
+        the batch of step s is the same for any topology.
         """
         if not self.multi_worker:
-            return self.strategy.experimental_distribute_dataset(dataset)
+            return self.strategy.experimental_distribute_dataset(make(0, 1))
         per_replica = global_batch // self.replicas
 
         def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
             local = self.replicas // ctx.num_input_pipelines
-            first = ctx.input_pipeline_id * local
 
-            def slices(x, y):  # this worker's replicas' rows, one element per replica
+            def slices(*parts):  # this worker's replicas' rows, one element per replica
                 b = per_replica
-                xs = tf.stack([x[r * b : (r + 1) * b] for r in range(first, first + local)])
-                ys = tf.stack([y[r * b : (r + 1) * b] for r in range(first, first + local)])
-                return tf.data.Dataset.from_tensor_slices((xs, ys))
+                return tf.data.Dataset.from_tensor_slices(
+                    tuple(tf.stack([t[r * b : (r + 1) * b] for r in range(local)]) for t in parts)
+                )
 
-            ds = dataset.flat_map(slices)
+            ds = make(ctx.input_pipeline_id, ctx.num_input_pipelines).flat_map(slices)
             options = tf.data.Options()
             options.experimental_distribute.auto_shard_policy = (
                 tf.data.experimental.AutoShardPolicy.OFF

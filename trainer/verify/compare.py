@@ -181,6 +181,39 @@ def compare_other_tags(run_a: str, run_b: str, skip: str, atol: float) -> dict[s
     return out
 
 
+def read_batch_ids(run: str) -> Curve | None:
+    """`batch_ids_hash` of every logged step in `run`'s metrics.jsonl (the fingerprint of the
+    examples each step trained on), or None if it records none (an older run)."""
+    import json
+
+    path = os.path.join(run, "metrics.jsonl")
+    points = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line of a killed run
+                if "batch_ids_hash" in row and "step" in row:
+                    points.append((int(row["step"]), row["batch_ids_hash"]))
+    except OSError:
+        return None
+    return Curve(path, "batch_ids_hash", points) if points else None
+
+
+def compare_batch_ids(run_a: str, run_b: str) -> CurveDiff | None:
+    """The examples of every logged step must be the same, in the same order: a resume that
+    trains on the right number of the wrong examples fails here even where the losses happen
+    to be close. A step logged by one run only is a difference. None: neither records them."""
+    a, b = read_batch_ids(run_a), read_batch_ids(run_b)
+    if a is None and b is None:
+        return None
+    return compare_curves(
+        a or Curve("", "batch_ids_hash", []), b or Curve("", "batch_ids_hash", []), atol=0.0
+    )
+
+
 def newest_checkpoint(run: str) -> str | None:
     """The newest checkpoint under `<run>/checkpoints` that verifies against its manifest, or None."""
     from trainer.checkpoint.store import list_checkpoints, verify
@@ -267,6 +300,9 @@ def compare_runs(run_a: str, run_b: str, tag: str = "loss", atol: float = 0.0) -
     a, b = read_curve(run_a, tag), read_curve(run_b, tag)
     curve = compare_curves(a, b, atol)
     others = compare_other_tags(run_a, run_b, tag, atol)
+    ids = compare_batch_ids(run_a, run_b)
+    if ids is not None:
+        others["train/batch_ids_hash"] = ids
     pa, pb = newest_checkpoint(run_a), newest_checkpoint(run_b)
     state = compare_checkpoints(pa, pb, atol) if pa and pb else None
     # no verified checkpoint on one side: the final state cannot be compared, so no match

@@ -1,0 +1,434 @@
+"""`data=records`: sharded TFRecord files streamed from disk, with exact, tiny-state resume.
+
+The files come from scripts/make_records.py: shards of tf.train.Example records (`id`: the
+example's row in its source, `x`, `y`) and `description.json` beside them (feature shape,
+dtypes, task, classes, and per shard its split, example count, size and CRC-32).
+
+The training stream is a pure function of (seed, step), as for in-memory data
+(trainer/data.py), so a checkpoint's data position is the step counter alone:
+- Epoch `e` permutes the shards with the stateless seed (seed, e) and deals them round-robin
+  to `data.lanes` lanes. Each global batch is `batch/lanes` examples from every lane, lane
+  after lane, so it mixes examples from many shards.
+- A lane reads its shards `data.cycle_shards` at a time (a block): their records are
+  interleaved, cut into windows of `data.shuffle_buffer` records, and each window is
+  permuted with the stateless seed of (seed, e, lane, block, window). Nothing else is
+  random (no tf.data shuffle state, no global seed), so the order is reproducible from any
+  window's start.
+- An epoch is `steps_per_epoch` batches: as many as the lane with the fewest examples can
+  fill in any shard order; the rest of each lane is dropped (a different rest each epoch).
+- Resuming at step s: every lane skips whole blocks by their example counts without
+  opening them, then reads the current block's records as bytes (never decoded or
+  permuted) up to the window holding its position. The replay is bounded by one block;
+  decoding happens after batching.
+- Under multi-worker training each worker reads only its own lanes: the global batch at
+  each step holds the same examples for any number of workers that divides the lanes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig, ListConfig
+
+from trainer.config import UserError, first_few
+from trainer.data import id_terms
+
+DESCRIPTION = "description.json"
+FORMAT = "resumable-trainer records"
+VERSION = 1
+_READ_BUFFER = 1 << 20  # bytes per shard read at a time (TFRecordDataset buffer_size)
+
+
+# ---------------------------------------------------------------- the description
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    examples: int
+    bytes: int
+    crc32: int
+
+
+def file_crc32(path: str, chunk: int = 1 << 22) -> int:
+    """CRC-32 of a whole file (zlib; releases the GIL, so shards are checked in parallel)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def dataset_id(description: dict) -> str:
+    """The identity of a dataset: its features and every shard's name, count and CRC."""
+    import hashlib
+
+    core = {
+        k: description[k] for k in ("feature_shape", "y_shape", "y_dtype", "task", "output_units")
+    }
+    core["shards"] = sorted(
+        (s["file"], s["split"], s["examples"], s["crc32"]) for s in description["shards"]
+    )
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def feature_spec(desc: dict) -> dict:
+    y_dtype = tf.int64 if desc["y_dtype"] == "int64" else tf.float32
+    return {
+        "id": tf.io.FixedLenFeature([], tf.int64),
+        "x": tf.io.FixedLenFeature(desc["feature_shape"], tf.float32),
+        "y": tf.io.FixedLenFeature(desc["y_shape"], y_dtype),
+    }
+
+
+def _read_description(path: str) -> dict:
+    try:
+        with open(path) as f:
+            desc = json.load(f)
+    except OSError as e:
+        raise UserError(
+            f"data.description: cannot read {path!r} ({e.strerror}); write the shards and "
+            "their description with scripts/make_records.py, or set data.description"
+        ) from None
+    except ValueError as e:
+        raise UserError(f"data.description: {path!r} is not valid JSON ({e})") from None
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        raise UserError(
+            f"data.description: {path!r} is not a description written by "
+            f"scripts/make_records.py (format {FORMAT!r} expected)"
+        )
+    if desc.get("version") != VERSION:
+        raise UserError(
+            f"data.description: {path!r} has version {desc.get('version')!r}; this trainer "
+            f"reads version {VERSION}"
+        )
+    if desc.get("dataset_id") != dataset_id(desc):
+        raise UserError(
+            f"data.description: {path!r} was edited: its dataset_id does not match its shards"
+        )
+    return desc
+
+
+def _expand(key: str, value) -> list[str]:
+    """Sorted files matched by a glob, or by a list of paths and globs."""
+    patterns = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    files: list[str] = []
+    for pattern in patterns:
+        found = sorted(glob.glob(os.path.expanduser(str(pattern))))
+        if not found:
+            raise UserError(f"{key}: received {str(pattern)!r}; no file matches it")
+        files += [f for f in found if f not in files]
+    return files
+
+
+# ---------------------------------------------------------------- the dataset
+@dataclass
+class RecordData:
+    """Sharded records: the same interface as trainer/data.py's in-memory `Data`."""
+
+    desc: dict
+    train: list[Shard]
+    val: list[Shard]
+    lanes: int
+    cycle_shards: int
+    shuffle_buffer: int
+
+    @property
+    def task(self) -> str:
+        return self.desc["task"]
+
+    @property
+    def output_units(self) -> int:
+        return int(self.desc["output_units"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.desc["feature_shape"])
+
+    def signature(self) -> dict:
+        return {
+            "feature_shape": list(self.feature_shape),
+            "output_units": self.output_units,
+            "task": self.task,
+            "dataset_id": self.desc["dataset_id"],
+        }
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Batches per epoch: what the lane with the fewest examples fills in any order."""
+        smallest = sorted(s.examples for s in self.train)[: len(self.train) // self.lanes]
+        return sum(smallest) // (batch_size // self.lanes)
+
+    def check_parts(self, parts: int) -> None:
+        """Each of `parts` input pipelines (workers) reads whole lanes of its own."""
+        if self.lanes % parts:
+            raise UserError(
+                f"data.lanes: received {self.lanes}; with {parts} workers it must be a "
+                "multiple of the number of workers (each worker reads whole lanes)"
+            )
+
+    def diagnose(self, error: tf.errors.OpError) -> UserError:
+        return diagnose(self, error)
+
+    def _parse(self, serialized: tf.Tensor):
+        ex = tf.io.parse_example(serialized, feature_spec(self.desc))
+        y = tf.cast(ex["y"], tf.int32) if self.task == "classification" else ex["y"]
+        return ex["x"], y, ex["id"]
+
+    def sample(self, n: int) -> np.ndarray:
+        """The first `n` inputs of the first training shard (to build a model on)."""
+        ds = tf.data.TFRecordDataset(self.train[0].path).take(n).batch(n)
+        return next(iter(ds.map(self._parse)))[0].numpy()
+
+    def val_x(self, limit: int | None = None) -> np.ndarray:
+        """The validation inputs in order (the first `limit`)."""
+        ds = tf.data.TFRecordDataset([s.path for s in self.val])
+        if limit is not None:
+            ds = ds.take(limit)
+        xs = [x.numpy() for x, _, _ in ds.batch(4096).map(self._parse)]
+        return np.concatenate(xs)
+
+    def eval_dataset(self, batch_size: int) -> tf.data.Dataset:
+        """The validation shards in order, last batch possibly smaller: (x, y)."""
+        ds = tf.data.TFRecordDataset([s.path for s in self.val], buffer_size=_READ_BUFFER)
+        ds = ds.batch(batch_size).map(self._parse, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(lambda x, y, _: (x, y)).prefetch(tf.data.AUTOTUNE)
+
+    def train_dataset(
+        self, batch_size: int, seed: int, start_step: int, part: tuple[int, int] = (0, 1)
+    ) -> tf.data.Dataset:
+        """The endless training stream from batch number `start_step`: (x, y, id terms).
+        `part` (i, n): pipeline i of n reads lanes [i*L/n, (i+1)*L/n) only, which are rows
+        [i*B/n, (i+1)*B/n) of every global batch."""
+        spe = self.steps_per_epoch(batch_size)
+        per_lane = batch_size // self.lanes
+        i, parts = part
+        mine = range(i * self.lanes // parts, (i + 1) * self.lanes // parts)
+        start_epoch, offset = divmod(start_step, spe)
+        lane = _LaneReader(self, seed, spe * per_lane)
+
+        def epoch(e, skip_steps):
+            streams = tuple(
+                lane.examples(e, k, skip_steps * per_lane).batch(per_lane, drop_remainder=True)
+                for k in mine
+            )
+            return tf.data.Dataset.zip(streams).map(lambda *b: tf.concat(b, axis=0))
+
+        epochs = tf.data.Dataset.range(start_epoch, 2**62).map(
+            lambda e: (e, tf.where(e == start_epoch, tf.constant(offset, tf.int64), 0))
+        )
+        first_row = mine.start * per_lane
+        ds = epochs.flat_map(epoch).map(
+            lambda s: _with_terms(*self._parse(s), first_row),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _with_terms(x, y, ids, first_row: int):
+    return x, y, id_terms(ids, first_row)
+
+
+class _LaneReader:
+    """One lane's records of one epoch, from any position (graph code: traced per epoch)."""
+
+    def __init__(self, data: RecordData, seed: int, per_epoch: int):
+        self.paths = tf.constant([s.path for s in data.train])
+        self.counts = tf.constant([s.examples for s in data.train], tf.int64)
+        self.n, self.lanes = len(data.train), data.lanes
+        self.cycle, self.buffer = data.cycle_shards, data.shuffle_buffer
+        self.seed, self.per_epoch = seed, per_epoch
+
+    def shard_order(self, e):
+        """Epoch e's shard permutation: the stateless seed (seed, e)."""
+        noise = tf.random.stateless_uniform(
+            [self.n], seed=tf.stack([tf.constant(self.seed, tf.int64), e])
+        )
+        return tf.argsort(noise, stable=True)
+
+    def examples(self, e, lane: int, position) -> tf.data.Dataset:
+        """Lane `lane`'s serialized records of epoch `e` from example `position` on."""
+        shards = tf.gather(self.shard_order(e), tf.range(lane, self.n, self.lanes))
+        n_shards = len(range(lane, self.n, self.lanes))
+        blocks = -(-n_shards // self.cycle)
+        segment = tf.constant([j // self.cycle for j in range(n_shards)])
+        sizes = tf.math.segment_sum(tf.gather(self.counts, shards), segment)
+        ends = tf.cumsum(sizes)
+        first = tf.reduce_sum(tf.cast(ends <= position, tf.int64))  # the block holding it
+        skip = position - (ends[first] - sizes[first])
+
+        def block(b):
+            files = tf.gather(self.paths, shards[b * self.cycle : (b + 1) * self.cycle])
+            records = tf.data.Dataset.from_tensor_slices(files).interleave(
+                lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER),
+                cycle_length=self.cycle,
+                block_length=1,
+                num_parallel_calls=self.cycle,
+                deterministic=True,
+            )
+            mix = ((self.seed * 1_000_003 + e) * 1009 + lane) * 10_007 + b
+            at = tf.where(b == first, skip, 0)  # examples of this block to skip
+            w0 = at // self.buffer  # whole windows skipped as bytes, never permuted
+            windows = tf.data.Dataset.zip(
+                tf.data.Dataset.range(w0, 2**62), records.skip(w0 * self.buffer).batch(self.buffer)
+            )
+
+            def permute(w, window):
+                noise = tf.random.stateless_uniform(tf.shape(window), seed=tf.stack([mix, w]))
+                return tf.gather(window, tf.argsort(noise, stable=True))
+
+            return windows.map(permute).unbatch().skip(at - w0 * self.buffer)
+
+        ds = tf.data.Dataset.range(first, blocks).flat_map(block)
+        return ds.take(self.per_epoch - position)
+
+
+# ---------------------------------------------------------------- opening and checking
+def open_records(cfg: DictConfig) -> RecordData:
+    """The shards `data.files` (and `data.val_files`) name, checked against their
+    description before anything is written: every shard present, of its size, with its
+    CRC-32 (data.verify=checksums), and its first record of the described features."""
+    files = _expand("data.files", cfg.files)
+    desc_path = cfg.get("description") or os.path.join(os.path.dirname(files[0]), DESCRIPTION)
+    desc = _read_description(os.path.expanduser(str(desc_path)))
+    if cfg.task not in ("auto", desc["task"]):
+        raise UserError(
+            f"data.task: received {cfg.task!r}; the dataset in {desc_path} is "
+            f"{desc['task']} (allowed: auto or {desc['task']})"
+        )
+    listed = {s["file"]: s for s in desc["shards"]}
+    train = _shards("data.files", files, listed, desc_path)
+    train_names = {os.path.basename(s.path) for s in train}
+    missing = [n for n, s in listed.items() if s["split"] == "train" and n not in train_names]
+    if missing:
+        raise UserError(
+            f"data.files: {len(missing)} shard(s) listed in {desc_path} are not among the "
+            f"files matched by {str(cfg.files)!r}: {first_few(sorted(missing))} (missing?)"
+        )
+    if cfg.get("val_files"):
+        val = _shards("data.val_files", _expand("data.val_files", cfg.val_files), listed, desc_path)
+    else:
+        here = os.path.dirname(train[0].path)
+        names = sorted(n for n, s in listed.items() if s["split"] == "val")
+        val = _shards("data.val_files", [os.path.join(here, n) for n in names], listed, desc_path)
+        if not val:  # no validation shards: hold out a fraction of the training shards
+            held = max(1, int(round(float(cfg.val_fraction) * len(train))))
+            train, val = train[:-held], train[-held:]
+    data = RecordData(
+        desc, train, val, int(cfg.lanes), int(cfg.cycle_shards), int(cfg.shuffle_buffer)
+    )
+    _check_layout(cfg, data)
+    _check_contents(data, str(cfg.get("verify", "checksums")))
+    return data
+
+
+def _shards(key: str, files: list[str], listed: dict, desc_path: str) -> list[Shard]:
+    shards = []
+    for path in files:
+        entry = listed.get(os.path.basename(path))
+        if entry is None:
+            raise UserError(
+                f"{key}: {path!r} is not a shard of the dataset described by {desc_path} "
+                "(a description from another dataset?)"
+            )
+        if not os.path.isfile(path):
+            raise UserError(f"{key}: shard {path!r} is missing")
+        shards.append(Shard(path, int(entry["examples"]), int(entry["bytes"]), int(entry["crc32"])))
+    return shards
+
+
+def _check_layout(cfg: DictConfig, data: RecordData) -> None:
+    batch, lanes = int(cfg.batch_size), data.lanes
+    if lanes < 1 or batch % lanes:
+        raise UserError(
+            f"data.lanes: received {lanes}; allowed: an integer >= 1 that divides "
+            f"data.batch_size ({batch})"
+        )
+    if len(data.train) < lanes:
+        raise UserError(
+            f"data.lanes: received {lanes}; there are only {len(data.train)} training "
+            f"shards (allowed: 1..{len(data.train)})"
+        )
+    for key in ("cycle_shards", "shuffle_buffer"):
+        if int(cfg[key]) < 1:
+            raise UserError(f"data.{key}: received {cfg[key]!r}; allowed: an integer >= 1")
+    if data.steps_per_epoch(batch) < 1:
+        raise UserError(
+            f"data.batch_size: received {batch}; the smallest lane of {len(data.train)} "
+            f"training shards holds fewer than {batch // lanes} examples"
+        )
+
+
+def _check_contents(data: RecordData, verify: str) -> None:
+    """Sizes always; CRC-32s with verify=checksums; each shard's first record parses."""
+    shards = data.train + data.val
+    for s in shards:
+        size = os.path.getsize(s.path)
+        if size != s.bytes:
+            raise UserError(
+                f"data: shard {s.path!r} has {size} bytes; its description says {s.bytes} "
+                "(truncated, or another file)"
+            )
+    if verify == "checksums":
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            for s, crc in zip(shards, pool.map(lambda s: file_crc32(s.path), shards), strict=True):
+                if crc != s.crc32:
+                    raise UserError(
+                        f"data: shard {s.path!r} fails its checksum (CRC-32 {crc:08x}, "
+                        f"description {s.crc32:08x}): the file is damaged or was changed"
+                    )
+    for s in shards:
+        first = bad_record(data.desc, s.path, limit=1)
+        if first is not None:
+            raise UserError(f"data: {first}")
+
+
+def bad_record(desc: dict, path: str, limit: int | None = None) -> str | None:
+    """'shard X record N: problem' for the first record of `path` that does not read
+    (framing or CRC) or parse (features), within its first `limit` records; else None."""
+    spec = feature_spec(desc)
+    ds = tf.data.TFRecordDataset(path)
+    if limit is not None:
+        ds = ds.take(limit)
+    index = 0
+    it = iter(ds.batch(1024))
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return None
+        except tf.errors.OpError as e:  # framing/CRC: records after `index` are unreadable
+            return f"shard {path!r} record {index}: {_first_line(e)}"
+        try:
+            tf.io.parse_example(batch, spec)
+        except tf.errors.OpError:
+            for j in range(int(batch.shape[0])):
+                try:
+                    tf.io.parse_single_example(batch[j], spec)
+                except tf.errors.OpError as e:
+                    return (
+                        f"shard {path!r} record {index + j}: its features do not match the "
+                        f"description ({_first_line(e)})"
+                    )
+        index += int(batch.shape[0])
+
+
+def _first_line(e: tf.errors.OpError) -> str:
+    return (e.message or str(e)).strip().splitlines()[0][:200]
+
+
+def diagnose(data: RecordData, error: tf.errors.OpError) -> UserError:
+    """The message for a read error during training: the shard and record at fault."""
+    for s in data.train + data.val:
+        problem = bad_record(data.desc, s.path)
+        if problem is not None:
+            return UserError(
+                f"data: {problem}. The run stopped; its checkpoints are intact. Replace the "
+                "shard (scripts/make_records.py) and rerun to resume."
+            )
+    return UserError(f"data: reading the shards failed ({_first_line(error)})")
