@@ -40,10 +40,18 @@ def job_dir(sweep: Path, overrides: list[str]) -> Path:
     return sweep / ",".join(sorted(overrides))
 
 
-def start_sweep(sweep: Path, *args: str) -> subprocess.Popen:
+def start_sweep(sweep: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
+    """Start the sweep, not waiting. `new_session`: in a process group of its own, as a
+    terminal's foreground command is (Ctrl-C: os.killpg(proc.pid, SIGINT))."""
     cmd = [sys.executable, "-m", "trainer", "-m", *args, f"hydra.sweep.dir={sweep}"]
     return subprocess.Popen(
-        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
     )
 
 
@@ -68,6 +76,24 @@ def wait_for_checkpoints(proc: subprocess.Popen, runs: list[Path], timeout: floa
             )
         assert time.monotonic() < deadline, "no checkpoint appeared in time"
         time.sleep(0.002)
+
+
+def loky_workers(pid: int) -> list[int]:
+    """The joblib launcher's worker processes among the children of `pid` (from /proc)."""
+    children = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(c) for c in path.read_text().split()]
+        except OSError:
+            continue
+    out = []
+    for child in children:
+        try:
+            if b"popen_loky_posix" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
+        except OSError:
+            continue
+    return out
 
 
 def jobs_of(sweep: Path) -> dict[str, dict]:
@@ -265,6 +291,51 @@ def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path):
     assert losses(dirs[1]) == losses(tmp_path / "alone")
 
 
+@pytest.mark.slow
+def test_a_signal_between_jobs_lets_the_job_finish_and_starts_no_further_one(tmp_path):
+    """Basic launcher: a SIGTERM once the first job's last checkpoint is written (its loop is
+    over: it exports and returns) ends the sweep before the second job starts."""
+    sweep = tmp_path / "sweep"
+    small = ["trainer.max_steps=20", "checkpoint.every=10"]
+    dirs = [job_dir(sweep, ["model=custom_dense", f"trainer.seed={s}", *small]) for s in (1, 2)]
+    proc = start_sweep(sweep, "model=custom_dense", "trainer.seed=1,2", *small)
+    deadline = time.monotonic() + 120
+    while 20 not in manifests(dirs[0]):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err, err
+    jobs = jobs_of(sweep)
+    assert [jobs[d.name]["status"] for d in dirs] == ["completed", "not_started"], jobs
+    assert (dirs[0] / "export" / "model.keras").exists()
+    assert not (dirs[1] / "checkpoints").exists()  # the second job did not start
+    assert "not started (the sweep was stopped)" in out
+
+
+@pytest.mark.slow
+def test_a_sigterm_before_the_joblib_workers_start_their_jobs_starts_none(tmp_path):
+    """The sweep's process gets a SIGTERM while its joblib workers are still starting (they
+    have no handler yet): none dies of it (joblib would end the sweep with
+    TerminatedWorkerError), and no job starts: each reads the sweep's stop file first."""
+    sweep = tmp_path / "sweep"
+    args = ["model=custom_bn,custom_dense", "trainer.max_steps=20"]
+    args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    proc = start_sweep(sweep, *args)
+    deadline = time.monotonic() + 60
+    while len(loky_workers(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err and "TerminatedWorkerError" not in err, err
+    jobs = jobs_of(sweep)
+    assert sorted(j["status"] for j in jobs.values()) == ["not_started"] * 2, jobs
+    assert not list(sweep.glob("*/checkpoints"))
+
+
 # ---------------------------------------------------------------- the Optuna sweeper
 @pytest.mark.slow
 def test_an_interrupted_optuna_study_continues_with_its_trials(tmp_path):
@@ -312,3 +383,41 @@ def test_duplicate_values_and_intervals_without_optuna_are_refused(tmp_path, val
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr and not sweep_dir.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_any_optuna_trial_completes_on_joblib_exits_3_and_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) to an Optuna study on the joblib launcher,
+    while its two trials train and a third worker has no job (n_jobs=3): every running trial
+    saves, no worker dies, the sweep exits 3 without a traceback (the plugin asks for the best
+    trial only when one completed); the rerun resumes both trials and completes the study."""
+    import optuna
+
+    sweep = tmp_path / "study"
+    args = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2"]
+    args += ["hydra.sweeper.sampler.seed=0", "optimizer.learning_rate=tag(log,interval(0.001,0.1))"]
+    args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"]
+    args += ["trainer.max_steps=30", "checkpoint.every=10", "trainer.pause_at=10"]
+    proc = start_sweep(sweep, *args, new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(sweep.glob("*=*/PAUSED"))) < 2:  # both trials wait at step 10
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    assert len(loky_workers(proc.pid)) == 3  # the third one never gets a job
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err and "TerminatedWorkerError" not in err, err
+    first = jobs_of(sweep)
+    assert sorted((j["status"], j["step"]) for j in first.values()) == [("interrupted", 10)] * 2
+
+    rerun = run_sweep(sweep, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    done = [t for t in study.trials if t.number not in study.user_attrs["sweep_interrupted"]]
+    assert [t.state.name for t in done] == ["COMPLETE"] * 2
+    jobs = jobs_of(sweep)
+    assert {n: (j["status"], j["resumed_from"]) for n, j in jobs.items()} == {
+        n: ("resumed", 10) for n in first
+    }

@@ -6,8 +6,9 @@ value checks) -> `data` -> `build` (model, losses) and `optim` -> `state` (what 
 holds) -> `loop` (the fit loop: `fit` reads as a page) with `steps` (the traced train and eval
 steps), `summaries`, `signals`, `nonfinite`. Sweeps (`-m`): `sweep` (each job skipped, resumed or
 trained, and the signals), `sweep_report` (the table, sweep.csv/json, the HPARAMS
-experiment), `sweep_optuna` (an Optuna study that continues), and `runinfo` (what can be read
-about a run without TensorFlow).
+experiment), `sweep_optuna` (an Optuna study that continues), `sweep_joblib` (the joblib
+launcher's workers stop cleanly), and `runinfo` (what can be read about a run without
+TensorFlow).
 
 Subsystems, one package each:
 - `checkpoint/`: the store and its manifests, async writes, integrity, fingerprint, warm

@@ -43,8 +43,8 @@ def main() -> None:
         sys.exit(2)
     try:
         _entry()
-    except sweep.SweepInterrupted:
-        pass  # a job saved and stopped on a signal: the report below, exit 3
+    except sweep.SweepInterrupted:  # a signal stopped the sweep: the report, exit 3
+        sys.exit(sweep.finish(stopped=True))
     except SystemExit as e:
         # Hydra exits 1 when composing the config fails (unknown option or key, wrong type):
         # that is bad input, exit code 2 by our contract.

@@ -4,18 +4,25 @@ A second SIGINT aborts at once (exit 130) without saving: the last checkpoint st
 
 In a sweep (trainer/sweep.py), `SweepSignals` covers the time between jobs in every process
 that runs them: a stop asked for there is kept as pending, so no further job starts and a
-job still setting up stops (and saves) as soon as its loop begins; the process that started
-the sweep forwards it to its children (the joblib launcher's workers) as SIGTERM.
+job still setting up stops (and saves) as soon as its loop begins; a stop that comes while
+a job's loop runs is kept as pending too (the job may be finishing anyway). The process
+that started the sweep writes the sweep's stop file (a job checks it before it starts: one
+whose process never saw the signal does not start either) and forwards the signal as
+SIGTERM to its children that catch SIGTERM (the joblib launcher's workers running a job,
+or between jobs). A worker that has not started its first job yet holds both signals
+blocked (trainer/sweep_joblib.py) until `SweepSignals.install` unblocks them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
 import sys
 
 _pending: list[str] = []  # signals that asked a sweep to stop while no StopRequest was active
+_STOPS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
@@ -31,14 +38,16 @@ class StopRequest:
         if self._sigint and name == "SIGINT":
             sys.stderr.write("\nSecond SIGINT: aborting now without saving.\n")
             sys.stderr.flush()
+            SweepSignals.abort_children()
             os._exit(130)
         self._sigint = self._sigint or name == "SIGINT"
         self.signal_name = self.signal_name or name
+        SweepSignals.note(name)  # in a sweep: no further job starts, whatever this job does
         sys.stderr.write(f"\n{name} received: finishing this step, then saving a checkpoint.\n")
         sys.stderr.flush()
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in _STOPS:
             self._previous[sig] = signal.signal(sig, self._handle)
         if _pending:  # asked for before this run's loop began (a sweep's job setting up)
             self.signal_name = _pending[0]
@@ -60,8 +69,20 @@ def mark_pending(name: str) -> None:
         _pending.append(name)
 
 
-def _children() -> list[int]:
-    """This process's child processes (Linux /proc; none elsewhere)."""
+@contextlib.contextmanager
+def blocked():
+    """SIGINT and SIGTERM blocked in the calling thread (and in what it spawns) meanwhile: a
+    signal that arrives is held, not lost, and delivered when they are unblocked."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _children(mask_field: str, sig: signal.Signals) -> list[int]:
+    """This process's child processes whose `mask_field` in /proc/<pid>/status (SigCgt: the
+    signals it catches, SigBlk: those it blocks) holds `sig` (Linux /proc; none elsewhere)."""
     pids: list[int] = []
     for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
         try:
@@ -69,21 +90,62 @@ def _children() -> list[int]:
                 pids += [int(p) for p in f.read().split()]
         except (OSError, ValueError):
             continue
-    return pids
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(fields[mask_field].strip(), 16) >> (int(sig) - 1) & 1:
+                out.append(pid)
+        except (OSError, ValueError, KeyError):
+            continue  # gone meanwhile
+    return out
 
 
 class SweepSignals:
     """SIGTERM / SIGINT handlers for the whole of a sweep, installed once per process."""
 
     _installed_in: int | None = None
+    _stop_file: str | None = None  # in the process that started the sweep
 
     @classmethod
-    def install(cls) -> None:
+    def install(cls, stop_file: str | None = None) -> None:
+        """Install the handlers in this process, then unblock both signals (a joblib worker
+        starts with them blocked: one that arrived before is handled now). `stop_file`: the
+        sweep's stop file, written at the first signal (the sweep's own process)."""
+        if stop_file is not None:
+            cls._stop_file = stop_file
         if cls._installed_in == os.getpid():
             return
         cls._installed_in = os.getpid()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in _STOPS:
             signal.signal(sig, cls._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+
+    @classmethod
+    def note(cls, name: str) -> bool:
+        """In a sweep's process: remember the stop (and write the stop file, once). Returns
+        whether it is the sweep's first."""
+        if cls._installed_in != os.getpid():
+            return False  # a single run
+        first = not _pending
+        mark_pending(name)
+        if first and cls._stop_file is not None:
+            try:
+                with open(cls._stop_file, "w") as f:
+                    f.write(name + "\n")
+            except OSError:
+                pass  # the forwarded signal still reaches the running jobs
+        return first
+
+    @classmethod
+    def abort_children(cls) -> None:
+        """A second SIGINT: the children that hold SIGINT blocked (a joblib worker before its
+        first job) would not see it; end them with the sweep."""
+        if cls._installed_in == os.getpid():
+            for pid in _children("SigBlk", signal.SIGINT):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
     @staticmethod
     def _handle(signum, frame) -> None:
@@ -91,16 +153,16 @@ class SweepSignals:
         if name == "SIGINT" and "SIGINT" in _pending:
             sys.stderr.write("\nSecond SIGINT: aborting the sweep now without saving.\n")
             sys.stderr.flush()
+            SweepSignals.abort_children()
             os._exit(130)
-        first = not _pending
-        mark_pending(name)
-        if first:
+        if SweepSignals.note(name):
             sys.stderr.write(
                 f"\n{name} received: running jobs save a checkpoint; no further job starts.\n"
             )
             sys.stderr.flush()
-        for pid in _children():  # joblib's workers (its resource tracker ignores SIGTERM)
-            try:
+        # joblib's workers that catch SIGTERM (those running a job, or between jobs); not its
+        # resource trackers (they ignore it) nor a worker before its first job (it blocks it:
+        # it reads the stop file when its job starts)
+        for pid in _children("SigCgt", signal.SIGTERM):
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
-            except OSError:
-                continue

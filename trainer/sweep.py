@@ -12,7 +12,8 @@ all at the end (table, sweep.csv, sweep.json, the HPARAMS experiment) with its e
 Jobs run one after another in one process with Hydra's basic launcher: each starts from a
 clean slate (build.setup_runtime clears the Keras session and sets every seed), so it trains
 exactly as it would alone. A SIGTERM or Ctrl-C makes the running job save and stop; no
-further job starts (signals.SweepSignals) and the sweep exits 3.
+further job starts (signals.SweepSignals, and the sweep's stop file for the joblib
+launcher's workers, trainer/sweep_joblib.py) and the sweep exits 3.
 
 Nothing here loads TensorFlow: it loads with the first job that trains.
 """
@@ -58,8 +59,10 @@ OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
 
 class SweepInterrupted(BaseException):
-    """Ends an in-process sweep once a job was stopped by a signal: past Hydra's per-job
-    `except Exception` and the sweeper, so that no further job starts (`main` exits 3)."""
+    """Ends a sweep that a signal stopped, in the process that started it: once a job of its
+    own was stopped (the basic launcher), or after a batch of the joblib launcher's jobs
+    (trainer/sweep_joblib.py). Past Hydra's per-job `except Exception` and the sweeper, so
+    that no further job starts nor is asked for (`main` reports the sweep and exits 3)."""
 
 
 def _multirun(config: DictConfig) -> bool:
@@ -112,8 +115,11 @@ def run_job(cfg: DictConfig, run_dir: str) -> float | None:
         hparams=runinfo.hparams_of(cfg),
     )
     t0 = time.perf_counter()
-    if signals.pending() is None:
+    stop = signals.pending() or sweep_report.stop_requested(sweep_dir)
+    if stop is None:
         _execute(cfg, run_dir, record)
+    else:  # the sweep was asked to stop before this job began: it does not start
+        record.signal = stop
     record.seconds = time.perf_counter() - t0
     sweep_report.save_record(sweep_dir, record)
     if record.status in ("interrupted", "not_started"):
@@ -148,7 +154,11 @@ class SweepCallback(Callback):
             from trainer import sweep_optuna
 
             sweep_optuna.resume_study(config, previous)
-        signals.SweepSignals.install()
+        if "joblib" in str(config.hydra.launcher.get("_target_", "")):
+            from trainer import sweep_joblib
+
+            sweep_joblib.install()
+        signals.SweepSignals.install(os.path.join(_sweep_dir, sweep_report.STOP_FILE))
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if _multirun(config):
@@ -167,12 +177,13 @@ def started() -> bool:
     return _sweep_dir is not None
 
 
-def finish() -> int | None:
-    """Report the sweep (once) and return its exit code; None if no sweep ran here."""
+def finish(stopped: bool = False) -> int | None:
+    """Report the sweep (once) and return its exit code; None if no sweep ran here.
+    `stopped`: it ended on SweepInterrupted (exit 3)."""
     global _exit_code
     if _sweep_dir is None:
         return None
     if _exit_code is None:
         sys.stdout.flush()
-        _exit_code = sweep_report.finish(_sweep_dir)
+        _exit_code = sweep_report.finish(_sweep_dir, stopped)
     return _exit_code

@@ -6,9 +6,10 @@ whose job was stopped stays RUNNING for ever. Before the sweeper starts, `resume
 the rerun of a command continue its study instead:
 - the study lives in the sweep directory, `sqlite:///<sweep dir>/optuna.db`, study `sweep`,
   unless `hydra.sweeper.storage` / `study_name` say otherwise;
-- a trial left RUNNING (the sweep was killed, or stopped by a signal) or one that the
-  previous invocation's records show as interrupted or not started (the joblib launcher's
-  workers report those as failed trials) is closed as failed, listed in the study's
+- a trial left RUNNING (the sweep was killed, or stopped by a signal: it ends before the
+  plugin tells the study, trainer/sweep_joblib.py for the joblib launcher) or a failed one
+  that the previous invocation's records show as interrupted or not started (a job stopped
+  by a signal to its worker alone) is closed as failed, listed in the study's
   `sweep_interrupted` attribute, and its parameters are enqueued: the next trial asked is
   the same job, with the same overrides, so it resumes from its checkpoint;
 - `hydra.sweeper.n_trials` becomes the number of trials still to run: the total asked for

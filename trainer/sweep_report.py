@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass, field
 
 JOBS_DIR = os.path.join(".sweep", "jobs")
 INVOCATION_FILE = os.path.join(".sweep", "invocation")
+# Written at the sweep's first SIGTERM / SIGINT (signals.SweepSignals); a job that finds it
+# does not start. Removed when an invocation starts.
+STOP_FILE = os.path.join(".sweep", "stop")
 EXPERIMENT_SUFFIX = ".sweep-hparams"
 # The sweep's exit code (README, "Exit codes"): 0 every job complete; 1 a job failed (and
 # none was interrupted); 3 interrupted: a job saved and stopped, or did not start.
@@ -77,7 +80,20 @@ def start(sweep_dir: str) -> list[Record]:
     os.makedirs(os.path.join(sweep_dir, JOBS_DIR), exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}"
     _write_atomic(os.path.join(sweep_dir, INVOCATION_FILE), stamp)
+    try:
+        os.remove(os.path.join(sweep_dir, STOP_FILE))  # the previous invocation's stop
+    except FileNotFoundError:
+        pass
     return read_records(sweep_dir)
+
+
+def stop_requested(sweep_dir: str) -> str | None:
+    """The signal that stopped this invocation of the sweep, if one did (its stop file)."""
+    try:
+        with open(os.path.join(sweep_dir, STOP_FILE)) as f:
+            return f.read().strip() or "SIGTERM"
+    except OSError:
+        return None
 
 
 def invocation(sweep_dir: str) -> str:
@@ -227,11 +243,14 @@ def write_experiment(records: list[Record], sweep_dir: str) -> None:
     writer.close()
 
 
-def finish(sweep_dir: str) -> int:
-    """Report the sweep's jobs (module docstring); return this invocation's exit code."""
+def finish(sweep_dir: str, stopped: bool = False) -> int:
+    """Report the sweep's jobs (module docstring); return this invocation's exit code.
+    `stopped`: a signal ended the sweep before its sweeper was done (exit 3 whatever the
+    records: the jobs it had yet to launch have none)."""
     records = read_records(sweep_dir)
     current = invocation(sweep_dir)
     code = exit_code([r for r in records if r.invocation == current])
+    code = EXIT_INTERRUPTED if stopped else code
     print(table(records, sweep_dir, code, current), flush=True)
     write_files(records, sweep_dir, code, current)
     if records:
