@@ -12,6 +12,7 @@ NEEDS = {  # options that need further keys from the user
     ("model", "custom"): ["model._target_=models.DropoutMLP"],
     ("data", "npz"): ["data.path=x.npz"],
     ("data", "csv"): ["data.path=x.csv", "data.target=y"],
+    ("data", "records"): ["data.files=data/x/train-*.tfrecord"],
 }
 
 

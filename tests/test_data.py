@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from trainer.config import UserError
-from trainer.data import load_data, train_dataset
+from trainer.data import load_data
 
 
 def data_cfg(compose, *overrides):
@@ -13,7 +13,7 @@ def data_cfg(compose, *overrides):
 
 
 def batches(data, start, n, seed=0, bs=32):
-    return [(x.numpy(), y.numpy()) for x, y in train_dataset(data, bs, seed, start).take(n)]
+    return [(x.numpy(), y.numpy()) for x, y, _ in data.train_dataset(bs, seed, start).take(n)]
 
 
 def test_stream_is_a_function_of_seed_and_step(compose):

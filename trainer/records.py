@@ -29,6 +29,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ def file_crc32(path: str, chunk: int = 1 << 22) -> int:
 
 
 def dataset_id(description: dict) -> str:
-    """The identity of a dataset: its features and every shard's name, count and CRC."""
+    """The identity of a dataset: its features and every shard's name, count and CRC
+    (recorded in each checkpoint's manifest: a resume on other data is refused)."""
     import hashlib
 
     core = {
@@ -107,10 +109,18 @@ def _read_description(path: str) -> dict:
             f"data.description: {path!r} has version {desc.get('version')!r}; this trainer "
             f"reads version {VERSION}"
         )
-    if desc.get("dataset_id") != dataset_id(desc):
+    try:
+        desc["dataset_id"] = dataset_id(desc)  # computed, never trusted from the file
+        desc["shards"] = [dict(s) for s in desc["shards"]]
+        for s in desc["shards"]:
+            s["examples"], s["bytes"], s["crc32"] = (
+                int(s[k]) for k in ("examples", "bytes", "crc32")
+            )
+    except (KeyError, TypeError, ValueError) as e:
         raise UserError(
-            f"data.description: {path!r} was edited: its dataset_id does not match its shards"
-        )
+            f"data.description: {path!r} lacks or garbles {e} (write it with "
+            "scripts/make_records.py)"
+        ) from None
     return desc
 
 
@@ -308,7 +318,7 @@ def open_records(cfg: DictConfig) -> RecordData:
     if missing:
         raise UserError(
             f"data.files: {len(missing)} shard(s) listed in {desc_path} are not among the "
-            f"files matched by {str(cfg.files)!r}: {first_few(sorted(missing))} (missing?)"
+            f"files matched by {str(cfg.files)!r}: {first_few(sorted(missing), 3)} (missing?)"
         )
     if cfg.get("val_files"):
         val = _shards("data.val_files", _expand("data.val_files", cfg.val_files), listed, desc_path)
@@ -367,21 +377,27 @@ def _check_layout(cfg: DictConfig, data: RecordData) -> None:
 def _check_contents(data: RecordData, verify: str) -> None:
     """Sizes always; CRC-32s with verify=checksums; each shard's first record parses."""
     shards = data.train + data.val
-    for s in shards:
-        size = os.path.getsize(s.path)
-        if size != s.bytes:
-            raise UserError(
-                f"data: shard {s.path!r} has {size} bytes; its description says {s.bytes} "
-                "(truncated, or another file)"
-            )
-    if verify == "checksums":
+    bad = [
+        f"shard {s.path!r} has {size} bytes; its description says {s.bytes}"
+        for s in shards
+        if (size := os.path.getsize(s.path)) != s.bytes
+    ]
+    if not bad and verify == "checksums":
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            for s, crc in zip(shards, pool.map(lambda s: file_crc32(s.path), shards), strict=True):
-                if crc != s.crc32:
-                    raise UserError(
-                        f"data: shard {s.path!r} fails its checksum (CRC-32 {crc:08x}, "
-                        f"description {s.crc32:08x}): the file is damaged or was changed"
-                    )
+            crcs = pool.map(lambda s: file_crc32(s.path), shards)
+            bad = [
+                f"shard {s.path!r} fails its checksum (CRC-32 {crc:08x}, description "
+                f"{s.crc32:08x}): the file is damaged or was changed"
+                for s, crc in zip(shards, crcs, strict=True)
+                if crc != s.crc32
+            ]
+    if len(bad) == 1:
+        raise UserError(f"data: {bad[0]}")
+    if bad:
+        raise UserError(
+            f"data: {len(bad)} of {len(shards)} shards do not match their description (a "
+            f"description from another dataset?); the first: {bad[0]}"
+        )
     for s in shards:
         first = bad_record(data.desc, s.path, limit=1)
         if first is not None:
@@ -390,20 +406,27 @@ def _check_contents(data: RecordData, verify: str) -> None:
 
 def bad_record(desc: dict, path: str, limit: int | None = None) -> str | None:
     """'shard X record N: problem' for the first record of `path` that does not read
-    (framing or CRC) or parse (features), within its first `limit` records; else None."""
+    (framing or CRC) or parse (features), within its first `limit` records; else None.
+    Reads 1024 records at a time; only a batch that fails is read again record by record."""
     spec = feature_spec(desc)
     ds = tf.data.TFRecordDataset(path)
     if limit is not None:
         ds = ds.take(limit)
-    index = 0
-    it = iter(ds.batch(1024))
+    index, it = 0, iter(ds.batch(1024))
     while True:
         try:
             batch = next(it)
         except StopIteration:
             return None
-        except tf.errors.OpError as e:  # framing/CRC: records after `index` are unreadable
-            return f"shard {path!r} record {index}: {_first_line(e)}"
+        except tf.errors.OpError as e:  # framing or CRC: find the record, one at a time
+            one = iter(ds.skip(index))
+            while True:
+                try:
+                    next(one)
+                except (StopIteration, tf.errors.OpError):
+                    break
+                index += 1
+            return f"shard {path} record {index}: {_first_line(e)}"
         try:
             tf.io.parse_example(batch, spec)
         except tf.errors.OpError:
@@ -412,14 +435,16 @@ def bad_record(desc: dict, path: str, limit: int | None = None) -> str | None:
                     tf.io.parse_single_example(batch[j], spec)
                 except tf.errors.OpError as e:
                     return (
-                        f"shard {path!r} record {index + j}: its features do not match the "
+                        f"shard {path} record {index + j}: its features do not match the "
                         f"description ({_first_line(e)})"
                     )
         index += int(batch.shape[0])
 
 
 def _first_line(e: tf.errors.OpError) -> str:
-    return (e.message or str(e)).strip().splitlines()[0][:200]
+    """TensorFlow's message without its op and function names."""
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname:\s*$", "", e.message or str(e))
+    return text.strip().splitlines()[0][:200].strip()
 
 
 def diagnose(data: RecordData, error: tf.errors.OpError) -> UserError:

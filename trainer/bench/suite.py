@@ -1,7 +1,7 @@
 """`python scripts/bench.py`: our loop against Keras `Model.fit`, and what checkpoints cost.
 
 Everything is measured side by side in one process, on the same model, data pipeline
-(`data.train_dataset`) and batch size. The machine may be shared, so each comparison is
+(`Data.train_dataset`) and batch size. The machine may be shared, so each comparison is
 run in interleaved rounds and the ratio of medians is reported, never a lone timing.
 
 Throughput is steady-state steps/s in 200-step blocks (`steady_rate`): from our loop's own
@@ -134,7 +134,8 @@ def fit_rate(overrides: list[str], steps: int, warmup: int, spe: int) -> float:
     model = build.build_model(cfg.model, data)
     optimizer = build_optimizer(cfg.optimizer, cfg.schedule, steps)
     model.compile(optimizer=optimizer, loss=build.keras_loss(data.task), steps_per_execution=spe)
-    dataset = data_lib.train_dataset(data, int(cfg.data.batch_size), int(cfg.trainer.seed), 0)
+    dataset = data.train_dataset(int(cfg.data.batch_size), int(cfg.trainer.seed), 0)
+    dataset = dataset.map(lambda x, y, _: (x, y))  # Model.fit trains on (x, y)
     timer = _EpochTimer()
     epochs = max(2, steps // BLOCK)  # BLOCK-step epochs; the warm-up ones are dropped
     model.fit(dataset, epochs=epochs, steps_per_epoch=BLOCK, verbose=0, callbacks=[timer])

@@ -163,6 +163,9 @@ def _load_artifacts(keras_path: str, sm_path: str, x_one):
         raise _ArtifactError(f"export/saved_model does not load: {type(e).__name__}: {e}") from None
 
 
+_MAX_VAL = 65536  # validation inputs compared output by output (the metrics use all)
+
+
 def verify_export(
     run_dir: str, *, atol: float = 0.0, rounds: int = 80, max_ratio: float = MAX_RATIO
 ) -> dict:
@@ -187,17 +190,17 @@ def verify_export(
     cfg = load_config(run_dir, good.prefix)
     build.setup_runtime(cfg)
     data = data_lib.load_data(cfg.data)
+    x_val = tf.constant(data.val_x(_MAX_VAL))
     model, optimizer = _reference(cfg, data, ckpt_dir, good.prefix)
-    reloaded, saved, serve = _load_artifacts(keras_path, sm_path, tf.constant(data.x_val[:1]))
+    reloaded, saved, serve = _load_artifacts(keras_path, sm_path, x_val[:1])
 
     checks: list[dict] = []
     report: dict = {"run": run_dir, "checkpoint": good.prefix, "step": good.step, "atol": atol}
 
-    # Outputs on the whole validation split; every candidate runs as a graph, as served.
+    # Outputs on the validation split (its first _MAX_VAL examples); every candidate runs as a graph, as served.
     original_fn = tf.function(lambda x: model(x, training=False))
     keras_fn = tf.function(lambda x: reloaded(x, training=False))
     candidates = {"checkpoint": original_fn, "model.keras": keras_fn, "saved_model": serve}
-    x_val = tf.constant(data.x_val)
     outputs = {name: fn(x_val).numpy() for name, fn in candidates.items()}
     report["outputs"] = {
         name: _max_diff(outputs["checkpoint"], out) for name, out in outputs.items()
@@ -209,7 +212,7 @@ def verify_export(
     # Task metrics, computed the way the training loop's eval computes them.
     metric_name, metric_fn = build.per_example_metric(data.task)
     loss_fn = build.per_example_loss(data.task)
-    eval_ds = data_lib.eval_dataset(data, int(cfg.data.batch_size))
+    eval_ds = data.eval_dataset(int(cfg.data.batch_size))
     subjects = {"checkpoint": model, "model.keras": reloaded, "saved_model": _AsModel(serve)}
     metrics = {}
     for name, subject in subjects.items():
@@ -257,7 +260,7 @@ def verify_export(
     _check(checks, "optimizer model.keras", o["ok"], o["detail"])
 
     # Inference latency on one validation batch, reloaded vs original.
-    batch = tf.constant(data.x_val[: int(cfg.data.batch_size)])
+    batch = x_val[: int(cfg.data.batch_size)]
     latency = compare_latency(candidates, batch, baseline="checkpoint", rounds=rounds)
     report["latency"] = latency
     for name, ratio in latency["ratio"].items():
