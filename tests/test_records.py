@@ -119,10 +119,17 @@ def test_synthetic_rows_do_not_depend_on_the_dataset_size(compose):
 
 
 # ---------------------------------------------------------------- the stream
-def test_resume_at_any_step_gives_the_same_batches(dataset, compose):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["data.shuffle_buffer=64", "data.cycle_shards=2"],  # shards interleaved, many windows
+        [],  # the defaults here: each block read in order and permuted as one window
+    ],
+)
+def test_resume_at_any_step_gives_the_same_batches(dataset, compose, layout):
     """Starting the stream at step s (mid-window, mid-block, at and across epoch ends) gives
     exactly the tail of the stream from step 0: the position is the step alone."""
-    data = open_data(compose, dataset, "data.shuffle_buffer=64", "data.cycle_shards=1")
+    data = open_data(compose, dataset, *layout)
     spe = data.steps_per_epoch(32)
     full = rows_of(data, 0, 2 * spe + 3)
     for s in (1, 5, spe // 2 + 1, spe - 1, spe, spe + 7, 2 * spe):
@@ -281,3 +288,44 @@ def test_a_damaged_shard_is_refused_or_stops_training(dataset, tmp_path):
     assert "corrupted record" in proc.stderr
     saved = list_checkpoints(str(run / "checkpoints"))
     assert saved and all(verify(p).ok for p in saved)  # the saves before the bad record: intact
+
+
+def test_every_topology_trains_on_the_same_examples(dataset, tmp_path):
+    """One device, two mirrored replicas and two worker processes (each reading only its
+    own lanes' shards): the same examples in the same order at every step."""
+    from trainer.runinfo import read_metrics
+
+    common = [
+        "data=records",
+        f"data.files={dataset}/train-*.tfrecord",
+        *FAST,
+        "trainer.max_steps=24",
+    ]
+    runs = {
+        "default": [],
+        "mirrored": ["distribute=mirrored", "distribute.logical_cpus=2"],
+    }
+    for name, extra in runs.items():
+        proc = train(tmp_path / name, *common, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli(
+        "scripts/launch_local_workers.py",
+        "2",
+        "--timeout",
+        "150",
+        "--",
+        *common,
+        "distribute=multi_worker",
+        f"hydra.run.dir={tmp_path / 'workers'}",
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    def hashes(run):
+        return {
+            r["step"]: r["batch_ids_hash"] for r in read_metrics(str(run)) if "batch_ids_hash" in r
+        }
+
+    ref = hashes(tmp_path / "default")
+    assert sorted(ref) == list(range(1, 25))
+    for name in ("mirrored", "workers"):
+        assert hashes(tmp_path / name) == ref, name

@@ -45,6 +45,8 @@ DESCRIPTION = "description.json"
 FORMAT = "resumable-trainer records"
 VERSION = 1
 _READ_BUFFER = 1 << 20  # bytes per shard read at a time (TFRecordDataset buffer_size)
+_READ_BATCH = 64  # records per element read from a shard
+_STEPS_PER = 16  # global batches made at a time
 
 
 # ---------------------------------------------------------------- the description
@@ -221,31 +223,58 @@ class RecordData:
         start_epoch, offset = divmod(start_step, spe)
         lane = _LaneReader(self, seed, spe * per_lane)
 
-        def epoch(e, skip_steps):
-            streams = tuple(
-                lane.examples(e, k, skip_steps * per_lane).batch(per_lane, drop_remainder=True)
-                for k in mine
-            )
-            return tf.data.Dataset.zip(streams).map(lambda *b: tf.concat(b, axis=0))
-
         epochs = tf.data.Dataset.range(start_epoch, 2**62).map(
             lambda e: (e, tf.where(e == start_epoch, tf.constant(offset, tf.int64), 0))
         )
+
+        def lane_stream(k: int) -> tf.data.Dataset:
+            """Lane k's examples, (spe - skipped steps) steps' worth per epoch, endless."""
+
+            def epoch(e, skip_steps):
+                ds = lane.examples(e, k, skip_steps * per_lane, self._parse)
+                ds = ds.scan((spe - skip_steps) * per_lane, _cap)
+                return ds.take_while(lambda left, *_: left > 0).map(lambda _, *ex: ex)
+
+            return epochs.flat_map(epoch).rebatch(_STEPS_PER * per_lane)
+
+        # the lanes side by side make _STEPS_PER global batches at a time (built once: only
+        # each lane's epoch is rebuilt per epoch, a cost that counts when epochs are short)
         first_row = mine.start * per_lane
-        ds = epochs.flat_map(epoch).map(
-            lambda s: _with_terms(*self._parse(s), first_row),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
+        lanes = tf.data.Dataset.zip(tuple(lane_stream(k) for k in mine))
+        ds = lanes.map(_side_by_side(per_lane, first_row)).unbatch()
         return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _with_terms(x, y, ids, first_row: int):
-    return x, y, id_terms(ids, first_row)
+def _cap(left, example):
+    """scan: keep at most `left` examples of the stream; emit (left before, examples)."""
+    x, y, ids = example
+    k = tf.minimum(tf.shape(ids, out_type=tf.int64)[0], left)
+    return left - k, (left, x[:k], y[:k], ids[:k])
+
+
+def _side_by_side(per_lane: int, first_row: int):
+    """Lanes' chunks of c steps -> c global batches [c, rows, ...] and their id terms."""
+
+    def merge(*lanes):
+        def steps(t):
+            return tf.reshape(t, tf.concat([[-1, per_lane], tf.shape(t)[1:]], 0))
+
+        x, y, ids = (
+            tf.concat([steps(t) for t in parts], axis=1) for parts in zip(*lanes, strict=True)
+        )
+        return x, y, id_terms(ids, first_row)
+
+    return merge
 
 
 class _LaneReader:
-    """One lane's records of one epoch, from any position (graph code: traced per epoch)."""
+    """One lane's examples of one epoch, from any position (graph code: traced per epoch).
+
+    Records travel in tensors of many, never one element each (tf.data's cost per element
+    was most of a step of the default model): each shard is read `_READ_BATCH` records at
+    a time, the block's interleaved reads are cut into windows of `data.shuffle_buffer`,
+    and a window is permuted, then decoded as one batch.
+    """
 
     def __init__(self, data: RecordData, seed: int, per_epoch: int):
         self.paths = tf.constant([s.path for s in data.train])
@@ -253,6 +282,9 @@ class _LaneReader:
         self.n, self.lanes = len(data.train), data.lanes
         self.cycle, self.buffer = data.cycle_shards, data.shuffle_buffer
         self.seed, self.per_epoch = seed, per_epoch
+        # every block fits in one window (small shards): interleaving them would add only
+        # its set-up, ~1 ms a block, which counts when an epoch is a few dozen steps
+        self.one_window = max(s.examples for s in data.train) * self.cycle <= self.buffer
 
     def shard_order(self, e):
         """Epoch e's shard permutation: the stateless seed (seed, e)."""
@@ -261,8 +293,9 @@ class _LaneReader:
         )
         return tf.argsort(noise, stable=True)
 
-    def examples(self, e, lane: int, position) -> tf.data.Dataset:
-        """Lane `lane`'s serialized records of epoch `e` from example `position` on."""
+    def examples(self, e, lane: int, position, parse) -> tf.data.Dataset:
+        """Lane `lane`'s examples of epoch `e` from example `position` on, decoded by
+        `parse`, in tensors of up to a window each."""
         shards = tf.gather(self.shard_order(e), tf.range(lane, self.n, self.lanes))
         n_shards = len(range(lane, self.n, self.lanes))
         blocks = -(-n_shards // self.cycle)
@@ -274,28 +307,32 @@ class _LaneReader:
 
         def block(b):
             files = tf.gather(self.paths, shards[b * self.cycle : (b + 1) * self.cycle])
-            records = tf.data.Dataset.from_tensor_slices(files).interleave(
-                lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER),
-                cycle_length=self.cycle,
-                block_length=1,
-                num_parallel_calls=self.cycle,
-                deterministic=True,
-            )
+            if self.one_window:  # the window permutes the whole block: read it in order
+                records = tf.data.TFRecordDataset(files, buffer_size=_READ_BUFFER)
+                records = records.batch(_READ_BATCH)
+            else:  # shards read side by side, so that every window mixes them
+                records = tf.data.Dataset.from_tensor_slices(files).interleave(
+                    lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER).batch(
+                        _READ_BATCH
+                    ),
+                    cycle_length=self.cycle,
+                    block_length=1,
+                )
             mix = ((self.seed * 1_000_003 + e) * 1009 + lane) * 10_007 + b
             at = tf.where(b == first, skip, 0)  # examples of this block to skip
-            w0 = at // self.buffer  # whole windows skipped as bytes, never permuted
+            w0 = at // self.buffer  # whole windows skipped as bytes: never permuted or decoded
             windows = tf.data.Dataset.zip(
-                tf.data.Dataset.range(w0, 2**62), records.skip(w0 * self.buffer).batch(self.buffer)
-            )
+                tf.data.Dataset.range(0, 2**62), records.rebatch(self.buffer)
+            ).skip(w0)
 
             def permute(w, window):
                 noise = tf.random.stateless_uniform(tf.shape(window), seed=tf.stack([mix, w]))
-                return tf.gather(window, tf.argsort(noise, stable=True))
+                window = tf.gather(window, tf.argsort(noise, stable=True))
+                return parse(window[tf.where(w == w0, at - w0 * self.buffer, 0) :])
 
-            return windows.map(permute).unbatch().skip(at - w0 * self.buffer)
+            return windows.map(permute)
 
-        ds = tf.data.Dataset.range(first, blocks).flat_map(block)
-        return ds.take(self.per_epoch - position)
+        return tf.data.Dataset.range(first, blocks).flat_map(block)
 
 
 # ---------------------------------------------------------------- opening and checking

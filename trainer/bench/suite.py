@@ -30,6 +30,7 @@ import tensorflow as tf
 from trainer import build
 from trainer import data as data_lib
 from trainer.bench import big_state as bench_state
+from trainer.bench import records as bench_records
 from trainer.loop import fit
 from trainer.optim import build_optimizer
 from trainer.summaries import read_scalars
@@ -345,6 +346,10 @@ def run(mode: str = "full", out: str | None = "bench.json", log=print) -> dict:
         bs = big_state_async_cost(m, workdir, log)
         log(f"checkpoint of a {'~300 MB' if mode != 'smoke' else 'tiny'} state...")
         st = bench_state.state_io(m, workdir, log)
+        log("data=records: the default run from records vs in memory...")
+        rv = bench_records.records_vs_memory(m, workdir, log)
+        log("data=records: a large set vs a small one (peak RSS), resuming late in an epoch...")
+        rl = bench_records.records_large(mode, m, workdir, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result.update(
@@ -355,6 +360,10 @@ def run(mode: str = "full", out: str | None = "bench.json", log=print) -> dict:
         async_cost_vs_floor=bs["async_cost_per_save_s"] / st["async_floor_s"],
         budget_overhead=bo.pop("budget_overhead"),
         save_vs_numpy=st.pop("save_vs_numpy"),
+        records_vs_memory=rv.pop("records_vs_memory"),
+        records_rss_ratio=rl.pop("records_rss_ratio"),
+        records_resume_late=rl.pop("records_resume_late"),
+        records={**rv, **rl},
         throughput=tp,
         checkpoints=cc,
         big_state_loop=bs,
@@ -379,6 +388,9 @@ TARGETS = {
     "async_cost_vs_floor": ("<=", 1.5),  # an aim, not a promise (issue 14)
     "budget_overhead": ("<=", 0.025),
     "save_vs_numpy": ("<=", 1.5),
+    "records_vs_memory": (">=", 0.9),
+    "records_rss_ratio": ("<=", 1.2),
+    "records_resume_late": ("<=", 2.0),
 }
 
 
@@ -429,5 +441,20 @@ def table(r: dict) -> str:
         f"({st['data_position_checkpoint_bytes']} B of files alone; the default data's tf.data "
         f"shuffled iterator: {st['tf_data_iterator_bytes'] / 1e3:.1f} kB)",
         "peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items() if k.endswith("_mb")),
+        _records_line(r["records"]),
     ]
     return "\n".join(lines)
+
+
+def _records_line(rec: dict) -> str:
+    sets, rss, res = rec["datasets"], rec["peak_rss_mb"], rec["resume"]
+    t = {k: statistics.median(v) for k, v in res["seconds"].items()}
+    return (
+        f"records: steps/s per round (records/memory) {_spread(rec['records_vs_memory_rounds'])}; "
+        f"peak RSS {rss['large']:.0f} MB on {sets['large']['bytes'] / 1e9:.2f} GB vs "
+        f"{rss['small']:.0f} MB on {sets['small']['bytes'] / 1e9:.3f} GB; resume at step "
+        f"{res['late_step']} of {res['steps_per_epoch']} vs step 1: {t['late_checksums']:.1f} vs "
+        f"{t['start_checksums']:.1f} s (data.verify=sizes: {t['late_sizes']:.1f} vs "
+        f"{t['start_sizes']:.1f} s, ratio {res['ratio_sizes_only']:.2f}); converting "
+        f"{sets['large']['bytes'] / 1e9:.2f} GB took {sets['large']['convert_seconds']:.0f} s"
+    )
