@@ -329,3 +329,25 @@ def test_every_topology_trains_on_the_same_examples(dataset, tmp_path):
     assert sorted(ref) == list(range(1, 25))
     for name in ("mirrored", "workers"):
         assert hashes(tmp_path / name) == ref, name
+
+
+def test_classification_records_keep_their_labels(tmp_path, compose):
+    """digits (10 classes, integer labels) through the converter: the same task, classes and
+    label of every training row as in memory."""
+    from trainer.data import load_data
+
+    make_records(tmp_path / "digits", "data=digits", shards=4)
+    rec = open_data(compose, tmp_path / "digits", "data.lanes=2")
+    mem = load_data(compose(["data=digits"]).data)
+    assert (rec.task, rec.output_units, rec.feature_shape) == ("classification", 10, (64,))
+    label = {int(i): int(y) for i, y in zip(mem.train_ids, mem.y_train, strict=True)}
+    spec = {"id": tf.io.FixedLenFeature([], tf.int64)}
+    x, y, _ = next(iter(rec.train_dataset(32, 0, 0)))
+    assert y.dtype == tf.int32
+    ids = []
+    for s in rec.train:  # which ids are these rows? match them by features
+        for b in tf.data.TFRecordDataset(s.path).batch(4096):
+            ids += tf.io.parse_example(b, spec)["id"].numpy().tolist()
+    assert set(ids) == set(label)
+    by_row = {r.tobytes(): int(i) for r, i in zip(mem.x_train, mem.train_ids, strict=True)}
+    assert [label[by_row[r.tobytes()]] for r in x.numpy()] == y.numpy().tolist()

@@ -10,16 +10,17 @@ The training stream is a pure function of (seed, step), as for in-memory data
   to `data.lanes` lanes. Each global batch is `batch/lanes` examples from every lane, lane
   after lane, so it mixes examples from many shards.
 - A lane reads its shards `data.cycle_shards` at a time (a block): their records are
-  interleaved, cut into windows of `data.shuffle_buffer` records, and each window is
-  permuted with the stateless seed of (seed, e, lane, block, window). Nothing else is
-  random (no tf.data shuffle state, no global seed), so the order is reproducible from any
-  window's start.
+  interleaved (64 at a time from each shard; read in order when the whole block fits in one
+  window), cut into windows of `data.shuffle_buffer` records, and each window is permuted
+  with the stateless seed of (seed, e, lane, block, window). Nothing else is random (no
+  tf.data shuffle state, no global seed), so the order is reproducible from any window's
+  start.
 - An epoch is `steps_per_epoch` batches: as many as the lane with the fewest examples can
   fill in any shard order; the rest of each lane is dropped (a different rest each epoch).
 - Resuming at step s: every lane skips whole blocks by their example counts without
   opening them, then reads the current block's records as bytes (never decoded or
-  permuted) up to the window holding its position. The replay is bounded by one block;
-  decoding happens after batching.
+  permuted) up to the window holding its position, and drops the examples of that window
+  before its position before decoding. The replay is bounded by one block.
 - Under multi-worker training each worker reads only its own lanes: the global batch at
   each step holds the same examples for any number of workers that divides the lanes.
 """
