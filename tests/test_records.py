@@ -151,6 +151,19 @@ def test_resume_at_any_step_gives_the_same_batches(dataset, compose, layout):
             assert np.array_equal(xa, xb) and np.array_equal(ta, tb), s
 
 
+def test_the_stream_does_not_depend_on_how_the_files_are_listed(dataset, compose):
+    """A glob or the same shards listed in another order: the same stream and signature."""
+    names = sorted(p.name for p in dataset.glob("train-*.tfrecord"))
+    listed = "[" + ",".join(str(dataset / n) for n in reversed(names)) + "]"
+    a = open_data(compose, dataset)
+    from trainer.data import load_data
+
+    b = load_data(compose(["data=records", f"data.files={listed}"]).data)
+    assert a.signature() == b.signature()
+    for (xa, ta), (xb, tb) in zip(rows_of(a, 0, 5), rows_of(b, 0, 5), strict=True):
+        assert np.array_equal(xa, xb) and np.array_equal(ta, tb)
+
+
 def test_epochs_are_seeded_permutations_mixing_shards(dataset, compose):
     """Each epoch draws distinct examples; epochs and seeds differ; a batch mixes shards."""
     data = open_data(compose, dataset)
@@ -260,6 +273,8 @@ def test_bad_shards_and_descriptions_are_named(dataset, tmp_path, compose):
     err = _problem(compose, f"{d}/train-*.tfrecord")
     assert "train-00003-of-00008.tfrecord" in err and "missing" in err
     (tmp_path / "aside").rename(d / "train-00003-of-00008.tfrecord")
+    assert "empty list" in _problem(compose, "[]")
+    assert "a val shard" in _problem(compose, f"{d}/*.tfrecord")  # the glob takes val-* too
     # another dataset's description beside these shards
     other = tmp_path / "other"
     make_records(other, "data=synthetic_regression", "data.num_samples=1500")
@@ -296,6 +311,15 @@ def test_a_damaged_shard_is_refused_or_stops_training(dataset, tmp_path):
     assert "corrupted record" in proc.stderr
     saved = list_checkpoints(str(run / "checkpoints"))
     assert saved and all(verify(p).ok for p in saved)  # the saves before the bad record: intact
+    # a damaged validation shard stops the run at the eval that reads it, named the same way
+    shutil.copy(dataset / shard.name, shard)
+    val = d / "val-00001-of-00002.tfrecord"
+    raw = bytearray(val.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    val.write_bytes(bytes(raw))
+    proc = train(tmp_path / "eval", *common, "data.verify=sizes", "trainer.eval_every=10")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "val-00001-of-00002.tfrecord record" in proc.stderr
 
 
 def test_every_topology_trains_on_the_same_examples(dataset, reference, tmp_path):

@@ -112,15 +112,15 @@ class Data:
 
 
 def id_terms(ids: tf.Tensor, first_row) -> tf.Tensor:
-    """Per-row terms of a step's `batch_ids_hash`: a 40-bit fingerprint of (example id,
+    """Per-row terms of a step's `batch_ids_hash`: a 32-bit fingerprint of (example id,
     row in the global batch), as float64. Their sum over the global batch (exact in float64
-    for batches up to 8192 rows, whichever replica holds which rows) is the step's
+    for batches up to 2**21 rows, whichever replica holds which rows) is the step's
     fingerprint: it changes when any example, or the order of the examples, changes."""
     shape = tf.shape(ids, out_type=tf.int64)  # [rows] or [batches, rows]: rows last
     rows = tf.range(shape[-1]) + tf.cast(first_row, tf.int64)
     pairs = tf.stack([tf.reshape(ids, [-1]), tf.reshape(tf.broadcast_to(rows, shape), [-1])], 1)
-    fp = tf.cast(tf.fingerprint(pairs)[:, :5], tf.float64)
-    terms = tf.linalg.matvec(fp, tf.constant([2.0**k for k in range(0, 40, 8)], tf.float64))
+    fp = tf.cast(tf.fingerprint(pairs)[:, :4], tf.float64)
+    terms = tf.linalg.matvec(fp, tf.constant([2.0**k for k in range(0, 32, 8)], tf.float64))
     return tf.reshape(terms, shape)
 
 

@@ -30,6 +30,8 @@ _OUT_OF_SOURCE = ("records",)
 
 
 def _varint(n: int) -> bytes:
+    if n < 0:  # ids are rows and labels are checked >= 0: never negative here
+        raise ValueError(f"cannot encode {n}: ids and labels must be >= 0")
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -118,6 +120,13 @@ def _rows(cfg, shards: int, val_shards: int):
 
     if cfg.name in STREAMED:
         n = int(cfg.num_samples)
+        if n < 2:
+            raise UserError(f"data.num_samples: received {n}; allowed: an integer >= 2")
+        if cfg.task not in ("auto", "regression"):
+            raise UserError(
+                f"data.task: received {cfg.task!r}; data={cfg.name} is a regression set "
+                "(allowed: regression)"
+            )
         val, _ = split_ids(n, float(cfg.val_fraction))
         is_val = np.zeros(n, bool)
         is_val[val] = True
@@ -262,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         args, overrides = _arguments(argv)
         if args.shards < 1:
             raise UserError(f"--shards: received {args.shards}; allowed: an integer >= 1")
+        if os.path.islink(args.out.rstrip("/")) or os.path.ismount(args.out):
+            raise UserError(
+                f"--out: received {args.out!r}; it is a link or a mount point (the finished "
+                "dataset is renamed into place): name a new directory"
+            )
         if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise UserError(
                 f"--out: received {args.out!r}; it already exists and is not an empty "

@@ -28,6 +28,7 @@ The training stream is a pure function of (seed, step), as for in-memory data
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -71,8 +72,6 @@ def file_crc32(path: str, chunk: int = 1 << 22) -> int:
 def dataset_id(description: dict) -> str:
     """The identity of a dataset: its features and every shard's name, count and CRC
     (recorded in each checkpoint's manifest: a resume on other data is refused)."""
-    import hashlib
-
     core = {
         k: description[k] for k in ("feature_shape", "y_shape", "y_dtype", "task", "output_units")
     }
@@ -113,12 +112,21 @@ def _read_description(path: str) -> dict:
             f"reads version {VERSION}"
         )
     try:
-        desc["dataset_id"] = dataset_id(desc)  # computed, never trusted from the file
         desc["shards"] = [dict(s) for s in desc["shards"]]
         for s in desc["shards"]:
             s["examples"], s["bytes"], s["crc32"] = (
                 int(s[k]) for k in ("examples", "bytes", "crc32")
             )
+            if s["split"] not in ("train", "val") or not isinstance(s["file"], str):
+                raise ValueError(f"shard {s['file']!r}: split {s['split']!r}")
+        desc["feature_shape"] = [int(d) for d in desc["feature_shape"]]
+        desc["y_shape"] = [int(d) for d in desc["y_shape"]]
+        desc["output_units"] = int(desc["output_units"])
+        if desc["task"] not in ("regression", "classification"):
+            raise ValueError(f"task {desc['task']!r}")
+        if desc["y_dtype"] not in ("float32", "int64"):
+            raise ValueError(f"y_dtype {desc['y_dtype']!r}")
+        desc["dataset_id"] = dataset_id(desc)  # computed, never trusted from the file
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(
             f"data.description: {path!r} lacks or garbles {e} (write it with "
@@ -130,6 +138,8 @@ def _read_description(path: str) -> dict:
 def _expand(key: str, value) -> list[str]:
     """Sorted files matched by a glob, or by a list of paths and globs."""
     patterns = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not patterns:
+        raise UserError(f"{key}: received an empty list; allowed: a glob or a list of paths")
     files: list[str] = []
     for pattern in patterns:
         found = sorted(glob.glob(os.path.expanduser(str(pattern))))
@@ -164,11 +174,15 @@ class RecordData:
         return tuple(self.desc["feature_shape"])
 
     def signature(self) -> dict:
+        """Recorded in each checkpoint: a resume on other records, or on another set of
+        training shards of them, is refused (the stream depends on both)."""
+        names = json.dumps([os.path.basename(s.path) for s in self.train])
         return {
             "feature_shape": list(self.feature_shape),
             "output_units": self.output_units,
             "task": self.task,
             "dataset_id": self.desc["dataset_id"],
+            "training_shards": hashlib.sha256(names.encode()).hexdigest()[:16],
         }
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -184,7 +198,7 @@ class RecordData:
                 "multiple of the number of workers (each worker reads whole lanes)"
             )
 
-    def diagnose(self, error: tf.errors.OpError) -> UserError:
+    def diagnose(self, error: tf.errors.OpError) -> UserError | None:
         return diagnose(self, error)
 
     def _parse(self, serialized: tf.Tensor):
@@ -193,8 +207,8 @@ class RecordData:
         return ex["x"], y, ex["id"]
 
     def sample(self, n: int) -> np.ndarray:
-        """The first `n` inputs of the first training shard (to build a model on)."""
-        ds = tf.data.TFRecordDataset(self.train[0].path).take(n).batch(n)
+        """The first `n` inputs of the training shards (to build a model on)."""
+        ds = tf.data.TFRecordDataset([s.path for s in self.train]).take(n).batch(n)
         return next(iter(ds.map(self._parse)))[0].numpy()
 
     def val_x(self, limit: int | None = None) -> np.ndarray:
@@ -319,7 +333,7 @@ class _LaneReader:
                     cycle_length=self.cycle,
                     block_length=1,
                 )
-            mix = ((self.seed * 1_000_003 + e) * 1009 + lane) * 10_007 + b
+            mix = _fold(tf.constant(self.seed, tf.int64), e, lane, b)
             at = tf.where(b == first, skip, 0)  # examples of this block to skip
             w0 = at // self.buffer  # whole windows skipped as bytes: never permuted or decoded
             windows = tf.data.Dataset.zip(
@@ -350,7 +364,7 @@ def open_records(cfg: DictConfig) -> RecordData:
             f"{desc['task']} (allowed: auto or {desc['task']})"
         )
     listed = {s["file"]: s for s in desc["shards"]}
-    train = _shards("data.files", files, listed, desc_path)
+    train = _shards("data.files", files, listed, desc_path, "train")
     train_names = {os.path.basename(s.path) for s in train}
     missing = [n for n, s in listed.items() if s["split"] == "train" and n not in train_names]
     if missing:
@@ -359,13 +373,21 @@ def open_records(cfg: DictConfig) -> RecordData:
             f"files matched by {str(cfg.files)!r}: {first_few(sorted(missing), 3)} (missing?)"
         )
     if cfg.get("val_files"):
-        val = _shards("data.val_files", _expand("data.val_files", cfg.val_files), listed, desc_path)
+        given = _expand("data.val_files", cfg.val_files)
+        val = _shards("data.val_files", given, listed, desc_path, "val")
     else:
         here = os.path.dirname(train[0].path)
         names = sorted(n for n, s in listed.items() if s["split"] == "val")
         val = _shards("data.val_files", [os.path.join(here, n) for n in names], listed, desc_path)
         if not val:  # no validation shards: hold out a fraction of the training shards
             held = max(1, int(round(float(cfg.val_fraction) * len(train))))
+            if held >= len(train):
+                raise UserError(
+                    f"data.val_fraction: the description has no validation shards and "
+                    f"holding out {held} of {len(train)} training shard(s) would leave none to "
+                    "train on; write validation shards (scripts/make_records.py) or set "
+                    "data.val_files"
+                )
             train, val = train[:-held], train[-held:]
     data = RecordData(
         desc, train, val, int(cfg.lanes), int(cfg.cycle_shards), int(cfg.shuffle_buffer)
@@ -375,7 +397,17 @@ def open_records(cfg: DictConfig) -> RecordData:
     return data
 
 
-def _shards(key: str, files: list[str], listed: dict, desc_path: str) -> list[Shard]:
+def _shards(
+    key: str, files: list[str], listed: dict, desc_path: str, split: str | None = None
+) -> list[Shard]:
+    """The description's entries of `files`, in the description's order (so the stream
+    does not depend on how the files were listed); of `split` only, each name once."""
+    names = [os.path.basename(p) for p in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{key}: shard {twice[0]!r} is given twice (from two directories?)")
+    order = {name: i for i, name in enumerate(listed)}
+    files = sorted(files, key=lambda p: order.get(os.path.basename(p), -1))
     shards = []
     for path in files:
         entry = listed.get(os.path.basename(path))
@@ -386,6 +418,11 @@ def _shards(key: str, files: list[str], listed: dict, desc_path: str) -> list[Sh
             )
         if not os.path.isfile(path):
             raise UserError(f"{key}: shard {path!r} is missing")
+        if split is not None and entry["split"] != split:
+            raise UserError(
+                f"{key}: {path!r} is a {entry['split']} shard in {desc_path}; allowed here: "
+                f"{split} shards only (narrow the glob, e.g. 'train-*.tfrecord')"
+            )
         shards.append(Shard(path, int(entry["examples"]), int(entry["bytes"]), int(entry["crc32"])))
     return shards
 
@@ -456,7 +493,7 @@ def bad_record(desc: dict, path: str, limit: int | None = None) -> str | None:
             batch = next(it)
         except StopIteration:
             return None
-        except tf.errors.OpError as e:  # framing or CRC: find the record, one at a time
+        except (tf.errors.OpError, UnicodeDecodeError) as e:  # framing/CRC: find the record
             one = iter(ds.skip(index))
             while True:
                 try:
@@ -467,11 +504,11 @@ def bad_record(desc: dict, path: str, limit: int | None = None) -> str | None:
             return f"shard {path} record {index}: {_first_line(e)}"
         try:
             tf.io.parse_example(batch, spec)
-        except tf.errors.OpError:
+        except (tf.errors.OpError, UnicodeDecodeError):  # TF can quote bytes undecodably
             for j in range(int(batch.shape[0])):
                 try:
                     tf.io.parse_single_example(batch[j], spec)
-                except tf.errors.OpError as e:
+                except (tf.errors.OpError, UnicodeDecodeError) as e:
                     return (
                         f"shard {path} record {index + j}: its features do not match the "
                         f"description ({_first_line(e)})"
@@ -479,14 +516,32 @@ def bad_record(desc: dict, path: str, limit: int | None = None) -> str | None:
         index += int(batch.shape[0])
 
 
-def _first_line(e: tf.errors.OpError) -> str:
+def _fold(*parts) -> tf.Tensor:
+    """An int64 seed from int64 parts, without overflow or collisions between them."""
+    data = tf.stack([tf.cast(p, tf.int64) for p in parts])
+    return tf.bitcast(tf.fingerprint(data[None])[0], tf.int64)
+
+
+def _first_line(e: Exception) -> str:
     """TensorFlow's message without its op and function names."""
+    if isinstance(e, UnicodeDecodeError):
+        return "the record is not a tf.train.Example"
     text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname:\s*$", "", e.message or str(e))
     return text.strip().splitlines()[0][:200].strip()
 
 
-def diagnose(data: RecordData, error: tf.errors.OpError) -> UserError:
-    """The message for a read error during training: the shard and record at fault."""
+_DATA_ERROR_WORDS = ("corrupted record", "truncated record", "example", "feature", "parse")
+
+
+def diagnose(data: RecordData, error: tf.errors.OpError) -> UserError | None:
+    """The message for a read error during training or eval: the shard and record at fault.
+    None when `error` is not about reading records, or no record is at fault (the caller
+    re-raises it: a model's own InvalidArgumentError is not a data problem)."""
+    text = (error.message or str(error)).lower()
+    if not isinstance(error, tf.errors.DataLossError) and not any(
+        w in text for w in _DATA_ERROR_WORDS
+    ):
+        return None
     for s in data.train + data.val:
         problem = bad_record(data.desc, s.path)
         if problem is not None:
@@ -494,4 +549,4 @@ def diagnose(data: RecordData, error: tf.errors.OpError) -> UserError:
                 f"data: {problem}. The run stopped; its checkpoints are intact. Replace the "
                 "shard (scripts/make_records.py) and rerun to resume."
             )
-    return UserError(f"data: reading the shards failed ({_first_line(error)})")
+    return None

@@ -200,9 +200,14 @@ class Session:
             stats, hashes = self._chunk(self._k_tensors[k])
             return Chunk(*stats.numpy(), hashes.numpy())
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-            if hasattr(self.data, "diagnose"):  # records: name the shard and record at fault
-                raise self.data.diagnose(e) from None
+            self._data_error(e)
             raise
+
+    def _data_error(self, e: tf.errors.OpError) -> None:
+        """Records: a read error names its shard and record (UserError, exit 2)."""
+        problem = self.data.diagnose(e) if hasattr(self.data, "diagnose") else None
+        if problem is not None:
+            raise problem from None
 
     def record(self, out: Chunk) -> None:
         """Log each step of a good chunk (every log_every-th to metrics.jsonl and TensorBoard,
@@ -263,7 +268,11 @@ class Session:
     def evaluate(self) -> None:
         """The eval pass at this step: logged, kept as the result's eval, best loss tracked."""
         at, loop = self.step, self.loop
-        eval_loss, eval_metric = self._evaluate(self._eval_ds)
+        try:
+            eval_loss, eval_metric = self._evaluate(self._eval_ds)
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            self._data_error(e)
+            raise
         loop.best_eval_loss = min(loop.best_eval_loss, eval_loss)
         values = {"loss": eval_loss, self.metric_name: eval_metric}
         self.writers.scalars(self.writers.eval, at, values)
