@@ -297,8 +297,9 @@ class _LaneReader:
         self.n, self.lanes = len(data.train), data.lanes
         self.cycle, self.buffer = data.cycle_shards, data.shuffle_buffer
         self.seed, self.per_epoch = seed, per_epoch
-        # every block fits in one window (small shards): interleaving them would add only
-        # its set-up, ~1 ms a block, which counts when an epoch is a few dozen steps
+        # every block fits in one window (small shards): interleaving them, or decoding in
+        # parallel, would add only its set-up, ~1 ms a block, which counts when an epoch is
+        # a few dozen steps. Larger shards are read in parallel and decoded 2 windows at a time.
         self.one_window = max(s.examples for s in data.train) * self.cycle <= self.buffer
 
     def shard_order(self, e):
@@ -325,13 +326,15 @@ class _LaneReader:
             if self.one_window:  # the window permutes the whole block: read it in order
                 records = tf.data.TFRecordDataset(files, buffer_size=_READ_BUFFER)
                 records = records.batch(_READ_BATCH)
-            else:  # shards read side by side, so that every window mixes them
+            else:  # shards read side by side (in parallel), so that every window mixes them
                 records = tf.data.Dataset.from_tensor_slices(files).interleave(
                     lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER).batch(
                         _READ_BATCH
                     ),
                     cycle_length=self.cycle,
                     block_length=1,
+                    num_parallel_calls=self.cycle,
+                    deterministic=True,
                 )
             mix = _fold(tf.constant(self.seed, tf.int64), e, lane, b)
             at = tf.where(b == first, skip, 0)  # examples of this block to skip
@@ -345,7 +348,9 @@ class _LaneReader:
                 window = tf.gather(window, tf.argsort(noise, stable=True))
                 return parse(window[tf.where(w == w0, at - w0 * self.buffer, 0) :])
 
-            return windows.map(permute)
+            if self.one_window:  # one window a block: nothing to decode in parallel
+                return windows.map(permute)
+            return windows.map(permute, num_parallel_calls=2, deterministic=True)
 
         return tf.data.Dataset.range(first, blocks).flat_map(block)
 

@@ -41,13 +41,13 @@ from trainer.summaries import read_scalars
 MODES = {
     "full": dict(steps=4000, warmup=400, rounds=5, ckpt_steps=20_000, units=25_000,
                  features=1000, state_rounds=5, rss_steps=1000, rss_big_state=True,
-                 big_steps=160, big_warmup=40, big_rounds=3),
+                 big_steps=160, big_warmup=40, big_rounds=3, records_all=True),
     "quick": dict(steps=2000, warmup=400, rounds=3, ckpt_steps=16_000, units=25_000,
                   features=1000, state_rounds=3, rss_steps=300, rss_big_state=False,
-                  big_steps=160, big_warmup=40, big_rounds=2),
+                  big_steps=160, big_warmup=40, big_rounds=2, records_all=True),
     "smoke": dict(steps=400, warmup=200, rounds=1, ckpt_steps=200, units=256,
                   features=16, state_rounds=1, rss_steps=20, rss_big_state=False,
-                  big_steps=40, big_warmup=10, big_rounds=1),
+                  big_steps=40, big_warmup=10, big_rounds=1, records_all=False),
 }
 # fmt: on
 SAME_SPE = 10  # the shared steps_per_execution of the "same K" comparison
@@ -454,7 +454,13 @@ def _records_line(rec: dict) -> str:
         f"peak RSS {rss['large']:.0f} MB on {sets['large']['bytes'] / 1e9:.2f} GB vs "
         f"{rss['small']:.0f} MB on {sets['small']['bytes'] / 1e9:.3f} GB; resume at step "
         f"{res['late_step']} of {res['steps_per_epoch']} vs step 1: {t['late_checksums']:.1f} vs "
-        f"{t['start_checksums']:.1f} s (data.verify=sizes: {t['late_sizes']:.1f} vs "
-        f"{t['start_sizes']:.1f} s, ratio {res['ratio_sizes_only']:.2f}); converting "
+        f"{t['start_checksums']:.1f} s"
+        + (
+            f" (data.verify=sizes: {t['late_sizes']:.1f} vs {t['start_sizes']:.1f} s, ratio "
+            f"{res['ratio_sizes_only']:.2f})"
+            if res["ratio_sizes_only"] is not None
+            else ""
+        )
+        + "; converting "
         f"{sets['large']['bytes'] / 1e9:.2f} GB took {sets['large']['convert_seconds']:.0f} s"
     )
