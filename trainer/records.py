@@ -299,7 +299,9 @@ class _LaneReader:
         self.seed, self.per_epoch = seed, per_epoch
         # every block fits in one window (small shards): interleaving them, or decoding in
         # parallel, would add only its set-up, ~1 ms a block, which counts when an epoch is
-        # a few dozen steps. Larger shards are read in parallel and decoded 2 windows at a time.
+        # a few dozen steps. Larger shards are read in parallel; windows are decoded one at a
+        # time (decoding two at a time took CPU from the train step on 2 cores: 0.92x memory's
+        # steps/s against 1.00-1.20x, BENCHMARKS.md).
         self.one_window = max(s.examples for s in data.train) * self.cycle <= self.buffer
 
     def shard_order(self, e):
@@ -348,9 +350,7 @@ class _LaneReader:
                 window = tf.gather(window, tf.argsort(noise, stable=True))
                 return parse(window[tf.where(w == w0, at - w0 * self.buffer, 0) :])
 
-            if self.one_window:  # one window a block: nothing to decode in parallel
-                return windows.map(permute)
-            return windows.map(permute, num_parallel_calls=2, deterministic=True)
+            return windows.map(permute)
 
         return tf.data.Dataset.range(first, blocks).flat_map(block)
 
