@@ -17,6 +17,7 @@ never overwritten. Exit codes: 0 written, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -114,8 +115,9 @@ class _ShardWriter:
             self._writer.close()
 
 
-def _rows(cfg, shards: int, val_shards: int):
-    """(description fields, number of train and val rows, a generator of (ids, x, y, split))."""
+def _rows(cfg):
+    """(task, output units, feature shape), the numbers of train and val rows, and a
+    generator of (ids, x, y, split)."""
     from trainer.data import STREAMED, read_source, split_ids
 
     if cfg.name in STREAMED:
@@ -131,15 +133,17 @@ def _rows(cfg, shards: int, val_shards: int):
         is_val = np.zeros(n, bool)
         is_val[val] = True
 
+        source = STREAMED[cfg.name](cfg)
+        first = next(source)  # its shapes; written first, then the rest
+
         def blocks():
-            for start, x, y in STREAMED[cfg.name](cfg):
+            for start, x, y in itertools.chain([first], source):
                 ids = np.arange(start, start + len(x), dtype=np.int64)
                 v = is_val[start : start + len(x)]
                 yield ids[~v], x[~v], y[~v], "train"
                 yield ids[v], x[v], y[v], "val"
 
-        first = next(STREAMED[cfg.name](cfg))
-        meta = ("regression", 1 if first[2].ndim == 1 else first[2].shape[1], first[1], first[2])
+        meta = ("regression", first[2].shape[1], first[1].shape[1:])
         return meta, n - len(val), len(val), blocks()
     x, y, task, units = read_source(cfg)
     val, train = split_ids(len(x), float(cfg.val_fraction))
@@ -148,7 +152,7 @@ def _rows(cfg, shards: int, val_shards: int):
         yield train.astype(np.int64), x[train], y[train], "train"
         yield val.astype(np.int64), x[val], y[val], "val"
 
-    return (task, units, x, y), len(train), len(val), whole()
+    return (task, units, x.shape[1:]), len(train), len(val), whole()
 
 
 def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) -> dict:
@@ -158,7 +162,7 @@ def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) 
     from trainer.checkpoint.files import fsync_path, write_text_atomic
     from trainer.records import DESCRIPTION, FORMAT, VERSION, dataset_id, file_crc32
 
-    (task, units, x0, y0), n_train, n_val, rows = _rows(cfg, shards, val_shards)
+    (task, units, feature_shape), n_train, n_val, rows = _rows(cfg)
     if n_train < shards:
         raise UserError(f"--shards: received {shards}; the source has only {n_train} training rows")
     val_shards = min(val_shards, n_val)
@@ -194,7 +198,7 @@ def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) 
         desc = {
             "format": FORMAT,
             "version": VERSION,
-            "feature_shape": list(x0.shape[1:]),
+            "feature_shape": list(feature_shape),
             "y_shape": [] if integer_y else [int(units)],
             "y_dtype": "int64" if integer_y else "float32",
             "task": task,

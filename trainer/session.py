@@ -124,7 +124,7 @@ class Session:
             keep_every_n_hours=cfg.checkpoint.keep_every_n_hours,
             manifest_extra={
                 **manifest_extra(cfg),
-                "data_shape": integrity.data_signature(data),
+                "data_shape": data.signature(),
                 "state_layout": STATE_LAYOUT,
             },
             async_write=bool(cfg.checkpoint["async"]),

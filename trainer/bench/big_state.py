@@ -279,13 +279,18 @@ def peak_rss(m: dict) -> dict:
     return out
 
 
+def trainer_command(args: list[str], run_dir: str) -> tuple[list[str], dict]:
+    """`python -m trainer <args>` in `run_dir`, with this repository's code: (argv, env)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    return [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"], env
+
+
 def _rss(args: list[str], run_dir: str) -> float:
     """Peak RSS (MB) of one `python -m trainer` run in a subprocess (this repository's code):
     its VmHWM, read every 20 ms while it runs. Not wait4's ru_maxrss: Linux carries the
     parent's high-water mark at fork over the exec, so a child of a large process (this
     benchmark, after the 300 MB state) would report the parent's size."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
-    cmd = [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"]
+    cmd, env = trainer_command(args, run_dir)
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
         peak_kb = 0

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from trainer.bench.big_state import REPO, _rss
+from trainer.bench.big_state import REPO, _rss, trainer_command
 
 # (samples, features) of the large set per mode; the small set has 1/100 of the samples.
 SIZES = {"full": (5_000_000, 250), "quick": (500_000, 250), "smoke": (20_000, 16)}
@@ -81,15 +81,9 @@ def records_vs_memory(m: dict, workdir: str, log) -> dict:
 
 def _timed_run(args: list[str], run_dir: str) -> float:
     """Wall time of one `python -m trainer` run in a subprocess."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    cmd, env = trainer_command(args, run_dir)
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     return time.perf_counter() - t0
@@ -134,18 +128,18 @@ def records_large(mode: str, m: dict, workdir: str, log) -> dict:
 
 def _resume_late(path: str, m: dict, workdir: str, log) -> dict:
     """Resume at 90% of an epoch vs at step 1: runs stopped there, then resumed for a step."""
-    from trainer.records import RecordData, Shard
+    from trainer.bench.suite import compose
+    from trainer.data import load_data
 
-    with open(os.path.join(path, "description.json")) as f:
-        desc = json.load(f)
-    train = [Shard(s["file"], s["examples"], s["bytes"], s["crc32"]) for s in desc["shards"]]
-    train = [s for s, d in zip(train, desc["shards"], strict=True) if d["split"] == "train"]
-    spe = RecordData(desc, train, [], 4, 4, 4096).steps_per_epoch(RESUME_BATCH)
-    late = int(0.9 * spe)
-    common = [
+    data = [
         "data=records",
         f"data.files={path}/train-*.tfrecord",
         f"data.batch_size={RESUME_BATCH}",
+    ]
+    spe = load_data(compose([*data, "data.verify=sizes"]).data).steps_per_epoch(RESUME_BATCH)
+    late = int(0.9 * spe)
+    common = [
+        *data,
         f"trainer.max_steps={spe + 2 * m['big_rounds'] + 2}",  # room for the resumes
         "trainer.eval_every=100000000",
         "checkpoint.every=100000000",

@@ -205,16 +205,11 @@ def recover(
 
 
 # ---------------------------------------------------------------- data shape
-def data_signature(data) -> dict:
-    """What the checkpoint's tensors depend on in the data: recorded in every manifest."""
-    return data.signature()
-
-
 def check_data_fits(prefix: str, data, data_path: str | None = None) -> None:
     """Refuse to load checkpoint `prefix` into a model built for data of another shape."""
     manifest = read_manifest(prefix)
     then = manifest.get("data_shape")
-    now = data_signature(data)
+    now = data.signature()
     if then is None or then == now:
         return
     diffs = ", ".join(f"{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k])
