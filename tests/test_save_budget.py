@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_cli, train
 
-from trainer.loop import SaveBudget
+from trainer.loop import RECENT_COSTS, SaveBudget
 from trainer.summaries import read_scalars
 
 
@@ -39,8 +39,10 @@ def test_every_seconds_makes_a_save_due_by_training_time():
 def test_max_overhead_spaces_saves_by_their_measured_cost():
     b, clock = budget(max_overhead=0.02)
     b.saved(1, blocked=3.0)  # the first save of a process: one-time work, does not space
+    b.chunk_took(1.0, 10)
     assert b.due(by_steps=True)
     b.saved(2, blocked=0.5)  # a save that cost 0.5 s: the next waits 0.5 / 0.02 = 25 s
+    b.chunk_took(1.0, 10)
     clock.now = 24.9
     assert not b.due(by_steps=True)
     clock.now = 25.0
@@ -58,6 +60,39 @@ def test_an_async_saves_cost_includes_the_slower_chunk_after_it():
     assert b.costs == [[30, pytest.approx(0.51)]]
     b.chunk_took(3.0, 10)  # chunks after that are not charged, and teach the estimate
     assert b.cost == pytest.approx(0.51) and b.step_seconds > 0.1
+
+
+def test_every_chunk_while_the_write_runs_is_charged_and_no_save_is_due_meanwhile():
+    writing = [False]
+    clock = Clock()
+    b = SaveBudget(None, 0.01, clock=clock, busy=lambda: writing[0])
+    b.saves = 1
+    for _ in range(3):
+        b.chunk_took(1.0, 10)
+    b.saved(30, blocked=0.01)
+    writing[0] = True  # the background write outlasts two chunks
+    b.chunk_took(1.2, 10)
+    clock.now = 1000.0  # long enough for any cost, but the last one is not known yet
+    assert b.pending and not b.due(by_steps=True)
+    b.chunk_took(1.3, 10)
+    writing[0] = False  # done during the third chunk, which is charged too
+    b.chunk_took(1.1, 10)
+    assert not b.pending and b.cost == pytest.approx(0.01 + 0.2 + 0.3 + 0.1)
+    assert b.due(by_steps=True)
+    b.chunk_took(2.0, 10)  # not charged: the save's work had ended
+    assert b.costs[-1][1] == pytest.approx(0.61)
+
+
+def test_saves_are_spaced_by_the_largest_recent_cost():
+    b, clock = budget(max_overhead=0.01)
+    b.saves = 1
+    for i, cost in enumerate([0.3, 0.1, 0.1, 0.1, 0.1]):
+        b.saved(i, blocked=cost)
+        b.chunk_took(1.0, 10)
+        if i < 4:
+            assert b.cost == pytest.approx(0.3)  # a cheap save does not shorten the spacing
+    assert b.cost == pytest.approx(0.1)  # once the costly save is RECENT_COSTS saves old
+    assert len(b.recent) == RECENT_COSTS
 
 
 @pytest.mark.slow

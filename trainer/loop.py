@@ -67,39 +67,54 @@ class Cadence:
         return bool(self.pause_at) and step == self.pause_at
 
 
+RECENT_COSTS = 4  # the budget spaces saves by the largest of this many last measured costs
+
+
 @dataclass
 class SaveBudget:
     """Saves by time and within a budget, beyond the step cadence (CheckFreq, FAST'21):
     `checkpoint.every_seconds` makes a save due once that much training time has passed since
     the last one; `checkpoint.max_overhead` then holds a due save back until the time since
-    the last one is at least its measured cost / max_overhead, so saves cost the loop at most
-    that fraction of its time. The cost of a save is what the loop lost to it: the time the
-    save call blocked, plus, for an async save, how much longer the next chunk took than chunks
-    usually take (the writer competing for the CPU, copy-on-write of updated variables).
-    The first save of a process also pays one-time work (tracing the save, checking that the
-    checkpoint is complete: 0.1 s against 0.02 s for the next ones, default model): it counts
-    in the overhead but does not space the next save."""
+    the last one is at least cost / max_overhead, so saves cost the loop at most that fraction
+    of its time.
+
+    The cost of a save is what the loop lost to it: the time the save call blocked, plus how
+    much longer than usual every chunk took while the save's background work (an async write,
+    retention's deletes) was still running, and the chunk after it (the writer competing for
+    the CPU and memory, copy-on-write of updated variables). A save's cost is known once that
+    work is done; until then no other save is due under a budget. Saves are spaced by the
+    largest of the last RECENT_COSTS costs, not the last one alone: costs vary from save to
+    save (0.014-0.022 s for the default model's sync saves, measured), and spacing by a low one
+    would overspend. The first save of a process also pays one-time work (tracing the save,
+    checking that the checkpoint is complete: 0.26 s against 0.02 s for the next ones, default
+    model): it counts in the overhead but does not space the next save."""
 
     every_seconds: float | None
     max_overhead: float | None
     clock: object = time.perf_counter
+    busy: object = bool  # busy(): is a save's background work still running? (the store's)
     start: float = 0.0
     last: float = 0.0  # when the last save ended
-    cost: float = 0.0  # the last save's cost, seconds
+    cost: float = 0.0  # what spaces the next save: the largest recent cost, seconds
     total: float = 0.0  # every save's cost, seconds
     step_seconds: float | None = None  # a chunk's usual time per step (running estimate)
-    pending: bool = False  # the chunk after a save: its excess time is that save's
+    pending: bool = False  # the last save's cost is still being measured
+    blocked: float = 0.0  # the last save's blocking time
+    excess: float = 0.0  # the last save's chunk excess so far
     owed: bool = False  # a step-based save the budget held back: due until it happens
     saves: int = 0
     chunks: int = 0
+    recent: list = field(default_factory=list)  # the last RECENT_COSTS costs (not the first's)
     costs: list = field(default_factory=list)  # (step, cost) measured, not yet logged
 
     @classmethod
-    def of(cls, cfg: DictConfig) -> SaveBudget:
+    def of(cls, cfg: DictConfig, busy=bool) -> SaveBudget:
         if cfg.distribute.name == "multi_worker":  # collective saves: every worker must agree
             budget = cls(None, None)  # so steps alone decide (README, Limits)
         else:
-            budget = cls(cfg.checkpoint.get("every_seconds"), cfg.checkpoint.get("max_overhead"))
+            budget = cls(
+                cfg.checkpoint.get("every_seconds"), cfg.checkpoint.get("max_overhead"), busy=busy
+            )
         budget.start = budget.last = budget.clock()
         return budget
 
@@ -108,31 +123,40 @@ class SaveBudget:
         self.owed = self.owed or by_steps
         want = self.owed or (self.every_seconds is not None and since >= self.every_seconds)
         if want and self.max_overhead is not None:
-            want = since * self.max_overhead >= self.cost
+            want = not self.pending and since * self.max_overhead >= self.cost
         return want
 
     def saved(self, step: int, blocked: float) -> None:
         self.saves += 1
         self.owed = False
-        self.cost = blocked if self.saves > 1 else 0.0  # the first: one-time work (see above)
+        self.blocked, self.excess = blocked, 0.0
         self.last, self.pending = self.clock(), True
         self.total += blocked
         self.costs.append([step, blocked])
 
     def chunk_took(self, seconds: float, steps: int) -> None:
-        """Learn a chunk's usual time per step; charge a post-save chunk's excess to the save."""
-        if self.pending and self.step_seconds is not None:
-            excess = max(0.0, seconds - steps * self.step_seconds)
-            self.cost += excess if self.saves > 1 else 0.0
-            self.total += excess
-            self.costs[-1][1] += excess
-        elif not self.pending and self.chunks > 0:  # (the first chunk traces: not usual)
+        """Learn a chunk's usual time per step; charge the excess of the chunks that ran while
+        a save's background work did, and of the one after, to that save."""
+        if self.pending:
+            if self.step_seconds is not None:
+                excess = max(0.0, seconds - steps * self.step_seconds)
+                self.excess += excess
+                self.total += excess
+                self.costs[-1][1] += excess
+            if not self.busy():  # its work ended during this chunk: the cost is known
+                self._settle()
+        elif self.chunks > 0:  # (the first chunk traces: not usual)
             per_step = seconds / steps
             self.step_seconds = (
                 per_step if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * per_step
             )
-        self.pending = False
         self.chunks += 1
+
+    def _settle(self) -> None:
+        self.pending = False
+        if self.saves > 1:  # (the first: one-time work, see above)
+            self.recent = [*self.recent, self.blocked + self.excess][-RECENT_COSTS:]
+        self.cost = max(self.recent, default=0.0)
 
     def overhead(self) -> float:
         """The fraction of the loop's time so far that went to saves."""
@@ -146,7 +170,7 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
     run = Session.open(cfg, run_dir, experiment)  # restore-or-initialize: trainer/restore.py
     if isinstance(run, RunResult):  # a rerun of a completed run: nothing to train
         return run
-    cadence, budget = Cadence.of(cfg), SaveBudget.of(cfg)
+    cadence, budget = Cadence.of(cfg), SaveBudget.of(cfg, busy=run.store.busy)
     try:
         with StopRequest() as stop, run.store.pending_writes():  # exit waits for an async write
             run.place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop

@@ -15,12 +15,14 @@ The checkpoint-state part (300 MB of weights + Adam slots, sizes, RSS) is in big
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 
 import keras
@@ -31,21 +33,23 @@ from trainer import build
 from trainer import data as data_lib
 from trainer.bench import big_state as bench_state
 from trainer.bench import records as bench_records
+from trainer.checkpoint.async_save import lower_thread_priority
 from trainer.loop import fit
 from trainer.optim import build_optimizer
 from trainer.summaries import read_scalars
 
-# Per mode: throughput steps per trial and warm-up, rounds, checkpoint-run steps, the big
+# Per mode: throughput steps per trial and warm-up, rounds, rounds and steps of the checkpoint
+# cost and budget runs (their effects are a few % against rounds that spread 5-10%), the big
 # state's width (units x features), its rounds, the RSS run's steps, RSS of the big state too.
 # fmt: off
 MODES = {
-    "full": dict(steps=4000, warmup=400, rounds=5, ckpt_steps=20_000, units=25_000,
+    "full": dict(steps=4000, warmup=400, rounds=5, ckpt_rounds=8, ckpt_steps=20_000, units=25_000,
                  features=1000, state_rounds=5, rss_steps=1000, rss_big_state=True,
                  big_steps=160, big_warmup=40, big_rounds=3, records_all=True),
-    "quick": dict(steps=2000, warmup=400, rounds=3, ckpt_steps=16_000, units=25_000,
+    "quick": dict(steps=2000, warmup=400, rounds=3, ckpt_rounds=5, ckpt_steps=16_000, units=25_000,
                   features=1000, state_rounds=3, rss_steps=300, rss_big_state=False,
                   big_steps=160, big_warmup=40, big_rounds=2, records_all=True),
-    "smoke": dict(steps=400, warmup=200, rounds=1, ckpt_steps=200, units=256,
+    "smoke": dict(steps=400, warmup=200, rounds=1, ckpt_rounds=1, ckpt_steps=200, units=256,
                   features=16, state_rounds=1, rss_steps=20, rss_big_state=False,
                   big_steps=40, big_warmup=10, big_rounds=1, records_all=False),
 }
@@ -74,10 +78,14 @@ def compose(overrides: list[str]):
 BLOCK = 200  # steps per throughput block (a Model.fit epoch; 20 of our loop's log windows)
 
 
-def loop_windows(overrides: list[str], steps: int, workdir: str) -> list[tuple[int, int, float]]:
+def loop_windows(
+    overrides: list[str], steps: int, workdir: str, during=None, scalars: dict | None = None
+) -> list[tuple[int, int, float]]:
     """Run `trainer.loop.fit` for `steps` steps; return its log windows (end step, steps, seconds).
 
     The loop logs `steps_per_sec` for each window between log steps, from its own clock.
+    `during(run_dir)`: a context manager held around the run (a background load, say).
+    `scalars`: {tag: None}, filled with the run's (step, value) points of each tag.
     """
     run_dir = tempfile.mkdtemp(prefix="loop-", dir=workdir)
     cfg = compose(
@@ -88,8 +96,12 @@ def loop_windows(overrides: list[str], steps: int, workdir: str) -> list[tuple[i
             *overrides,
         ]
     )
-    fit(cfg, run_dir)
-    points = read_scalars(os.path.join(run_dir, "tensorboard", "train"), "steps_per_sec")
+    with during(run_dir) if during is not None else contextlib.nullcontext():
+        fit(cfg, run_dir)
+    logdir = os.path.join(run_dir, "tensorboard", "train")
+    points = read_scalars(logdir, "steps_per_sec")
+    for tag in scalars or {}:
+        scalars[tag] = read_scalars(logdir, tag)
     shutil.rmtree(run_dir, ignore_errors=True)
     out, prev = [], 0
     for step, rate in points:
@@ -219,7 +231,7 @@ def checkpoint_cost(m: dict, workdir: str, log) -> dict:
     block = every * max(1, min(4, (steps - warmup) // (2 * every)))  # 2000 (smoke: less)
     blocks = {k: [] for k in variants}  # every block, pooled over the rounds
     per_round = {k: [] for k in variants}  # each round's own overhead (the spread)
-    for r in range(m["rounds"]):
+    for r in range(m["ckpt_rounds"]):
         medians = {}
         for name, extra in variants.items():
             b = block_seconds(loop_windows(extra, steps, workdir), warmup, block)
@@ -249,7 +261,13 @@ def big_state_async_cost(m: dict, workdir: str, log) -> dict:
     """The real loop on the ~300 MB state (`model.num_units`, `data.num_features`), a save
     every 10 steps: (time with async saves - without) / (time with sync saves - without), on
     the steps after the warm-up, variants interleaved. Per-save costs are those differences
-    over the number of saves."""
+    over the number of saves.
+
+    A fourth variant puts the floor's work in the loop's way: the run without saves, while a
+    thread at the async writer's priority does what the floor is (one in-memory copy of a
+    state's worth of arrays and a numpy write of it to the page cache) once per 10 steps'
+    time, from the warm-up to the end. Its cost per write is what the cheapest possible
+    background save would cost this loop (`FloorLoad`)."""
     steps, every, warmup = m["big_steps"], 10, m["big_warmup"]
     big = [f"model.num_units={m['units']}", f"data.num_features={m['features']}"]
     big += ["trainer.log_every=10", "checkpoint.max_to_keep=1"]
@@ -257,15 +275,22 @@ def big_state_async_cost(m: dict, workdir: str, log) -> dict:
         "none": [*big, f"checkpoint.every={NO_EVAL}"],
         "sync": [*big, f"checkpoint.every={every}", "checkpoint.async=false"],
         "async": [*big, f"checkpoint.every={every}", "checkpoint.async=true"],
+        "floor": [*big, f"checkpoint.every={NO_EVAL}"],
     }
+    load = FloorLoad(m["units"], m["features"], warmup, steps)
     seconds = {k: [] for k in variants}
+    writes = []  # per round: the floor's writes while the measured steps ran
     for r in range(m["big_rounds"]):
         for name, extra in variants.items():
-            windows = loop_windows(extra, steps, workdir)
+            if name == "floor":  # once per 10 steps of this round's run without saves
+                load.period = seconds["none"][-1] / (steps - warmup) * every
+            windows = loop_windows(extra, steps, workdir, load if name == "floor" else None)
             seconds[name].append(sum(t for end, _, t in windows if end > warmup))
+        writes.append(load.writes)
         log(
             f"  round {r + 1}: steps {warmup + 1}-{steps}: "
             + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items())
+            + f" ({load.writes} floor writes)"
         )
     saves = (steps - warmup) // every
     ratios = [
@@ -273,37 +298,121 @@ def big_state_async_cost(m: dict, workdir: str, log) -> dict:
         for n, s, a in zip(seconds["none"], seconds["sync"], seconds["async"], strict=True)
     ]
     med = {k: _median(v) for k, v in seconds.items()}
+    floor_cost = _median(
+        [
+            (f - n) / max(w, 1)
+            for n, f, w in zip(seconds["none"], seconds["floor"], writes, strict=True)
+        ]
+    )
+    async_cost = (med["async"] - med["none"]) / saves
     return {
         "big_state_async_cost": (med["async"] - med["none"]) / (med["sync"] - med["none"]),
         "big_state_async_cost_rounds": ratios,
         "sync_cost_per_save_s": (med["sync"] - med["none"]) / saves,
-        "async_cost_per_save_s": (med["async"] - med["none"]) / saves,
+        "async_cost_per_save_s": async_cost,
+        # the floor's work done beside the loop: its cost to the loop per write, and the
+        # async save's cost over it (1.0: as cheap as a background save can be here)
+        "floor_in_loop_cost_s": floor_cost,
+        "floor_in_loop_writes": writes,
+        "async_cost_vs_floor_in_loop": async_cost / floor_cost if floor_cost > 0 else None,
+        "floor_in_loop_vs_sync": floor_cost / ((med["sync"] - med["none"]) / saves),
         "saves": saves,
         "loop_seconds": med,
         "loop_seconds_trials": seconds,
     }
 
 
+class FloorLoad:
+    """A context manager for `loop_windows(during=...)`: while the run is between steps `start`
+    and `end` (read from its metrics.jsonl), a thread at the async writer's priority copies
+    three units x features float32 arrays (a weight matrix and Adam's two slots: the state's
+    size) and writes the copies to a fresh file with numpy, every `period` seconds; `writes`
+    counts the writes it started in that window."""
+
+    def __init__(self, units: int, features: int, start: int, end: int):
+        rng = np.random.default_rng(0)
+        self.arrays = [rng.standard_normal((units, features), dtype=np.float32) for _ in range(3)]
+        self.start, self.end, self.period, self.writes = start, end, 1.0, 0
+
+    def __call__(self, run_dir: str):
+        self.run_dir, self.writes = run_dir, 0
+        return self
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _step(self) -> int:
+        try:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                lines = f.read().splitlines()
+            return max(json.loads(line).get("step", 0) for line in lines[1:] or lines)
+        except (OSError, ValueError):
+            return 0
+
+    def _run(self) -> None:
+        lower_thread_priority()  # the async writer's thread priority
+        while not self._stop.is_set() and self._step() <= self.start:
+            time.sleep(0.01)
+        path = os.path.join(self.run_dir, "floor.bin")
+        while not self._stop.is_set() and self._step() < self.end:
+            t0 = time.perf_counter()
+            self.writes += 1
+            copies = [np.array(a, copy=True) for a in self.arrays]
+            with open(path, "wb") as f:
+                for c in copies:
+                    np.save(f, c)
+            del copies
+            os.remove(path)
+            self._stop.wait(max(0.0, self.period - (time.perf_counter() - t0)))
+
+
 def budget_overhead(m: dict, workdir: str, log) -> dict:
     """The default model with `checkpoint.every=1 checkpoint.max_overhead=0.02` against no
-    checkpoints, as users run it: whole-run time after the warm-up, interleaved rounds."""
+    checkpoints, as users run it: whole-run time after the warm-up, interleaved rounds. Also
+    the budget's own account at the end of each run (`checkpoint_overhead` in TensorBoard:
+    the cost it measured over the run's time, first save included) and its number of saves."""
     steps, warmup = m["ckpt_steps"], min(CKPT_EVERY + 100, m["ckpt_steps"] // 3)
     variants = {
         "none": [f"checkpoint.every={NO_EVAL}"],
         "budget": ["checkpoint.every=1", "checkpoint.max_overhead=0.02"],
     }
     seconds = {k: [] for k in variants}
-    for r in range(m["rounds"]):
+    own, saves = [], []  # per round: the budget's logged overhead, and its saves
+    for r in range(m["ckpt_rounds"]):
         for name, extra in variants.items():
-            windows = loop_windows(extra, steps, workdir)
+            logged = {"checkpoint_overhead": None, "checkpoint_save_seconds": None}
+            windows = loop_windows(extra, steps, workdir, scalars=logged)
             seconds[name].append(sum(t for end, _, t in windows if end > warmup))
-        log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in seconds.items()))
+            if name == "budget":
+                own.append(
+                    logged["checkpoint_overhead"][-1][1] if logged["checkpoint_overhead"] else 0.0
+                )
+                saves.append(len(logged["checkpoint_save_seconds"]))
+        log(
+            f"  round {r + 1}: "
+            + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in seconds.items())
+            + f" | budget's own account {own[-1]:.3f}, {saves[-1]} saves"
+        )
     per_round = [b / n - 1 for n, b in zip(seconds["none"], seconds["budget"], strict=True)]
     return {
         "budget_overhead": _median(seconds["budget"]) / _median(seconds["none"]) - 1,
         "budget_overhead_rounds": per_round,
+        "budget_own_account_rounds": own,
+        "budget_saves_rounds": saves,
         "loop_seconds_trials": seconds,
     }
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _spread(xs: list[float]) -> str:
@@ -416,13 +525,18 @@ def table(r: dict) -> str:
         f" median block steps/s: none {cps['none']:.0f}, sync {cps['sync']:.0f}, "
         f"async {cps['async']:.0f})",
         f"budgeted saves (every=1, max_overhead=0.02): overhead {r['budget_overhead']:.3f} "
-        f"(per round {_spread(r['budget']['budget_overhead_rounds'])})",
+        f"(per round {_spread(r['budget']['budget_overhead_rounds'])}; the budget's own account "
+        f"{_spread(r['budget']['budget_own_account_rounds'])}, saves per run "
+        f"{_spread(r['budget']['budget_saves_rounds'])})",
         f"300 MB state in the loop, a save every 10 steps: per save sync "
         f"{r['big_state_loop']['sync_cost_per_save_s']:.3f} s, async "
         f"{r['big_state_loop']['async_cost_per_save_s']:.3f} s (ratio per round "
         f"{_spread(r['big_state_loop']['big_state_async_cost_rounds'])}); floor (copy "
         f"{st['state_copy_s']:.3f} s + numpy to page cache {st['numpy_fresh_file_write_s']:.3f} s)"
-        f" {st['async_floor_s']:.3f} s",
+        f" {st['async_floor_s']:.3f} s; the floor's work beside the loop costs it "
+        f"{r['big_state_loop']['floor_in_loop_cost_s']:.3f} s per write (async save / that: "
+        f"{_ratio(r['big_state_loop']['async_cost_vs_floor_in_loop'])}; that / sync save: "
+        f"{r['big_state_loop']['floor_in_loop_vs_sync']:.3f})",
         f"durable sync save {st['durable_sync_save_s']:.3f} s vs non-durable "
         f"{st['nondurable_sync_save_s']:.3f} s (numpy + fsync {st['numpy_fresh_fsync_s']:.3f} s); "
         f"save_vs_numpy per round min/median/max "

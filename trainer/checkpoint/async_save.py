@@ -54,10 +54,10 @@ from trainer.config import UserError
 from trainer.tfcall import flat_caller
 
 _SWITCH_INTERVAL = 0.0002  # seconds: sys.setswitchinterval while a background write runs
-WRITER_NICE = 10  # added to the writer thread's nice value (Linux), see _lower_priority
+WRITER_NICE = 10  # added to the writer thread's nice value (Linux), see lower_thread_priority
 
 
-def _lower_priority() -> None:
+def lower_thread_priority() -> None:
     """Run the calling thread (the writer) WRITER_NICE nice levels below the loop's priority,
     on Linux (nice is per thread there).
 
@@ -298,7 +298,7 @@ class AsyncCheckpointWriter:
     def __init__(self, checkpoint: tf.train.Checkpoint):
         self.checkpoint = checkpoint
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="checkpoint", initializer=_lower_priority
+            1, thread_name_prefix="checkpoint", initializer=lower_thread_priority
         )
         self._future: concurrent.futures.Future | None = None
         self._error: BaseException | None = None

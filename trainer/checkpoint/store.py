@@ -264,6 +264,11 @@ class CheckpointStore:
         if write:
             self._start_deleter()  # what a killed run left in checkpoints/.deleting/
 
+    def busy(self) -> bool:
+        """Is a save's background work (an async write, retention's deletes) still running?"""
+        deleting = self._deleter is not None and self._deleter.is_alive()
+        return deleting or (self.async_writer is not None and self.async_writer.in_flight())
+
     def has_checkpoints(self) -> bool:
         return bool(list_checkpoints(self.directory))
 
