@@ -199,6 +199,18 @@ def test_at_most_one_write_in_flight_and_saves_keep_their_order(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_store_is_busy_while_a_background_write_runs(tmp_path):
+    """What the save budget waits for before it knows an async save's cost (trainer/loop.py)."""
+    state, _ = _state()
+    store = _store(tmp_path, state)
+    release = threading.Event()
+    store.save(1, before_write=release.wait, assign=state.assignments(1, 0))
+    assert store.busy()  # the write waits in before_write
+    release.set()
+    store.wait()
+    assert not store.busy()
+
+
 def test_the_writer_thread_runs_at_a_lower_priority_and_the_loop_thread_does_not(tmp_path):
     from trainer.checkpoint.async_save import WRITER_NICE
 

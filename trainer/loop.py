@@ -84,7 +84,7 @@ class SaveBudget:
     the CPU and memory, copy-on-write of updated variables). A save's cost is known once that
     work is done; until then no other save is due under a budget. Saves are spaced by the
     largest of the last RECENT_COSTS costs, not the last one alone: costs vary from save to
-    save (0.014-0.022 s for the default model's sync saves, measured), and spacing by a low one
+    save (0.015-0.029 s for the default model's sync saves, measured), and spacing by a low one
     would overspend. The first save of a process also pays one-time work (tracing the save,
     checking that the checkpoint is complete: 0.26 s against 0.02 s for the next ones, default
     model): it counts in the overhead but does not space the next save."""
