@@ -36,7 +36,7 @@ from trainer.bench import records as bench_records
 from trainer.checkpoint.async_save import lower_thread_priority
 from trainer.loop import fit
 from trainer.optim import build_optimizer
-from trainer.summaries import read_scalars
+from trainer.summaries import read_metrics, read_scalars
 
 # Per mode: throughput steps per trial and warm-up, rounds, rounds and steps of the checkpoint
 # cost and budget runs (their effects are a few % against rounds that spread 5-10%), the big
@@ -349,13 +349,8 @@ class FloorLoad:
         self._thread.join()
 
     def _step(self) -> int:
-        try:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-                lines = f.read().splitlines()
-            return max(json.loads(line).get("step", 0) for line in lines[1:] or lines)
-        except (OSError, ValueError):
-            return 0
+        """The run's last logged step (its metrics.jsonl: a few dozen lines in these runs)."""
+        return max((r.get("step", 0) for r in read_metrics(self.run_dir)), default=0)
 
     def _run(self) -> None:
         lower_thread_priority()  # the async writer's thread priority
