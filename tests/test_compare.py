@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from trainer import summaries
@@ -147,3 +148,50 @@ def test_final_state_compares_every_tensor_but_save_counter(tmp_path):
     assert compare.compare_checkpoints(a, c, atol=0.5).differing == []
     d = save_checkpoint(tmp_path / "d", {"w": [1.0, 2.0]})
     assert compare.compare_checkpoints(a, d).missing == ["best"]
+
+
+def test_writers_events_read_as_tf_summary_scalars(tmp_path):
+    """summaries.Writers writes its own event files (one Event per row): TensorBoard's loader
+    reads the same tags, steps and float32 values as from tf.summary.scalar's files, in step
+    order, each row stamped with the time it was logged (not the time it was drained)."""
+    import time
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    rows = {
+        s: {"loss": 1.0 / s, "learning_rate": 0.1 + s, "grad_norm": 3.3e7 + s} for s in (1, 2, 3)
+    }
+    ours = summaries.Writers(str(tmp_path / "ours"))
+    stamps = []
+    for step, values in rows.items():
+        stamps.append(time.time())
+        ours.scalars(ours.train, step, values)
+        time.sleep(0.05)
+    ours.close()
+    for tag in ("loss", "learning_rate", "grad_norm"):
+        write_run(tmp_path / "tf", {s: v[tag] for s, v in rows.items()}, tag=tag)
+
+    def read(run):
+        acc = event_accumulator.EventAccumulator(
+            str(run / "tensorboard" / "train"), size_guidance={"tensors": 0}
+        )
+        acc.Reload()
+        return acc, {
+            tag: [
+                (
+                    e.step,
+                    float(e.tensor_proto.float_val[0])
+                    if e.tensor_proto.float_val
+                    else float(np.frombuffer(e.tensor_proto.tensor_content, np.float32)[0]),
+                )
+                for e in acc.Tensors(tag)
+            ]
+            for tag in acc.Tags()["tensors"]
+        }
+
+    acc, got = read(tmp_path / "ours")
+    _, want = read(tmp_path / "tf")
+    assert got == want and set(got) == {"loss", "learning_rate", "grad_norm"}
+    assert acc.SummaryMetadata("loss").plugin_data.plugin_name == "scalars"
+    walls = [e.wall_time for e in acc.Tensors("loss")]
+    assert all(abs(w - t) < 0.04 for w, t in zip(walls, stamps, strict=True)), (walls, stamps)
