@@ -195,3 +195,13 @@ def test_writers_events_read_as_tf_summary_scalars(tmp_path):
     assert acc.SummaryMetadata("loss").plugin_data.plugin_name == "scalars"
     walls = [e.wall_time for e in acc.Tensors("loss")]
     assert all(abs(w - t) < 0.04 for w, t in zip(walls, stamps, strict=True)), (walls, stamps)
+
+
+def test_drained_rows_reach_the_file_before_close(tmp_path):
+    """A drain hands the rows to the OS: TensorBoard, reading while the run goes on, sees an
+    eval row logged long before the next checkpoint (nothing else flushes it until then)."""
+    writers = summaries.Writers(str(tmp_path))
+    writers.scalars(writers.eval, 20, {"loss": 0.5})
+    writers.drain()
+    assert summaries.read_scalars(str(tmp_path / "tensorboard" / "eval"), "loss") == [(20, 0.5)]
+    writers.close()

@@ -217,12 +217,15 @@ class Writers:
             self.drain()
 
     def drain(self) -> None:
-        """Write the queued scalars to their files (still in the files' buffers)."""
+        """Write the queued scalars to their files and hand those to the OS (a live TensorBoard
+        sees them; the disk, only once the OS writes them back)."""
         with self._drain_lock:
             with self._lock:
                 queue, self._queue, self._drained = self._queue, [], time.monotonic()
             for writer, step, wall_time, values in queue:
                 writer.write(step, wall_time, tuple(values), [float(v) for v in values.values()])
+            for writer in {entry[0] for entry in queue}:  # to the OS: TensorBoard shows them
+                writer.flush()
 
     def hparams(self, hparams: dict, metrics: list[tuple[str, str]] | None = None) -> None:
         """The run's hyperparameters, in `<run>/tensorboard/`: the HPARAMS tab's session, whose
