@@ -209,6 +209,35 @@ def block_seconds(windows: list[tuple[int, int, float]], warmup: int, every: int
     return [blocks[b] for b in full]
 
 
+AFTER_SAVE = 20  # log windows after a save charged to it (its excess fades within ~10)
+BASELINE_FROM = 25  # windows this far after a save, up to the next save, are its baseline
+
+
+def cost_per_save(windows: list[tuple[int, int, float]], warmup: int, every: int) -> float | None:
+    """What one save costs the loop, in seconds, from one run's own log windows (a window
+    per log line; at the defaults one per 10-step chunk): for the k-th window after a save,
+    the median over the run's saves, minus the median window far from any save (the
+    BASELINE_FROM-th to the last before the next save), summed over the AFTER_SAVE windows
+    after it. Drift between runs cancels (the baseline is the same run's, seconds away);
+    medians, not means, so that a rare stall of the shared machine is no one's cost. The
+    first window after a save holds the save call itself. None if the run is too short."""
+    by_k: dict[int, list[float]] = {}
+    far: list[float] = []
+    for end, steps, t in windows:
+        since = (end - 1) % every + 1  # steps since the last save step before this window
+        if end - since < warmup or steps <= 0:
+            continue
+        k = -(-since // steps)  # 1 for the window right after the save
+        if k <= AFTER_SAVE:
+            by_k.setdefault(k, []).append(t / steps)
+        elif since > BASELINE_FROM * steps:
+            far.append(t / steps)
+    if not far or len(by_k) < AFTER_SAVE:
+        return None
+    base, steps = _median(far), _median([w[1] for w in windows])
+    return sum((_median(v) - base) * steps for v in by_k.values())
+
+
 def checkpoint_cost(m: dict, workdir: str, log) -> dict:
     """A checkpoint every 500 steps (sync, async) against none: the loop as users run it
     (nothing changed for the benchmark), variants interleaved, 2000-step blocks aligned on
@@ -231,24 +260,33 @@ def checkpoint_cost(m: dict, workdir: str, log) -> dict:
     block = every * max(1, min(4, (steps - warmup) // (2 * every)))  # 2000 (smoke: less)
     blocks = {k: [] for k in variants}  # every block, pooled over the rounds
     per_round = {k: [] for k in variants}  # each round's own overhead (the spread)
+    per_save = {"sync": [], "async": []}  # each run's cost_per_save, seconds
     for r in range(m["ckpt_rounds"]):
         medians = {}
         for name, extra in variants.items():
-            b = block_seconds(loop_windows(extra, steps, workdir), warmup, block)
+            windows = loop_windows(extra, steps, workdir)
+            b = block_seconds(windows, warmup, block)
             blocks[name] += b
             medians[name] = _median(b)
+            if name in per_save and (c := cost_per_save(windows, warmup, every)) is not None:
+                per_save[name].append(c)
         for name in ("sync", "async"):
             per_round[name].append(medians[name] / medians["none"] - 1)
         log(
             f"  round {r + 1}: median {block}-step block "
             + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in medians.items())
             + f" | overhead sync {per_round['sync'][-1]:+.3f}, async {per_round['async'][-1]:+.3f}"
+            + "".join(f" | {k} per save {1000 * v[-1]:.1f} ms" for k, v in per_save.items() if v)
         )
     med = {k: _median(v) for k, v in blocks.items()}
+    interval = med["none"] * every / block  # the loop's time for `every` steps without saves
     return {
         "checkpoint_overhead": med["async"] / med["none"] - 1,
         "checkpoint_overhead_sync": med["sync"] / med["none"] - 1,
         "checkpoint_overhead_rounds": per_round,
+        # the same cost seen save by save, within each run (cost_per_save), per round
+        "cost_per_save_ms_rounds": {k: [1000 * c for c in v] for k, v in per_save.items()},
+        "per_save_overhead": {k: _median(v) / interval if v else None for k, v in per_save.items()},
         "checkpoint_every": every,
         "block_steps": block,
         "block_ms": {k: 1000 * v for k, v in med.items()},
@@ -519,6 +557,13 @@ def table(r: dict) -> str:
         f" (per round, async: {_spread(r['checkpoints']['checkpoint_overhead_rounds']['async'])};"
         f" median block steps/s: none {cps['none']:.0f}, sync {cps['sync']:.0f}, "
         f"async {cps['async']:.0f})",
+        "  seen save by save within each run: "
+        + ", ".join(
+            f"{k} {_median(v):.1f} ms a save (rounds {_spread(v)}; "
+            f"{r['checkpoints']['per_save_overhead'][k]:.3f} of {r['checkpoints']['checkpoint_every']} steps)"
+            for k, v in r["checkpoints"]["cost_per_save_ms_rounds"].items()
+            if v
+        ),
         f"budgeted saves (every=1, max_overhead=0.02): overhead {r['budget_overhead']:.3f} "
         f"(per round {_spread(r['budget']['budget_overhead_rounds'])}; the budget's own account "
         f"{_spread(r['budget']['budget_own_account_rounds'])}, saves per run "
