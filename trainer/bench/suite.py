@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -79,25 +80,38 @@ BLOCK = 200  # steps per throughput block (a Model.fit epoch; 20 of our loop's l
 
 
 def loop_windows(
-    overrides: list[str], steps: int, workdir: str, during=None, scalars: dict | None = None
+    overrides: list[str],
+    steps: int,
+    workdir: str,
+    during=None,
+    scalars: dict | None = None,
+    fresh: bool = False,
 ) -> list[tuple[int, int, float]]:
     """Run `trainer.loop.fit` for `steps` steps; return its log windows (end step, steps, seconds).
 
     The loop logs `steps_per_sec` for each window between log steps, from its own clock.
     `during(run_dir)`: a context manager held around the run (a background load, say).
     `scalars`: {tag: None}, filled with the run's (step, value) points of each tag.
+    `fresh`: run `python -m trainer` in a new process, as users do, instead of `fit` in this
+    one (which by then holds earlier runs' objects, threads and garbage: BENCHMARKS.md,
+    section 10); not with `during`.
     """
     run_dir = tempfile.mkdtemp(prefix="loop-", dir=workdir)
-    cfg = compose(
-        [
-            f"trainer.max_steps={steps + 1}",  # stop_at < max_steps: no final eval or export
-            f"trainer.stop_at={steps}",
-            f"trainer.eval_every={NO_EVAL}",
-            *overrides,
-        ]
-    )
-    with during(run_dir) if during is not None else contextlib.nullcontext():
-        fit(cfg, run_dir)
+    args = [
+        f"trainer.max_steps={steps + 1}",  # stop_at < max_steps: no final eval or export
+        f"trainer.stop_at={steps}",
+        f"trainer.eval_every={NO_EVAL}",
+        *overrides,
+    ]
+    if fresh:
+        assert during is None, "a load beside the loop runs in the loop's process"
+        cmd, env = bench_state.trainer_command(args, run_dir)
+        proc = subprocess.run(cmd, cwd=bench_state.REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    else:
+        with during(run_dir) if during is not None else contextlib.nullcontext():
+            fit(compose(args), run_dir)
     logdir = os.path.join(run_dir, "tensorboard", "train")
     points = read_scalars(logdir, "steps_per_sec")
     for tag in scalars or {}:
@@ -209,6 +223,13 @@ def block_seconds(windows: list[tuple[int, int, float]], warmup: int, every: int
     return [blocks[b] for b in full]
 
 
+def rotated(names: list[str], r: int) -> list[str]:
+    """Round r's order of the variants: each goes first, second, ... in turn, so that no
+    variant always runs right after the same other one."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
 AFTER_SAVE = 20  # log windows after a save charged to it (its excess fades within ~10)
 BASELINE_FROM = 25  # windows this far after a save, up to the next save, are its baseline
 
@@ -240,8 +261,10 @@ def cost_per_save(windows: list[tuple[int, int, float]], warmup: int, every: int
 
 def checkpoint_cost(m: dict, workdir: str, log) -> dict:
     """A checkpoint every 500 steps (sync, async) against none: the loop as users run it
-    (nothing changed for the benchmark), variants interleaved, 2000-step blocks aligned on
-    the saves; overhead = median block time with saves / median block time without - 1.
+    (nothing changed for the benchmark; each run a fresh `python -m trainer`), variants
+    interleaved in rotating order, 2000-step blocks aligned on the saves; overhead = median
+    block time with saves / median block time without - 1. Each run's cost per save seen
+    within the run (cost_per_save) is reported beside it.
 
     2000 steps: four saves, and 200 log rows at the default log_every=10, the size at which
     the loop hands queued rows to TensorBoard (summaries.Writers). A save drains the queue
@@ -263,8 +286,8 @@ def checkpoint_cost(m: dict, workdir: str, log) -> dict:
     per_save = {"sync": [], "async": []}  # each run's cost_per_save, seconds
     for r in range(m["ckpt_rounds"]):
         medians = {}
-        for name, extra in variants.items():
-            windows = loop_windows(extra, steps, workdir)
+        for name in rotated(list(variants), r):
+            windows = loop_windows(variants[name], steps, workdir, fresh=True)
             b = block_seconds(windows, warmup, block)
             blocks[name] += b
             medians[name] = _median(b)
@@ -274,7 +297,7 @@ def checkpoint_cost(m: dict, workdir: str, log) -> dict:
             per_round[name].append(medians[name] / medians["none"] - 1)
         log(
             f"  round {r + 1}: median {block}-step block "
-            + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in medians.items())
+            + ", ".join(f"{k} {1000 * medians[k]:.1f} ms" for k in variants)
             + f" | overhead sync {per_round['sync'][-1]:+.3f}, async {per_round['async'][-1]:+.3f}"
             + "".join(f" | {k} per save {1000 * v[-1]:.1f} ms" for k, v in per_save.items() if v)
         )
@@ -409,7 +432,8 @@ class FloorLoad:
 
 def budget_overhead(m: dict, workdir: str, log) -> dict:
     """The default model with `checkpoint.every=1 checkpoint.max_overhead=0.02` against no
-    checkpoints, as users run it: whole-run time after the warm-up, interleaved rounds. Also
+    checkpoints, as users run it (each run a fresh `python -m trainer`): whole-run time after
+    the warm-up, interleaved rounds in rotating order. Also
     the budget's own account at the end of each run (`checkpoint_overhead` in TensorBoard:
     the cost it measured over the run's time, first save included) and its number of saves."""
     steps, warmup = m["ckpt_steps"], min(CKPT_EVERY + 100, m["ckpt_steps"] // 3)
@@ -420,9 +444,9 @@ def budget_overhead(m: dict, workdir: str, log) -> dict:
     seconds = {k: [] for k in variants}
     own, saves = [], []  # per round: the budget's logged overhead, and its saves
     for r in range(m["ckpt_rounds"]):
-        for name, extra in variants.items():
+        for name in rotated(list(variants), r):
             logged = {"checkpoint_overhead": None, "checkpoint_save_seconds": None}
-            windows = loop_windows(extra, steps, workdir, scalars=logged)
+            windows = loop_windows(variants[name], steps, workdir, scalars=logged, fresh=True)
             seconds[name].append(sum(t for end, _, t in windows if end > warmup))
             if name == "budget":
                 own.append(
