@@ -18,7 +18,7 @@ from trainer.bench import suite as bench  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer, shorter trials (~8 min, 2 cores)")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter trials (~10 min, 2 cores)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: seconds, tiny
     p.add_argument("--out", default="bench.json", help="where to write the results (JSON)")
     args = p.parse_args()
