@@ -298,8 +298,8 @@ class Session:
             assign=self.state.assignments(at, at // self.steps_per_epoch),
             check=self.checked,
             on_nonfinite=lambda bad: nonfinite.refuse(bad, at, last_saved),
-            # async: queued before the write starts, so the write's sync_logs drains it with
-            # the rows before it (queued after, it split the next drain's rows in two calls)
+            # async: queued before the write starts, so the write's sync_logs writes it with
+            # the rows before it (sync: after the write, with the next drain)
             blocked=lambda s: writers.scalars(writers.train, at, {"checkpoint_save_seconds": s}),
         )
         self.last_saved = at
@@ -317,8 +317,9 @@ class Session:
             )
 
     def _sync_logs(self) -> None:
-        """Logs up to a checkpoint's step reach the disk before it counts (async: on the
-        writer's thread; Writers traces nothing there)."""
+        """Logs up to a checkpoint's step are written before it counts: metrics.jsonl fsynced
+        to the disk, the TensorBoard rows handed to the OS (not fsynced, like tf.summary's
+        writer; a killed process loses none of them). Async: on the writer's thread."""
         self.writers.flush()
         self.metrics.fsync()
 

@@ -151,7 +151,7 @@ class EventFile:
         os.makedirs(logdir, exist_ok=True)
         name = (
             f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
-            f"{next(_FILE_IDS)}.v2"  # tf.summary's naming: TensorBoard reads them in this order
+            f"{next(_FILE_IDS):06d}.v2"  # tf.summary's naming, but "000010" sorts after "000009"
         )
         self.path = os.path.join(logdir, name)
         self._records = tf.io.TFRecordWriter(self.path)

@@ -224,8 +224,8 @@ def block_seconds(windows: list[tuple[int, int, float]], warmup: int, every: int
 
 
 def rotated(names: list[str], r: int) -> list[str]:
-    """Round r's order of the variants: each goes first, second, ... in turn, so that no
-    variant always runs right after the same other one."""
+    """Round r's order of the variants: each goes first, second, ... in turn (the cycle
+    itself stays: with none, sync, async, async follows sync unless it goes first)."""
     k = r % len(names)
     return names[k:] + names[:k]
 
@@ -268,7 +268,7 @@ def checkpoint_cost(m: dict, workdir: str, log) -> dict:
 
     2000 steps: four saves, and 200 log rows at the default log_every=10, the size at which
     the loop hands queued rows to TensorBoard (summaries.Writers). A save drains the queue
-    too (its logs reach the disk first), so with 500-step blocks every block with a save paid
+    too (its logs are written first), so with 500-step blocks every block with a save paid
     a drain while three of four blocks without saves did not, and the median charged the
     drain to the saves (0.13-0.16 of a block, measured). In 2000-step blocks both variants
     drain every row once per block."""
