@@ -246,14 +246,9 @@ class Writers:
         writer.close()
 
     def flush(self) -> None:
+        """Every queued row written and handed to the OS: a drain (which flushes each file it
+        writes; the files hold nothing else: their header is flushed when they are made)."""
         self.drain()
-        self.flush_files()
-
-    def flush_files(self) -> None:
-        """What the files hold in their buffers, to the OS (without draining the queue)."""
-        with self._drain_lock:
-            self.train.flush()
-            self.eval.flush()
 
     def close(self) -> None:
         self.drain()
