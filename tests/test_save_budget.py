@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
-from conftest import run_cli, train
+from conftest import REPO, env, run_cli, train
 
 from trainer.loop import RECENT_COSTS, SaveBudget
 from trainer.summaries import read_scalars
@@ -141,3 +144,48 @@ def test_time_based_saves_resume_exactly_under_random_kills(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["final_state"]["equal"] and report["curve"]["max_abs_diff"] == 0
     assert any(k["newest_checkpoint"] for k in report["verify"]["kills"])  # saved by time
+
+
+KILLED_AFTER_TWO_SAVES = textwrap.dedent(
+    """
+    import os, runpy, sys
+    sys.path.insert(0, {repo!r})
+    from trainer.session import Session
+
+    train = Session.train
+
+    def killed(self, k):
+        self.store.wait()  # each write done: a save's cost is known after the next chunk
+        if self.step >= 20:  # ckpt-20 counts: die as a SIGKILL would, nothing flushed
+            os._exit(9)
+        return train(self, k)
+
+    Session.train = killed
+    sys.argv = ["trainer", *{args!r}]
+    runpy.run_module("trainer", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_saves_rows_survive_a_kill_once_its_checkpoint_counts(tmp_path, mode):
+    """Resume from ckpt-20 keeps every row up to step 20 and logs none of them again: the
+    rows of the saves up to ckpt-20 (checkpoint_save_seconds of each, the measured cost of
+    the one before) must be in the event file when a kill follows it."""
+    run = tmp_path / "run"
+    args = [
+        "trainer.max_steps=100",
+        "checkpoint.every=10",
+        f"checkpoint.async={str(mode == 'async').lower()}",
+        f"hydra.run.dir={run}",
+    ]
+    script = KILLED_AFTER_TWO_SAVES.format(repo=str(REPO), args=args)
+    p = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env(), capture_output=True, text=True
+    )
+    assert p.returncode == 9, p.stderr
+    assert (run / "checkpoints" / "ckpt-20.manifest.json").exists()
+    logdir = str(run / "tensorboard" / "train")
+    assert [s for s, _ in read_scalars(logdir, "checkpoint_save_seconds")] == [10, 20]
+    assert [s for s, _ in read_scalars(logdir, "checkpoint_cost_seconds")] == [10]
+    assert [s for s, _ in read_scalars(logdir, "loss")] == [10, 20]

@@ -188,8 +188,8 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
                     run.evaluate()
                 # (never at max_steps: the final save follows the final eval, below)
                 if run.step != cadence.max_steps and budget.due(cadence.save_due(prev, run.step)):
+                    run.log_save_costs(budget)  # the earlier saves': written with this one
                     budget.saved(run.step, run.save())
-                    run.log_save_costs(budget)
                 if run.preempted():
                     stop.signal_name = "SIGTERM (preemption)"
                 if cadence.pause_due(run.step):
