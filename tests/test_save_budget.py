@@ -98,6 +98,32 @@ def test_saves_are_spaced_by_the_largest_recent_cost():
     assert len(b.recent) == RECENT_COSTS
 
 
+
+def test_every_cost_is_logged_before_the_next_save_even_one_still_measured():
+    """Steps make save 20 due while save 10's write still runs (no budget waits for it): save
+    10's cost is logged before save 20 all the same, and the slower chunks after save 20 are
+    charged to save 20, not to save 10's logged cost."""
+    from types import SimpleNamespace
+
+    from trainer.session import Session
+
+    rows = []
+    run = SimpleNamespace(
+        writers=SimpleNamespace(train="train", scalars=lambda w, step, v: rows.append((step, v)))
+    )
+    b, clock = budget()
+    b.busy = lambda: True  # save 10's background write is still running
+    b.chunk_took(0.10, 10)
+    b.chunk_took(0.10, 10)  # the usual chunk: 0.01 s a step
+    b.saved(10, blocked=0.002)
+    b.chunk_took(0.15, 10)  # 0.05 s slower: charged to save 10, still being measured
+    assert b.pending
+    Session.log_save_costs(run, b)  # before save 20
+    assert [(s, v["checkpoint_cost_seconds"]) for s, v in rows] == [(10, pytest.approx(0.052))]
+    b.saved(20, blocked=0.003)
+    b.chunk_took(0.12, 10)
+    assert b.costs == [[20, pytest.approx(0.023)]]
+
 @pytest.mark.slow
 def test_budgeted_saves_are_spaced_and_logged(tmp_path):
     """checkpoint.every=1 with a budget: far fewer saves than steps, each cost and the running

@@ -142,7 +142,8 @@ class SaveBudget:
                 excess = max(0.0, seconds - steps * self.step_seconds)
                 self.excess += excess
                 self.total += excess
-                self.costs[-1][1] += excess
+                if self.costs:  # (empty only if a save failed after the costs were logged)
+                    self.costs[-1][1] += excess
             if not self.busy():  # its work ended during this chunk: the cost is known
                 self._settle()
         elif self.chunks > 0:  # (the first chunk traces: not usual)
@@ -204,6 +205,7 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
             if run.step == cadence.max_steps and run.loop.last_eval_step != run.step:
                 run.evaluate()  # once, also if interrupted in the last chunk
             if run.last_saved != run.step:
+                run.log_save_costs(budget)
                 run.save()  # after the final eval, so the checkpoint includes it
         if result.status == "completed":
             run.export()

@@ -311,12 +311,12 @@ class Session:
         return blocked
 
     def log_save_costs(self, budget) -> None:
-        """The measured cost to the loop of each earlier save whose cost is known (an async
-        one's, once its write is done), and the running overhead, to TensorBoard. Called
-        before a save, so that these rows are written with that checkpoint: a kill after it
-        cannot lose them."""
-        done = budget.costs[:-1] if budget.pending else budget.costs
-        budget.costs = budget.costs[len(done) :]
+        """The measured cost to the loop of every earlier save, and the running overhead, to
+        TensorBoard. Called before a save, so that these rows are written with that
+        checkpoint: a kill after it cannot lose them. A cost still being measured (its
+        write or deletes still running) is final here too: from the next save on, the
+        budget charges the slower chunks to that save."""
+        done, budget.costs = budget.costs, []
         for step, cost in done:
             self.writers.scalars(
                 self.writers.train,
