@@ -98,7 +98,6 @@ def test_saves_are_spaced_by_the_largest_recent_cost():
     assert len(b.recent) == RECENT_COSTS
 
 
-
 def test_every_cost_is_logged_before_the_next_save_even_one_still_measured():
     """Steps make save 20 due while save 10's write still runs (no budget waits for it): save
     10's cost is logged before save 20 all the same, and the slower chunks after save 20 are
@@ -123,6 +122,7 @@ def test_every_cost_is_logged_before_the_next_save_even_one_still_measured():
     b.saved(20, blocked=0.003)
     b.chunk_took(0.12, 10)
     assert b.costs == [[20, pytest.approx(0.023)]]
+
 
 @pytest.mark.slow
 def test_budgeted_saves_are_spaced_and_logged(tmp_path):

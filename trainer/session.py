@@ -305,7 +305,7 @@ class Session:
         if self.store.async_writer is None:
             # The row of a checkpoint that now counts must survive a kill, like those before
             # it (resume keeps it and nothing logs it again): to the OS now, not at the next
-            # drain (~0.05 ms of a ~20 ms sync save for the default model).
+            # drain (one row: ~5 us measured, against a ~20 ms sync save of the default model).
             writers.drain()
         self.last_saved = at
         return blocked
