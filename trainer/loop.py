@@ -142,8 +142,7 @@ class SaveBudget:
                 excess = max(0.0, seconds - steps * self.step_seconds)
                 self.excess += excess
                 self.total += excess
-                if self.costs:  # (empty only if a save failed after the costs were logged)
-                    self.costs[-1][1] += excess
+                self.costs[-1][1] += excess
             if not self.busy():  # its work ended during this chunk: the cost is known
                 self._settle()
         elif self.chunks > 0:  # (the first chunk traces: not usual)
