@@ -22,7 +22,7 @@ CLI_CASES = {
     "negative batch size": (["data.batch_size=-4"], ["data.batch_size: received -4", "> 0"]),
     "zero learning rate": (
         ["optimizer.learning_rate=0"],
-        ["optimizer.learning_rate: received 0.0", "> 0"],
+        ["optimizer.learning_rate: received 0", "> 0"],
     ),
     "missing data path": (["data=csv"], ["data.path: no value given"]),
     "bad choice": (

@@ -211,3 +211,20 @@ class LateCounter(_Base):
         if training:
             x = self.counter(x, training=True)
         return self.dense(x)
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class HiddenInNamespace(_Base):
+    """Wrong on purpose: its BatchNormalization sits in a types.SimpleNamespace, which Keras
+    does not track. The step uses it, but no checkpoint or export would hold its statistics."""
+
+    def __init__(self, **kwargs):
+        import types
+
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(self.units, activation="relu")
+        self.parts = types.SimpleNamespace(norm=keras.layers.BatchNormalization())
+        self.out = keras.layers.Dense(self.output_units)
+
+    def call(self, x, training=False):
+        return self.out(self.parts.norm(self.dense(x), training=training))

@@ -10,7 +10,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 
-from trainer import sweep  # noqa: E402  (registers hydra.sweep.subdir's job_dirname resolver)
+from trainer import startup, sweep  # noqa: E402  (sweep: registers the job_dirname resolver)
 from trainer.config import CONF_DIR, register_schemas  # noqa: E402
 
 register_schemas()
@@ -41,6 +41,8 @@ def main() -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if not startup.debug_asked(sys.argv[1:]):
+        startup.load_tensorflow_quietly()  # its C++ start-up lines are not ours to show
     try:
         _entry()
     except sweep.SweepInterrupted:  # a signal stopped the sweep: the report, exit 3

@@ -1,14 +1,15 @@
-"""Runtime set-up and object construction: determinism, model, loss (strategy: distribute.py)."""
+"""Runtime set-up and object construction: determinism, the model, and the TrainState that
+holds it with its optimizer (trainer/optim.py) and metrics (trainer/losses.py)."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
 import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import targets
 from trainer.config import UserError
 from trainer.data import Data
 
@@ -27,20 +28,11 @@ def setup_runtime(cfg: DictConfig) -> None:
 
 
 def _import_class(path: str):
-    module, _, name = str(path).rpartition(".")
-    if not module:
-        raise UserError(
-            f"model._target_: received {path!r}; allowed: a dotted path such as mypkg.MyModel"
-        )
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(
-            f"model._target_: received {path!r}; cannot import it ({e}). "
-            "Is its package on PYTHONPATH?"
-        ) from None
+    cls = targets.import_target("model._target_", path)
     if not (inspect.isclass(cls) and issubclass(cls, keras.Model)):
-        raise UserError(f"model._target_: received {path!r}; allowed: a keras.Model subclass")
+        raise UserError(
+            f"model._target_: received {path!r}, {targets.kind(cls)}; allowed: a keras.Model subclass"
+        )
     return cls
 
 
@@ -86,41 +78,25 @@ def build_model(model_cfg: DictConfig, data: Data) -> keras.Model:
     return model
 
 
-def per_example_loss(task: str):
-    """The loss per example: mean squared error, or cross-entropy on logits."""
-    if task == "classification":
-        return lambda y, pred: keras.losses.sparse_categorical_crossentropy(
-            y, pred, from_logits=True
-        )
-    return lambda y, pred: tf.reduce_mean(tf.square(tf.cast(y, pred.dtype) - pred), axis=-1)
-
-
-def per_example_metric(task: str) -> tuple[str, callable]:
-    """The task metric per example: ('accuracy', correct) or ('mae', absolute error)."""
-    if task == "classification":
-        return "accuracy", lambda y, pred: tf.cast(
-            tf.equal(tf.cast(y, tf.int64), tf.argmax(pred, axis=-1)), tf.float32
-        )
-    return "mae", lambda y, pred: tf.reduce_mean(tf.abs(tf.cast(y, pred.dtype) - pred), axis=-1)
-
-
-def keras_loss(task: str):
-    """The same loss as a serializable Keras object, for `model.compile` (and so `.keras`)."""
-    if task == "classification":
-        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    return keras.losses.MeanSquaredError()
-
-
 def build_state(cfg: DictConfig, data: Data):
     """The model, its optimizer and their TrainState, as `fit` builds them (call it inside
     the strategy's scope): what a checkpoint of a run with config `cfg` holds."""
     from trainer.distribute import precision
+    from trainer.losses import build_objective
     from trainer.optim import build_optimizer
     from trainer.state import TrainState
 
     model = build_model(cfg.model, data)
     optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
     optimizer = precision.wrap_optimizer(optimizer, cfg.trainer.get("precision", "float32"))
-    model.compile(optimizer=optimizer, loss=keras_loss(data.task))
+    objective = build_objective(cfg, data.task)
+    model.compile(optimizer=optimizer, loss=objective.keras_loss)
     optimizer.build(model.trainable_variables)
-    return TrainState(model, optimizer, include_rng=bool(cfg.checkpoint.get("restore_rng", True)))
+    state = TrainState(
+        model,
+        optimizer,
+        include_rng=bool(cfg.checkpoint.get("restore_rng", True)),
+        metrics=objective.train_metrics,
+    )
+    state.objective = objective
+    return state

@@ -94,33 +94,9 @@ class MultiWorkerConfig(DistributeConfig):
 
 
 # ---------------------------------------------------------------- optimizers
-@dataclass
-class SGDConfig:
-    name: str = "sgd"
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-
-
-@dataclass
-class AdamConfig:
-    name: str = "adam"
-    learning_rate: float = 0.001
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-
-
-@dataclass
-class AdamWConfig(AdamConfig):
-    name: str = "adamw"
-    weight_decay: float = 0.004
-
-
-@dataclass
-class RMSpropConfig:
-    name: str = "rmsprop"
-    learning_rate: float = 0.001
-    momentum: float = 0.0
-    rho: float = 0.9
+# No schema: each `optimizer` option is a Keras optimizer by `_target_`, its keys the
+# constructor's arguments, checked against its signature when it is built (trainer/optim.py).
+# A schema here would refuse `+optimizer.<any constructor argument>`.
 
 
 # ---------------------------------------------------------------- schedules
@@ -228,6 +204,8 @@ class Config:
     trainer: Any = MISSING
     checkpoint: Any = MISSING
     distribute: Any = MISSING
+    loss: Any = MISSING
+    metrics: Any = dataclasses.field(default_factory=list)  # `_target_`s (trainer/losses.py)
     verify: Any = None
 
 
@@ -238,10 +216,6 @@ SCHEMAS: dict[tuple[str | None, str], Any] = {
     ("distribute", "distribute_schema"): DistributeConfig,
     ("distribute", "mirrored_schema"): MirroredConfig,
     ("distribute", "multi_worker_schema"): MultiWorkerConfig,
-    ("optimizer", "sgd_schema"): SGDConfig,
-    ("optimizer", "adam_schema"): AdamConfig,
-    ("optimizer", "adamw_schema"): AdamWConfig,
-    ("optimizer", "rmsprop_schema"): RMSpropConfig,
     ("schedule", "constant_schema"): ConstantConfig,
     ("schedule", "cosine_schema"): CosineConfig,
     ("schedule", "exponential_schema"): ExponentialConfig,
@@ -282,15 +256,19 @@ def _bad(key: str, value: Any, allowed: str) -> UserError:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the schema's types cannot; raise UserError naming key, value, what is allowed."""
-    for group in ("model", "optimizer", "schedule", "data", "trainer", "checkpoint", "distribute"):
+    groups = ("model", "optimizer", "schedule", "loss", "data", "trainer", "checkpoint")
+    for group in (*groups, "distribute"):
         for key in sorted(OmegaConf.missing_keys(cfg[group])):
             raise UserError(f"{key}: no value given (it is required here); add {key}=...")
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             raise _bad(key, value, " | ".join(allowed))
-    for group in ("trainer", "checkpoint", "optimizer", "schedule", "data"):
-        known = {f.name for f in dataclasses.fields(OmegaConf.get_type(cfg[group]))}
+    for group in ("trainer", "checkpoint", "schedule", "data"):
+        schema = OmegaConf.get_type(cfg[group])
+        if not dataclasses.is_dataclass(schema):
+            continue  # a `_target_` option: its keys are checked against its signature
+        known = {f.name for f in dataclasses.fields(schema)}
         extra = sorted(set(cfg[group]) - known)
         if extra:
             raise UserError(
@@ -305,15 +283,16 @@ def validate(cfg: DictConfig) -> None:
         "checkpoint.every",
         "checkpoint.max_to_keep",
         "data.batch_size",
+        "data.workers",
     ]
     for key in positive_ints:
-        value = OmegaConf.select(cfg, key)
-        if value is None or value <= 0:
+        value = OmegaConf.select(cfg, key, default=1)  # (data.workers: data=custom only)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise _bad(key, value, "an integer > 0")
     if cfg.trainer.get("max_rollbacks", 0) < 0:
         raise _bad("trainer.max_rollbacks", cfg.trainer.max_rollbacks, "an integer >= 0")
-    lr = cfg.optimizer.learning_rate
-    if not 0 < lr < float("inf"):
+    lr = cfg.optimizer.get("learning_rate")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
         raise _bad("optimizer.learning_rate", lr, "a finite number > 0")
     vf = cfg.data.val_fraction
     if not 0.0 < vf < 1.0:

@@ -1,10 +1,12 @@
 """Datasets and deterministic tf.data pipelines.
 
-Two kinds of data, one interface (`load_data` returns either):
+Three kinds of data, one interface (`load_data` returns any of them):
 - `Data`: a source loaded into memory as numpy arrays (synthetic, digits, npz, csv) and split
   once into train and validation parts. Epoch `e` is a permutation drawn with the stateless
   seed (seed, e), cut into fixed-size batches.
-- `data=records`: sharded TFRecord files streamed from disk (trainer/records.py).
+- `data=records`: sharded TFRecord files streamed from disk (trainer/records.py);
+- `data=custom`: the user's function, returning arrays (then a `Data`) or a random-access
+  source read on demand (trainer/source.py).
 
 Either way the training stream is a pure function of (seed, step), so the position in the
 data is just the step counter: a resumed run rebuilds the stream at its restored step and
@@ -23,9 +25,12 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
+from trainer import source as user_source
+from trainer.batch_ids import SPLIT_SEED, batch_positions, id_terms, split_ids
 from trainer.config import UserError
 
-_SYNTHETIC_SEED = 20240601  # the synthetic datasets' identity: the same arrays in every run
+__all__ = ["Data", "id_terms", "load_data", "read_source", "split_ids"]
+_SYNTHETIC_SEED = SPLIT_SEED  # the synthetic datasets' identity: the same arrays in every run
 _BLOCK_ROWS = 65536  # synthetic rows are drawn in blocks: any prefix, any size, little memory
 
 
@@ -83,19 +88,9 @@ class Data:
         """The endless training stream from batch number `start_step` (0-based): (x, y,
         id terms). `part` (i, n): input pipeline i of n keeps rows [i*B/n, (i+1)*B/n) of
         each global batch (every pipeline builds the same global stream)."""
-        n = len(self.x_train)
-        spe = self.steps_per_epoch(batch_size)
         x, y = tf.constant(self.x_train), tf.constant(self.y_train)
         ids = tf.constant(self.train_ids, tf.int64)
-        seed = tf.constant(seed, tf.int64)
-
-        def epoch_batches(epoch):
-            noise = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch]))
-            perm = tf.argsort(noise, stable=True)[: spe * batch_size]
-            return tf.data.Dataset.from_tensor_slices(tf.reshape(perm, [spe, batch_size]))
-
-        start_epoch, offset = divmod(start_step, spe)
-        ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(offset)
+        ds = batch_positions(len(self.x_train), batch_size, seed, start_step)
         i, parts = part
         rows = batch_size // parts
         first = i * rows
@@ -109,19 +104,6 @@ class Data:
     def eval_dataset(self, batch_size: int) -> tf.data.Dataset:
         """The validation split in order, last batch possibly smaller: (x, y)."""
         return tf.data.Dataset.from_tensor_slices((self.x_val, self.y_val)).batch(batch_size)
-
-
-def id_terms(ids: tf.Tensor, first_row) -> tf.Tensor:
-    """Per-row terms of a step's `batch_ids_hash`: a 32-bit fingerprint of (example id,
-    row in the global batch), as float64. Their sum over the global batch (exact in float64
-    for batches up to 2**21 rows, whichever replica holds which rows) is the step's
-    fingerprint: it changes when any example, or the order of the examples, changes."""
-    shape = tf.shape(ids, out_type=tf.int64)  # [rows] or [batches, rows]: rows last
-    rows = tf.range(shape[-1]) + tf.cast(first_row, tf.int64)
-    pairs = tf.stack([tf.reshape(ids, [-1]), tf.reshape(tf.broadcast_to(rows, shape), [-1])], 1)
-    fp = tf.cast(tf.fingerprint(pairs)[:, :4], tf.float64)
-    terms = tf.linalg.matvec(fp, tf.constant([2.0**k for k in range(0, 32, 8)], tf.float64))
-    return tf.reshape(terms, shape)
 
 
 # ---------------------------------------------------------------- sources
@@ -243,18 +225,17 @@ STREAMED = {
 }
 
 
-def split_ids(n: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(validation rows, training rows) of a source of `n` rows: a fixed random split,
-    the same for the in-memory data and the record converter."""
-    order = np.random.default_rng(_SYNTHETIC_SEED).permutation(n)
-    n_val = max(1, int(round(val_fraction * n)))
-    return order[:n_val], order[n_val:]
-
-
-def read_source(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray, str, int]:
-    """The source `cfg` names, whole and checked: (x, y, task, output units)."""
-    x, y = _SOURCES[cfg.name](cfg)
-    if len(x) != len(y):
+def read_source(cfg: DictConfig, arrays=None) -> tuple[np.ndarray, np.ndarray, str, int]:
+    """The source `cfg` names (or `arrays`, the (x, y) a data=custom function returned),
+    whole and checked: (x, y, task, output units)."""
+    x, y = _SOURCES[cfg.name](cfg) if arrays is None else arrays
+    try:
+        x, y = np.asarray(x), np.asarray(y)
+    except ValueError as e:  # ragged lists
+        raise UserError(f"data: x and y must be arrays of equal-shaped rows ({e})") from None
+    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
+        raise UserError(f"data: x and y must be numeric; got x {x.dtype}, y {y.dtype}")
+    if x.ndim < 1 or len(x) != len(y):
         raise UserError(f"data: x has {len(x)} rows but y has {len(y)}; they must match")
     task = cfg.task
     if task == "auto":
@@ -278,7 +259,12 @@ def load_data(cfg: DictConfig):
         from trainer.records import open_records
 
         return open_records(cfg)
-    x, y, task, output_units = read_source(cfg)
+    arrays = None
+    if cfg.name == "custom":  # the user's function: arrays, or a source read on demand
+        arrays = user_source.call_custom(cfg)
+        if isinstance(arrays, user_source.SourceData):
+            return arrays
+    x, y, task, output_units = read_source(cfg, arrays)
     val, train = split_ids(len(x), cfg.val_fraction)
     if len(train) < cfg.batch_size:
         raise UserError(

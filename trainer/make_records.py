@@ -7,7 +7,8 @@ train/validation split as in-memory training, trainer/data.py), writes the train
 into `--shards` shards and the validation rows into `--val-shards` shards, each a file of
 tf.train.Example records (`id`: the row in the source, `x`, `y`), and `description.json`
 (trainer/records.py) with each shard's example count, size and CRC-32. The synthetic
-sources are drawn block by block, so a dataset larger than memory never is in memory.
+sources and a user's random-access source (`data=custom`) are read block by block, so a
+dataset larger than memory never is in memory.
 
 Everything is written into a temporary directory beside `--out`, fsynced, and renamed to
 `--out` at the end: an interrupted conversion leaves no half dataset, and an existing one is
@@ -28,6 +29,7 @@ import numpy as np
 from trainer.config import UserError
 
 _OUT_OF_SOURCE = ("records",)
+_SOURCE_BLOCK = 4096  # rows of a data=custom source read (in parallel) per block
 
 
 def _varint(n: int) -> bytes:
@@ -118,6 +120,7 @@ class _ShardWriter:
 def _rows(cfg):
     """(task, output units, feature shape), the numbers of train and val rows, and a
     generator of (ids, x, y, split)."""
+    from trainer import source as user_source
     from trainer.data import STREAMED, read_source, split_ids
 
     if cfg.name in STREAMED:
@@ -145,7 +148,12 @@ def _rows(cfg):
 
         meta = ("regression", first[2].shape[1], first[1].shape[1:])
         return meta, n - len(val), len(val), blocks()
-    x, y, task, units = read_source(cfg)
+    arrays = None
+    if cfg.name == "custom":  # the user's function: arrays, or a source read block by block
+        arrays = user_source.call_custom(cfg)
+        if isinstance(arrays, user_source.SourceData):
+            return _source_rows(arrays)
+    x, y, task, units = read_source(cfg, arrays)
     val, train = split_ids(len(x), float(cfg.val_fraction))
 
     def whole():
@@ -153,6 +161,20 @@ def _rows(cfg):
         yield val.astype(np.int64), x[val], y[val], "val"
 
     return (task, units, x.shape[1:]), len(train), len(val), whole()
+
+
+def _source_rows(data):
+    """`_rows` of a random-access source: its training then validation rows, read in blocks
+    of _SOURCE_BLOCK rows (in parallel, as training reads them), never all at once."""
+
+    def blocks():
+        for split, ids in (("train", data.train_ids), ("val", data.val_ids)):
+            starts = range(0, len(ids), _SOURCE_BLOCK)
+            for start, (x, y) in zip(starts, data.rows_dataset(ids, _SOURCE_BLOCK), strict=True):
+                yield ids[start : start + _SOURCE_BLOCK], x.numpy(), y.numpy(), split
+
+    meta = (data.task, data.output_units, data.feature_shape)
+    return meta, len(data.train_ids), len(data.val_ids), blocks()
 
 
 def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) -> dict:

@@ -22,6 +22,8 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from trainer.optim import step_counter
+
 
 class NonFiniteLoss(Exception):
     """The loss, gradients or weights became NaN/Inf: nothing is saved past the last good checkpoint."""
@@ -85,7 +87,7 @@ def rollback(store, state, bad_step: int, report=None) -> int:
         )
     store.restore(latest.prefix)
     restored = state.after_restore()
-    state.optimizer.iterations.assign(bad_step)
+    step_counter(state.optimizer).assign(bad_step)
     print(
         f"non-finite loss or gradient at step {bad_step}: rolled back to "
         f"{os.path.basename(latest.prefix)} and skipped the batches of steps "

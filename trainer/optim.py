@@ -1,19 +1,32 @@
 """Optimizers and learning-rate schedules from the `optimizer` and `schedule` groups.
 
+An optimizer is any Keras optimizer by `_target_` (the shipped options and `optimizer=custom`
+alike), its keys the constructor's arguments. A schedule is one of the shipped ones or
+`schedule=custom`: any LearningRateSchedule subclass.
+
 Schedules are Keras schedule objects driven by `optimizer.iterations`, so restoring the
 optimizer's iteration counter restores the schedule's position too.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import tensorflow as tf
-from omegaconf import DictConfig
+from keras.optimizers.schedules import LearningRateSchedule
+from omegaconf import DictConfig, OmegaConf
+
+from trainer import targets
+from trainer.config import UserError
+from trainer.targets import import_target
 
 
 def build_schedule(opt: DictConfig, sched: DictConfig, max_steps: int):
     """A float (constant) or a keras LearningRateSchedule peaking at `opt.learning_rate`."""
     lr = float(opt.learning_rate)
+    if sched.name == "custom":
+        return _custom_schedule(sched, lr)
     if sched.name == "constant":
         return lr
     if sched.name == "cosine":
@@ -31,29 +44,67 @@ def build_schedule(opt: DictConfig, sched: DictConfig, max_steps: int):
     raise ValueError(f"unknown schedule {sched.name!r}")
 
 
+def _custom_schedule(sched: DictConfig, lr: float):
+    """`schedule._target_` with the keys given; optimizer.learning_rate as its initial (or
+    plain) learning rate argument when it takes one that was not given."""
+    cls = import_target("schedule._target_", sched._target_)
+    if not (inspect.isclass(cls) and issubclass(cls, LearningRateSchedule)):
+        raise UserError(
+            f"schedule._target_: received {sched._target_!r}, {targets.kind(cls)}; allowed: a "
+            "keras.optimizers.schedules.LearningRateSchedule subclass"
+        )
+    kwargs = _arguments(sched, ("name", "_target_"))
+    targets.check_arguments("schedule", cls, kwargs)
+    names, _ = targets.accepted(cls)
+    for name in ("initial_learning_rate", "learning_rate"):
+        if name in names and name not in kwargs:
+            kwargs[name] = lr
+            break
+    return targets.call("schedule", cls, kwargs)
+
+
 def build_optimizer(
     opt: DictConfig, sched: DictConfig, max_steps: int
 ) -> keras.optimizers.Optimizer:
-    """The Keras optimizer that `opt.name` names, with its schedule."""
-    lr = build_schedule(opt, sched, max_steps)
-    if opt.name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=opt.momentum)
-    if opt.name == "adam":
-        return keras.optimizers.Adam(lr, beta_1=opt.beta_1, beta_2=opt.beta_2)
-    if opt.name == "adamw":
-        return keras.optimizers.AdamW(
-            lr, weight_decay=opt.weight_decay, beta_1=opt.beta_1, beta_2=opt.beta_2
+    """The Keras optimizer `optimizer._target_` names, built with the group's keys (its
+    constructor's arguments, checked against its signature) and the schedule as its
+    learning rate."""
+    cls = import_target("optimizer._target_", opt._target_)
+    if not (inspect.isclass(cls) and issubclass(cls, keras.optimizers.Optimizer)):
+        raise UserError(
+            f"optimizer._target_: received {opt._target_!r}, {targets.kind(cls)}; allowed: a "
+            "keras.optimizers.Optimizer subclass"
         )
-    if opt.name == "rmsprop":
-        return keras.optimizers.RMSprop(lr, rho=opt.rho, momentum=opt.momentum)
-    raise ValueError(f"unknown optimizer {opt.name!r}")
+    kwargs = _arguments(opt, ("_target_",))
+    targets.check_arguments("optimizer", cls, kwargs)
+    kwargs["learning_rate"] = build_schedule(opt, sched, max_steps)
+    return targets.call("optimizer", cls, kwargs)
+
+
+def _arguments(group: DictConfig, own: tuple[str, ...]) -> dict:
+    """A group's keys as constructor arguments (plain containers), without the group's own."""
+    kwargs = OmegaConf.to_container(group, resolve=True)
+    return {k: v for k, v in kwargs.items() if k not in own}
+
+
+def step_counter(optimizer: keras.optimizers.Optimizer):
+    """The optimizer's variable that counts train steps (calls of apply_gradients): equal to
+    the loop's step, checked on resume. With `gradient_accumulation_steps` n, Keras'
+    `iterations` counts updates (steps // n); this is the counter behind it."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    counter = getattr(
+        optimizer, "_iterations", None
+    )  # (never `or`: a variable's truth is a tensor)
+    return optimizer.iterations if counter is None else counter
 
 
 def learning_rate_fn(optimizer: keras.optimizers.Optimizer):
-    """f(iteration) -> the float32 learning rate the optimizer uses at (0-based) `iteration`;
+    """f(step) -> the float32 learning rate the optimizer uses at (0-based) train `step`
+    (with gradient accumulation, the rate of the update that step's gradients go into);
     works eagerly and inside a tf.function (the train chunk logs it per step)."""
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
     lr = optimizer._learning_rate  # the schedule object or a variable
+    every = int(optimizer.gradient_accumulation_steps or 1)
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        return lambda iteration: tf.cast(lr(iteration), tf.float32)
-    return lambda iteration: tf.cast(optimizer.learning_rate, tf.float32)  # also Mirrored
+        return lambda step: tf.cast(lr(step // every), tf.float32)
+    return lambda step: tf.cast(optimizer.learning_rate, tf.float32)  # also Mirrored

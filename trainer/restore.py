@@ -18,7 +18,8 @@ from trainer import summaries
 from trainer.checkpoint.store import CheckpointStore, read_manifest
 from trainer.checkpoint.warm_start import warm_start
 from trainer.config import UserError, first_few
-from trainer.state import STATE_LAYOUT, TrainState
+from trainer.optim import step_counter
+from trainer.state import STATE_LAYOUT, TrainState, find_layer
 
 
 def restore_or_initialize(
@@ -36,9 +37,9 @@ def restore_or_initialize(
         except AssertionError as e:  # objects of this run that the checkpoint has no values for
             raise UserError(_restore_mismatch(cfg, latest.prefix, [str(e)])) from None
         step = state.after_restore()
-        iterations = int(state.optimizer.iterations.numpy())
+        iterations = int(step_counter(state.optimizer).numpy())
         if iterations != step:
-            raise RuntimeError(f"restored step {step} but optimizer.iterations={iterations}")
+            raise RuntimeError(f"restored step {step} but the optimizer's step count {iterations}")
         if complete:
             return step, None
         dropped = summaries.truncate_metrics(run_dir, step)
@@ -104,3 +105,25 @@ def check_compatible(cfg: DictConfig, prefix: str) -> None:
             f"resume refused: {os.path.dirname(prefix)} was written with a different model/data config "
             f"({lines}). Use another hydra.run.dir, or restore those values."
         )
+
+
+def check_step_reads(state: TrainState, used) -> None:
+    """Before the first step: refuse (exit 2) a model whose traced train step uses variables
+    no checkpoint would hold, naming the layer Keras did not track."""
+    missing = state.untracked_in_step(used)
+    if not missing:
+        return
+    found = find_layer(state.model, missing)
+    names = first_few(sorted({v.name.split(":")[0] for v in missing}), 4)
+    if found is not None:
+        path, layer = found
+        what = f"layer {type(layer).__name__} {layer.name!r} at {type(state.model).__name__}.{path}"
+        names = first_few([v.path for v in layer.variables], 4)
+    else:
+        what = f"{len(missing)} variable(s) ({names})"
+    raise UserError(
+        f"model: the train step uses {what}, which Keras does not track, so no checkpoint or "
+        f"export would hold its variables ({names}) and a resume would lose them. Keep layers "
+        "in attributes of the model, or in lists or dicts assigned to them (not in a "
+        "SimpleNamespace, a dataclass or another plain object)."
+    )

@@ -56,8 +56,9 @@ def hparams_of(cfg: DictConfig) -> dict:
     """The run's hyperparameters as TensorBoard's HPARAMS tab shows them (flat, scalars only)."""
     flat = {
         "model": str(cfg.model._target_),
-        "optimizer": cfg.optimizer.name,
-        "schedule": cfg.schedule.name,
+        "optimizer": str(cfg.optimizer.get("_target_")).rpartition(".")[2],
+        "schedule": cfg.schedule.get("_target_") or cfg.schedule.name,
+        "loss": cfg.loss.get("_target_") or cfg.loss.name if "loss" in cfg else "auto",
         "data": cfg.data.name,
     }
     for group in ("model", "optimizer", "data", "trainer", "checkpoint"):

@@ -28,7 +28,12 @@ from trainer.config import UserError
 from trainer.distribute import placement as distribute
 from trainer.distribute import precision
 from trainer.nonfinite import NonFiniteLoss
-from trainer.restore import check_compatible, check_complete, restore_or_initialize
+from trainer.restore import (
+    check_compatible,
+    check_complete,
+    check_step_reads,
+    restore_or_initialize,
+)
 from trainer.state import STATE_LAYOUT
 from trainer.steps import make_chunk_fn, make_eval_fn
 
@@ -59,6 +64,7 @@ class Chunk:
     metric: np.ndarray
     rates: np.ndarray
     ids_hash: np.ndarray
+    extra: np.ndarray  # [len(metrics), k]: the `metrics=[...]` results (trainer/losses.py)
 
 
 def already_complete(step: int, run_dir: str, exports: dict | None = None) -> RunResult:
@@ -149,20 +155,31 @@ class Session:
         self.write_dir = place.write_dir
         self.batch = int(cfg.data.batch_size)
         self.steps_per_epoch = data.steps_per_epoch(self.batch)
+        self.log_every = int(cfg.trainer.log_every)  # plain ints: an OmegaConf read is ~25 us
+        objective, model, optimizer = state.objective, state.model, state.optimizer
+        self.metric_name = objective.metric_name
+        self.extra_names = [m.name for m in objective.train_metrics]
+        self._chunk_for = make_chunk_fn(
+            place.strategy,
+            model,
+            optimizer,
+            objective.loss_fn,
+            objective.metric_fn,
+            self.batch,
+            metrics=objective.train_metrics,
+            log_every=self.log_every,
+        )
+        self._chunk = self._new_chunk()
+        check_step_reads(state, self._chunk.variables)  # before anything of the run is written
+        self._evaluate = make_eval_fn(
+            model, objective.loss_fn, objective.metric_fn, objective.eval_metrics
+        )
+        self._eval_ds = data.eval_dataset(self.batch)
         self.writers = summaries.Writers(self.write_dir)
         self.metrics = summaries.MetricsLog(self.write_dir)
-        loss_fn = build.per_example_loss(data.task)
-        self.metric_name, metric_fn = build.per_example_metric(data.task)
         if resumed_from is None:  # once per run: a resume or a rerun adds no second session
             metrics = [("train", "loss"), ("eval", "loss"), ("eval", self.metric_name)]
             self.writers.hparams(runinfo.hparams_of(cfg), metrics if experiment else None)
-        model, optimizer = state.model, state.optimizer
-        self._chunk_for = make_chunk_fn(
-            place.strategy, model, optimizer, loss_fn, metric_fn, self.batch
-        )
-        self._chunk = self._new_chunk()
-        self._evaluate = make_eval_fn(model, loss_fn, metric_fn)
-        self._eval_ds = data.eval_dataset(self.batch)
         self._k_tensors: dict[int, tf.Tensor] = {}  # chunk lengths as tensors: one eager op less
         self.checked = model.variables + optimizer.variables  # never checkpointed with NaN/Inf
         self.result = RunResult("completed", step, resumed_from, run_dir)
@@ -179,7 +196,6 @@ class Session:
             dynamic_ncols=True,
         )
         self._window_t0, self._window_steps = time.perf_counter(), 0
-        self.log_every = int(cfg.trainer.log_every)  # plain ints: an OmegaConf read is ~25 us
 
     def _new_chunk(self):
         """The train chunk over the data stream from this step (a new one after a rollback)."""
@@ -198,13 +214,15 @@ class Session:
             self._k_tensors[k] = tf.constant(k)
         try:
             stats, hashes = self._chunk(self._k_tensors[k])
-            return Chunk(*stats.numpy(), hashes.numpy())
-        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            rows = stats.numpy()
+            return Chunk(rows[0], rows[1], rows[2], rows[3], hashes.numpy(), rows[4:])
+        except tf.errors.OpError as e:
             self._data_error(e)
             raise
 
     def _data_error(self, e: tf.errors.OpError) -> None:
-        """Records: a read error names its shard and record (UserError, exit 2)."""
+        """A read error names its shard and record (records), or the row and the user's own
+        message (a source of data=custom): UserError, exit 2."""
         problem = self.data.diagnose(e) if hasattr(self.data, "diagnose") else None
         if problem is not None:
             raise problem from None
@@ -230,6 +248,8 @@ class Session:
                     "grad_norm": float(out.norms[i]),
                     "batch_ids_hash": int(out.ids_hash[i]),
                 }
+                for j, name in enumerate(self.extra_names):
+                    record[name] = float(out.extra[j][i])
                 self.metrics.write(record)
                 tb = {key: v for key, v in record.items() if key not in _NOT_SCALARS}
                 self.writers.scalars(self.writers.train, s, {**tb, "steps_per_sec": rate})
@@ -269,12 +289,12 @@ class Session:
         """The eval pass at this step: logged, kept as the result's eval, best loss tracked."""
         at, loop = self.step, self.loop
         try:
-            eval_loss, eval_metric = self._evaluate(self._eval_ds)
-        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            eval_loss, eval_metric, extra = self._evaluate(self._eval_ds)
+        except tf.errors.OpError as e:
             self._data_error(e)
             raise
         loop.best_eval_loss = min(loop.best_eval_loss, eval_loss)
-        values = {"loss": eval_loss, self.metric_name: eval_metric}
+        values = {"loss": eval_loss, self.metric_name: eval_metric, **extra}
         self.writers.scalars(self.writers.eval, at, values)
         self.metrics.write(
             {"step": at, "split": "eval", **{f"eval_{k}": v for k, v in values.items()}}

@@ -14,14 +14,18 @@ What the checkpoint holds:
 - rng/<path>: Keras SeedGenerator states (Dropout...): `model.variables` minus its weights;
   without them a Dropout model diverges right after a resume (checkpoint.restore_rng=false
   leaves them out on purpose: the negative control);
-- optimizer/<path>: iterations (and so the learning-rate schedule position) and slots;
+- optimizer/<path>: iterations (and so the learning-rate schedule position) and slots (EMA
+  weights and gradient accumulators included: they are the optimizer's variables);
+- metrics/<path>: the totals of the `metrics=[...]` the user added (trainer/losses.py);
 - step, epoch: the counters; the data position is the step (trainer/data.py);
 - loop: Python-side loop state that changes what is logged or decided (the running
   window behind logged metric averages, best eval loss so far), mirrored into variables
   before each save and read back after a restore.
 
 `missing_from_checkpoint()` (before the first save) and `restore_problems()` (before a
-restore) check completeness in both directions.
+restore) check completeness in both directions, and `untracked_in_step()` checks it against
+what the traced train step really reads and writes: a layer Keras does not track (kept in a
+SimpleNamespace or a plain object) is in none of the lists above, but the step still uses it.
 """
 
 from __future__ import annotations
@@ -99,9 +103,14 @@ class TrainState:
     model and optimizer are built (restoring into unbuilt Keras objects silently drops slots)."""
 
     def __init__(
-        self, model: keras.Model, optimizer: keras.optimizers.Optimizer, include_rng: bool = True
+        self,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        include_rng: bool = True,
+        metrics: list | tuple = (),
     ):
         self.model, self.optimizer, self.include_rng = model, optimizer, include_rng
+        self.metrics = list(metrics)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.groups: dict[str, dict] = {
@@ -109,6 +118,8 @@ class TrainState:
             "rng": keyed(seed_generator_states(model)) if include_rng else {},
             "optimizer": keyed(optimizer.variables),
         }
+        if self.metrics:  # a key only when there are metrics: earlier checkpoints stay valid
+            self.groups["metrics"] = keyed(v for m in self.metrics for v in m.variables)
         self.rng = list(self.groups["rng"].values())
         self.loop = LoopState()
         self._loop_vars = {
@@ -148,9 +159,18 @@ class TrainState:
             held.add(id(obj))
             queue.extend(obj._trackable_children(save_type="checkpoint").values())
         wanted = self.model.weights + self.optimizer.variables
+        wanted += [v for m in self.metrics for v in m.variables]
         if self.include_rng:
             wanted += seed_generator_states(self.model)
         return [str(getattr(v, "path", v.name)) for v in wanted if id(v) not in held]
+
+    def untracked_in_step(self, used) -> list:
+        """The variables among `used` (those a traced train step reads or writes: its concrete
+        function's `.variables`) that this state does not hold."""
+        known = self.model.variables + self.optimizer.variables
+        known += [v for m in self.metrics for v in m.variables]
+        held = {id(h) for v in known for h in _handles(v)}
+        return [v for v in used if id(v) not in held]
 
     def restore_problems(self, prefix: str) -> list[str]:
         """What stops an exact restore of `prefix`: variables of this run it has no value for,
@@ -179,3 +199,48 @@ class TrainState:
             value = var.numpy()
             setattr(self.loop, name, int(value) if var.dtype == tf.int64 else float(value))
         return int(self.step.numpy())
+
+
+def _handles(var) -> list:
+    """A Keras variable, the tf.Variable behind it, and its per-device components under a
+    tf.distribute strategy: every object a traced function may capture for it."""
+    out = [var]
+    inner = getattr(var, "value", None)
+    if inner is not None and not callable(inner):  # KerasVariable.value: the tf.Variable
+        out.append(inner)
+    for v in list(out):
+        parts = getattr(v, "_values", None)  # a MirroredVariable's components
+        if isinstance(parts, (list, tuple)):
+            out += list(parts)
+    return out
+
+
+def find_layer(root, wanted, limit: int = 6) -> tuple[str, object] | None:
+    """(attribute path from `root`, layer) of a Keras layer reachable from `root` through
+    attributes, containers or plain objects whose variables include one of `wanted` (tf
+    variables): the layer behind a variable that Keras' tracking missed."""
+    wanted_ids = {id(v) for v in wanted}
+    seen: set[int] = set()
+    stack: list[tuple[str, object, int]] = [("", root, 0)]
+    while stack:
+        path, obj, depth = stack.pop()
+        if id(obj) in seen or depth > limit:
+            continue
+        seen.add(id(obj))
+        if obj is not root and isinstance(obj, keras.layers.Layer):
+            if any(id(h) in wanted_ids for v in obj.variables for h in _handles(v)):
+                return path, obj
+        if isinstance(obj, dict):
+            items = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple, set)):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, tf.Variable)):
+            items = [
+                (f"{path}.{k}" if path else k, v)
+                for k, v in vars(obj).items()
+                if not k.startswith("_") or k in ("_layers",)
+            ]
+        else:
+            continue
+        stack.extend((p, v, depth + 1) for p, v in reversed(items))
+    return None

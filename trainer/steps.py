@@ -6,16 +6,20 @@ from __future__ import annotations
 import tensorflow as tf
 
 from trainer.distribute import precision
-from trainer.optim import learning_rate_fn
+from trainer.optim import learning_rate_fn, step_counter
 from trainer.tfcall import flat_caller
 
 
-def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: int):
+def make_chunk_fn(
+    strategy, model, optimizer, loss_fn, metric_fn, global_batch: int, metrics=(), log_every=1
+):
     """`for_iterator(iterator)` -> `chunk(k)` (a traced tf.function, called through its concrete
     function: `k` must be an int32 scalar tensor) running `k` train steps on batches
-    from `iterator`; it returns one [4, k] tensor: per step the loss, grad norm, metric and
-    learning rate; and a [k] float64 tensor: per step the `batch_ids_hash` of its global
-    batch (the sum of its rows' id terms, trainer/data.py). No eager ops.
+    from `iterator`; it returns one [4 + len(metrics), k] tensor: per step the loss, grad
+    norm, metric and learning rate, then each of `metrics` (Keras metrics, their result since
+    the last step that was a multiple of `log_every`: they are reset after such a step); and
+    a [k] float64 tensor: per step the `batch_ids_hash` of its global batch (the sum of its
+    rows' id terms, trainer/data.py). No eager ops.
 
     The iterator is captured, not passed: an iterator argument is bound again on every call
     (its type spec hashed), ~0.1 ms of the ~2 ms a 10-step chunk takes (profiled). A new
@@ -34,6 +38,8 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: 
         tvars = model.trainable_variables
         grads = tape.gradient(scaled, tvars)
         optimizer.apply_gradients(zip(grads, tvars, strict=True))
+        for m in metrics:
+            m.update_state(y, pred)
         return (
             loss,
             precision.grad_norm(optimizer, grads) / replicas,
@@ -52,8 +58,9 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: 
         metric = tf.TensorArray(tf.float32, size=k)
         rates = tf.TensorArray(tf.float32, size=k)
         hashes = tf.TensorArray(tf.float64, size=k)
+        extra = [tf.TensorArray(tf.float32, size=k) for _ in metrics]
         # iterations == the step at a chunk's start (sync_iterations), read once before the loop
-        start = tf.cast(tf.convert_to_tensor(optimizer.iterations), tf.int64)
+        start = tf.cast(tf.convert_to_tensor(step_counter(optimizer)), tf.int64)
         for i in tf.range(k):
             rates = rates.write(i, learning_rate(start + tf.cast(i, tf.int64)))
             x, y, terms = next(iterator)
@@ -62,24 +69,40 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch: 
             norms = norms.write(i, strategy.reduce("SUM", norm, axis=None))
             metric = metric.write(i, strategy.reduce("SUM", m, axis=None))
             hashes = hashes.write(i, strategy.reduce("SUM", h, axis=None))
-        stats = tf.stack([losses.stack(), norms.stack(), metric.stack(), rates.stack()])
+            if metrics:
+                extra = [
+                    e.write(i, tf.cast(m.result(), tf.float32))
+                    for e, m in zip(extra, metrics, strict=True)
+                ]
+                if (start + tf.cast(i, tf.int64) + 1) % log_every == 0:
+                    for m in metrics:  # the next log line's values start here
+                        m.reset_state()
+        stats = [losses.stack(), norms.stack(), metric.stack(), rates.stack()]
+        stats = tf.stack(stats + [e.stack() for e in extra])
         return stats, hashes.stack()
 
     return for_iterator
 
 
-def make_eval_fn(model, loss_fn, metric_fn):
+def make_eval_fn(model, loss_fn, metric_fn, metrics=()):
+    """`evaluate(dataset)` -> (mean loss, mean task metric, {name: result} of `metrics`
+    (Keras metrics, reset first)) over the dataset's (x, y) batches."""
+
     @tf.function
     def batch_sums(x, y):
         pred = tf.cast(model(x, training=False), tf.float32)
+        for m in metrics:
+            m.update_state(y, pred)
         return tf.reduce_sum(loss_fn(y, pred)), tf.reduce_sum(metric_fn(y, pred))
 
-    def evaluate(dataset) -> tuple[float, float]:
+    def evaluate(dataset) -> tuple[float, float, dict]:
         loss = metric = 0.0
         n = 0
+        for m in metrics:
+            m.reset_state()
         for x, y in dataset:
             a, b = batch_sums(x, y)
             loss, metric, n = loss + float(a), metric + float(b), n + int(x.shape[0])
-        return loss / n, metric / n
+        return loss / n, metric / n, {m.name: float(m.result()) for m in metrics}
 
     return evaluate

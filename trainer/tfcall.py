@@ -21,4 +21,5 @@ def flat_caller(fn, *example):
     def call(*args):
         return call_flat(tf.nest.flatten(args), concrete.captured_inputs)
 
+    call.variables = concrete.variables  # what the traced function reads and writes
     return call

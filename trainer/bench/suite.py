@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import build
+from trainer import build, losses
 from trainer import data as data_lib
 from trainer.bench import big_state as bench_state
 from trainer.bench import records as bench_records
@@ -160,7 +160,7 @@ def fit_rate(overrides: list[str], steps: int, warmup: int, spe: int) -> float:
     data = data_lib.load_data(cfg.data)
     model = build.build_model(cfg.model, data)
     optimizer = build_optimizer(cfg.optimizer, cfg.schedule, steps)
-    model.compile(optimizer=optimizer, loss=build.keras_loss(data.task), steps_per_execution=spe)
+    model.compile(optimizer=optimizer, loss=losses.keras_loss(data.task), steps_per_execution=spe)
     dataset = data.train_dataset(int(cfg.data.batch_size), int(cfg.trainer.seed), 0)
     dataset = dataset.map(lambda x, y, _: (x, y))  # Model.fit trains on (x, y)
     timer = _EpochTimer()

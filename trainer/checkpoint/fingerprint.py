@@ -2,7 +2,7 @@
 
 The structural part of a config is what a checkpoint's tensors and the batches, initial
 weights and random masks of each step depend on: the whole `model` group, the `data` group
-(except where the file lives), the optimizer kind (its slot variables) and `trainer.seed`
+(except where the file lives), the optimizer's class (its slot variables) and `trainer.seed`
 (the batch order of every epoch, the initial weights, Dropout's masks). Changing any of it
 under an existing run would load tensors into the wrong places or train on other batches
 than the interrupted run would have, so a resume with a different structural part is
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 STATE_LAYOUT = 2
 # where the data lives and how it is checked (records: the dataset_id in data_shape is checked)
 _NOT_STRUCTURAL = {"data.path", "data.files", "data.val_files", "data.description", "data.verify"}
+_NOT_STRUCTURAL |= {"data.workers"}  # how many rows of a source are read at once
 
 
 def flatten(value, prefix: str = "", out: dict | None = None) -> dict:
@@ -44,7 +45,7 @@ def structural(cfg: DictConfig) -> dict:
         {
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "optimizer": {"name": cfg.optimizer.name},
+            "optimizer": {"_target_": cfg.optimizer.get("_target_")},  # its slot variables
             "trainer": {"seed": int(cfg.trainer.seed)},
         }
     )

@@ -177,6 +177,7 @@ def verify_export(
     from trainer import build
     from trainer import data as data_lib
     from trainer.checkpoint.store import CheckpointStore
+    from trainer.losses import build_objective
     from trainer.steps import make_eval_fn
     from trainer.verify.latency import compare_latency
 
@@ -210,13 +211,13 @@ def verify_export(
         _check(checks, f"outputs {name}", diff <= atol, f"max |diff| {diff:.3g} vs checkpoint")
 
     # Task metrics, computed the way the training loop's eval computes them.
-    metric_name, metric_fn = build.per_example_metric(data.task)
-    loss_fn = build.per_example_loss(data.task)
+    objective = build_objective(cfg, data.task)  # the run's own loss (a custom one too)
+    metric_name, metric_fn, loss_fn = objective.metric_name, objective.metric_fn, objective.loss_fn
     eval_ds = data.eval_dataset(int(cfg.data.batch_size))
     subjects = {"checkpoint": model, "model.keras": reloaded, "saved_model": _AsModel(serve)}
     metrics = {}
     for name, subject in subjects.items():
-        loss, metric = make_eval_fn(subject, loss_fn, metric_fn)(eval_ds)
+        loss, metric, _ = make_eval_fn(subject, loss_fn, metric_fn)(eval_ds)
         metrics[name] = {"loss": loss, metric_name: metric}
     logged = _logged_eval(run_dir, good.step)
     if logged is not None:
@@ -259,6 +260,11 @@ def verify_export(
     o = report["optimizer"]
     _check(checks, "optimizer model.keras", o["ok"], o["detail"])
 
+    # The user's parts inside model.keras: the schedule driving its optimizer, and its loss.
+    report["parts"] = _compare_parts(optimizer, objective.keras_loss, reloaded)
+    p = report["parts"]
+    _check(checks, "schedule, loss model.keras", p["ok"], p["detail"])
+
     # Inference latency on one validation batch, reloaded vs original.
     batch = x_val[: int(cfg.data.batch_size)]
     latency = compare_latency(candidates, batch, baseline="checkpoint", rounds=rounds)
@@ -286,6 +292,38 @@ def _compare_optimizer(ref, other) -> dict:
     )
     ok = not bad and it_ref == it_other and len(ref.variables) == len(other.variables)
     return {"ok": ok, "detail": detail, "iterations": it_other, "variables": rows}
+
+
+def _describe(obj) -> tuple[str, dict]:
+    """(class name, config) of a schedule or loss; a constant rate as ('constant', {})."""
+    if not hasattr(obj, "get_config"):
+        return "constant", {}
+    config = obj.get_config()
+    return type(obj).__name__, {k: v for k, v in config.items() if k not in ("name", "dtype")}
+
+
+def _compare_parts(optimizer, loss, reloaded) -> dict:
+    """The reloaded artifact's learning-rate schedule and loss against the run's: same class,
+    same configuration (a user's own must be registered to come back)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    other = getattr(reloaded, "optimizer", None)
+    other = getattr(other, "inner_optimizer", other)
+    pairs = {
+        "schedule": (
+            _describe(inner._learning_rate),
+            _describe(getattr(other, "_learning_rate", None)),
+        ),
+        "loss": (_describe(loss), _describe(getattr(reloaded, "loss", None))),
+    }
+    bad = [name for name, (a, b) in pairs.items() if a != b]
+    detail = ", ".join(f"{name} {b[0]}" for name, (_, b) in pairs.items())
+    if bad:
+        detail += "; differ: " + ", ".join(
+            f"{name} {a[0]} {a[1]} in the run, {b[0]} {b[1]} in model.keras"
+            for name, (a, b) in pairs.items()
+            if name in bad
+        )
+    return {"ok": not bad, "detail": detail}
 
 
 def format_table(report: dict) -> str:
