@@ -16,6 +16,7 @@ RATIOS = [
     "async_cost_vs_floor",
     "budget_overhead",
     "save_vs_numpy",
+    "source_vs_memory",
 ]
 
 
@@ -37,6 +38,7 @@ def test_bench_writes_bench_json_with_the_ratios(tmp_path):
     # the floor's variant ran once per round (a 40-step smoke run may end before its first write)
     assert len(result["big_state_loop"]["floor_in_loop_writes"]) == 1
     assert result["budget"]["budget_saves_rounds"][0] >= 1
+    assert result["source"]["row_seconds"] == 50e-6 and result["source"]["steps_per_sec"]["source"]
 
 
 def test_cost_per_save_charges_the_windows_after_each_save():

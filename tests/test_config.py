@@ -7,9 +7,13 @@ from omegaconf import OmegaConf
 
 from trainer.config import CONF_DIR, UserError, validate
 
-GROUPS = ["model", "optimizer", "schedule", "data", "trainer", "checkpoint", "distribute"]
+GROUPS = ["model", "optimizer", "schedule", "loss", "data", "trainer", "checkpoint", "distribute"]
 NEEDS = {  # options that need further keys from the user
     ("model", "custom"): ["model._target_=models.DropoutMLP"],
+    ("optimizer", "custom"): ["optimizer._target_=keras.optimizers.Nadam"],
+    ("schedule", "custom"): ["schedule._target_=keras.optimizers.schedules.PolynomialDecay"],
+    ("loss", "custom"): ["loss._target_=keras.losses.Huber"],
+    ("data", "custom"): ["data._target_=user_parts.make_arrays"],
     ("data", "npz"): ["data.path=x.npz"],
     ("data", "csv"): ["data.path=x.csv", "data.target=y"],
     ("data", "records"): ["data.files=data/x/train-*.tfrecord"],
@@ -27,8 +31,13 @@ def test_every_option_composes_and_validates(compose, group, option):
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     if (group, option) not in (("data", "npz"), ("data", "csv")):
         validate(cfg)
-    if group in ("optimizer", "schedule", "data"):
+    if group in ("schedule", "loss", "data"):
         assert cfg[group].name == option
+    if group == "optimizer":  # every key of a shipped option is an argument of its class
+        from trainer.optim import build_optimizer
+
+        optimizer = build_optimizer(cfg.optimizer, cfg.schedule, 100)
+        assert type(optimizer).__name__ == cfg.optimizer._target_.rpartition(".")[2]
 
 
 def test_defaults_match_the_cli_contract(compose):

@@ -238,7 +238,7 @@ def assert_tensorboard_compares(sweep: Path, dirs: list[Path], jobs: dict, tmp_p
         ),
         (["optimizer.learning_rate=range(1,1)"], ["an empty list of values", "one value or more"]),
         (["model=custom_bn,nope"], ["model: received 'nope'", "custom_dense"]),
-        (["optimizer.learning_rate=0.1,0"], ["optimizer.learning_rate: received 0.0", "> 0"]),
+        (["optimizer.learning_rate=0.1,0"], ["optimizer.learning_rate: received 0;", "> 0"]),
     ],
 )
 def test_bad_sweep_input_is_one_line_and_exit_2_before_any_job(tmp_path, args, expected):

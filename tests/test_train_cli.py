@@ -193,3 +193,28 @@ def test_logged_learning_rate_is_the_schedule_at_each_step(tmp_path, compose, sc
     expected = {s: float(np.float32(sched(s - 1) if callable(sched) else sched)) for s in logged}
     assert logged == expected
     assert len(set(logged.values())) == (1 if schedule == "constant" else 30)
+
+
+NATIVE_NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cuInit", "cuda drivers")
+
+
+def test_first_screen_shows_the_runs_own_lines_only(tmp_path):
+    """TensorFlow's C++ start-up lines are held back; trainer.debug=true shows them (the
+    negative control: they are there to hold back on this machine)."""
+    r = train(tmp_path / "run", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert not [n for n in NATIVE_NOISE if n in r.stderr], r.stderr
+    shown = train(tmp_path / "debug", *FAST, "trainer.debug=true")
+    assert shown.returncode == 0 and any(n in shown.stderr for n in NATIVE_NOISE), shown.stderr
+
+
+def test_holding_back_keeps_every_other_line(capfd):
+    from trainer import startup
+
+    with startup.quiet_native_start_up():
+        os.write(2, b"I0000 00:00:1796416767.035768    2249 port.cc:153] oneDNN custom ops.\n")
+        os.write(2, b"E0000 00:00:1796416770.648446    2249 cuda_platform.cc:52] failed cuInit\n")
+        os.write(2, b"UserWarning: a line of the user's own\n")
+    err = capfd.readouterr().err
+    assert "oneDNN" not in err and "cuInit" not in err
+    assert "UserWarning: a line of the user's own" in err

@@ -7,6 +7,7 @@ schedule._target_=user_parts.StepDecay`, `loss=custom loss._target_=user_parts.l
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -93,12 +94,13 @@ def make_arrays(n: int = 512, features: int = 6):
 
 class RowSource:
     """A random-access source: rows computed (or read) one at a time, never all at once.
-    `delay` seconds per row stand for I/O (a file, a database); `fail_at` raises at that row;
-    `ragged_at` returns a row of another shape there."""
+    `delay` seconds per row stand for I/O (a file, a database); `fail_at` raises at that row,
+    `ragged_at` returns a row of another shape there, both while the file `fault` exists (if
+    given: the store fails, then comes back)."""
 
-    def __init__(self, n=512, features=6, delay=0.0, fail_at=None, ragged_at=None):
+    def __init__(self, n=512, features=6, delay=0.0, fail_at=None, ragged_at=None, fault=None):
         self.n, self.features, self.delay = n, features, delay
-        self.fail_at, self.ragged_at = fail_at, ragged_at
+        self.fail_at, self.ragged_at, self.fault = fail_at, ragged_at, fault
         self.x, self.y = _rows(n, features)
         self.reading, self.most_at_once = 0, 0  # reads in flight: how parallel the reader is
         self._lock = threading.Lock()
@@ -114,16 +116,19 @@ class RowSource:
             time.sleep(self.delay)
             with self._lock:
                 self.reading -= 1
-        if i == self.fail_at:
+        faulty = self.fault is None or os.path.exists(self.fault)
+        if i == self.fail_at and faulty:
             raise OSError(f"cannot read blob {i}: connection reset")
-        if i == self.ragged_at:
+        if i == self.ragged_at and faulty:
             return self.x[i][:-1], self.y[i]
         return self.x[i], self.y[i]
 
 
-def make_source(n: int = 512, features: int = 6, delay: float = 0.0, fail_at=None, ragged_at=None):
+def make_source(
+    n: int = 512, features: int = 6, delay: float = 0.0, fail_at=None, ragged_at=None, fault=None
+):
     """A user's function returning a random-access source."""
-    return RowSource(n, features, delay, fail_at, ragged_at)
+    return RowSource(n, features, delay, fail_at, ragged_at, fault)
 
 
 def no_len(n: int = 10):

@@ -34,6 +34,7 @@ from trainer import build, losses
 from trainer import data as data_lib
 from trainer.bench import big_state as bench_state
 from trainer.bench import records as bench_records
+from trainer.bench import source as bench_source
 from trainer.checkpoint.async_save import lower_thread_priority
 from trainer.loop import fit
 from trainer.optim import build_optimizer
@@ -514,6 +515,8 @@ def run(mode: str = "full", out: str | None = "bench.json", log=print) -> dict:
         st = bench_state.state_io(m, workdir, log)
         log("data=records: the default run from records vs in memory...")
         rv = bench_records.records_vs_memory(m, workdir, log)
+        log("data=custom: the default run from a source whose rows wait 50 us vs in memory...")
+        sv = bench_source.source_vs_memory(m, workdir, log, loop_rate)
         log("data=records: a large set vs a small one (peak RSS), resuming late in an epoch...")
         rl = bench_records.records_large(mode, m, workdir, log)
     finally:
@@ -529,7 +532,9 @@ def run(mode: str = "full", out: str | None = "bench.json", log=print) -> dict:
         records_vs_memory=rv.pop("records_vs_memory"),
         records_rss_ratio=rl.pop("records_rss_ratio"),
         records_resume_late=rl.pop("records_resume_late"),
+        source_vs_memory=sv.pop("source_vs_memory"),
         records={**rv, **rl},
+        source=sv,
         throughput=tp,
         checkpoints=cc,
         big_state_loop=bs,
@@ -557,6 +562,7 @@ TARGETS = {
     "records_vs_memory": (">=", 0.9),
     "records_rss_ratio": ("<=", 1.2),
     "records_resume_late": ("<=", 2.0),
+    "source_vs_memory": (">=", 0.8),
 }
 
 
@@ -620,6 +626,10 @@ def table(r: dict) -> str:
         f"shuffled iterator: {st['tf_data_iterator_bytes'] / 1e3:.1f} kB)",
         "peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items() if k.endswith("_mb")),
         _records_line(r["records"]),
+        f"data=custom source, rows waiting {r['source']['row_seconds'] * 1e6:.0f} us each: "
+        f"steps/s per round (source/memory) {_spread(r['source']['source_vs_memory_rounds'])}"
+        f" (source {_spread(r['source']['steps_per_sec']['source'])}, memory "
+        f"{_spread(r['source']['steps_per_sec']['memory'])} steps/s)",
     ]
     return "\n".join(lines)
 

@@ -308,6 +308,8 @@ def _compare_parts(optimizer, loss, reloaded) -> dict:
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     other = getattr(reloaded, "optimizer", None)
     other = getattr(other, "inner_optimizer", other)
+    if other is None or not other.variables:  # not compiled: the optimizer check says so
+        return {"ok": True, "detail": "none in model.keras (no optimizer state, above)"}
     pairs = {
         "schedule": (
             _describe(inner._learning_rate),
