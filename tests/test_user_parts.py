@@ -275,3 +275,17 @@ def test_a_source_reads_rows_in_parallel(compose):
         x, y, _ = next(it)
     assert x.shape == (32, 6) and y.shape == (32, 1)
     assert 4 <= data.source.most_at_once <= 8, data.source.most_at_once
+
+
+@pytest.mark.slow
+def test_exports_carry_the_users_optimizer_schedule_and_loss(tmp_path):
+    """model.keras holds the user's (registered) optimizer, schedule and loss;
+    scripts/verify_export.py imports them from the run's config and finds each the run's."""
+    run = tmp_path / "run"
+    over = [*CASES["user optimizer"], *CASES["user schedule"], *CASES["user loss and metrics"]]
+    assert train(run, *over, *FAST).returncode == 0
+    r = run_cli("scripts/verify_export.py", str(run))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ScaledSGD, iterations 40" in r.stdout
+    assert "schedule StepDecay, loss LossFunctionWrapper" in r.stdout, r.stdout
+    assert "RESULT: nothing lost" in r.stdout

@@ -2,15 +2,32 @@
 a sweep's jobs, `-m`, in sweep.py)."""
 
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+
+
+def _stopped_while_loading(signum, frame) -> None:
+    """Ctrl-C or SIGTERM in the ~0.3 s Python takes to import the modules below: nothing has
+    been written by this process yet (main() installs the handlers that follow)."""
+    run = next((a[len("hydra.run.dir=") :] for a in sys.argv if a.startswith("hydra.run.dir=")), "")
+    ckpts = os.path.join(run, "checkpoints") if run else ""
+    saved = os.path.isdir(ckpts) and any(n.endswith(".manifest.json") for n in os.listdir(ckpts))
+    what = "its checkpoints are intact; rerun the command to resume" if saved else "rerun it"
+    os.write(2, f"\ninterrupted while starting, nothing written; {what}\n".encode())
+    os._exit(3 if saved else 4)  # the exit codes of runinfo.interrupted_message
+
+
+if not any(a in ("-m", "--multirun", "hydra.mode=MULTIRUN") for a in sys.argv[1:]):
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _stopped_while_loading)
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 
-from trainer import startup, sweep  # noqa: E402  (sweep: registers the job_dirname resolver)
+from trainer import runinfo, signals, startup, sweep  # noqa: E402  (sweep: job_dirname resolver)
 from trainer.config import CONF_DIR, register_schemas  # noqa: E402
 
 register_schemas()
@@ -35,15 +52,35 @@ def _entry(cfg) -> float | None:
 
 
 def main() -> None:
+    single = not any(a in ("-m", "--multirun", "hydra.mode=MULTIRUN") for a in sys.argv[1:])
+    if single:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
+        signals.interrupt_outside_the_loop()  # a SIGTERM during start-up ends it as Ctrl-C does
+    try:
+        _main()
+    except KeyboardInterrupt as e:  # before Hydra made the run (app.py reports those after)
+        if not single:
+            raise
+        run_dir = next(
+            (a.partition("=")[2] for a in sys.argv if a.startswith("hydra.run.dir=")), None
+        )
+        code, message = runinfo.interrupted_message(
+            run_dir, signals.interrupted_by(e), "Rerun the same command to resume."
+        )
+        print(f"\n{message}", file=sys.stderr)
+        sys.exit(code)
+
+
+def _main() -> None:
     from trainer.preflight import check
 
     problem = check(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    if not startup.debug_asked(sys.argv[1:]):
-        startup.load_tensorflow_quietly()  # its C++ start-up lines are not ours to show
     try:
+        if not startup.debug_asked(sys.argv[1:]):
+            startup.load_tensorflow_quietly()  # its C++ start-up lines are not ours to show
         _entry()
     except sweep.SweepInterrupted:  # a signal stopped the sweep: the report, exit 3
         sys.exit(sweep.finish(stopped=True))

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from trainer import hydra_callbacks
+from trainer import hydra_callbacks, runinfo
 from trainer.checkpoint import integrity
 from trainer.config import UserError
 from trainer.loop import NonFiniteLoss, RunResult, fit
+from trainer.signals import interrupted_by
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
 
@@ -100,13 +101,14 @@ def execute(cfg: DictConfig, run_dir: str, sweep: bool = False) -> Outcome:
             f"cannot write {where} ({problem}); the checkpoints written so far are intact. "
             "Free space or fix permissions, then rerun the same command to resume.",
         )
-    except KeyboardInterrupt:  # SIGINT outside the training loop (start-up, export)
-        print(
-            "\ninterrupted (SIGINT) outside the training loop; the checkpoints written so far "
-            f"are intact. {_resume_hint(run_dir, sweep)}",
-            file=sys.stderr,
-        )
-        return Outcome(130, error="interrupted (SIGINT) outside the training loop")
+    except KeyboardInterrupt as e:  # a signal outside the training loop (start-up, export)
+        name = interrupted_by(e)
+        if sweep:  # the sweep's table reports it (trainer/sweep.py)
+            print(f"\ninterrupted ({name}) outside the training loop", file=sys.stderr)
+            return Outcome(130, error=f"interrupted ({name}) outside the training loop")
+        code, message = runinfo.interrupted_message(run_dir, name, _resume_hint(run_dir, False))
+        print(f"\n{message}", file=sys.stderr)
+        return Outcome(code, error=message)
     print(summary(result))
     if result.status == "already_complete":
         hydra_callbacks.restore()  # the run's .hydra/ too stays as it was (a sweep's rerun)

@@ -26,6 +26,16 @@ def first_few(items: list[str], limit: int, sep: str = ", ") -> str:
     return sep.join(items[:limit]) + more
 
 
+def check_file(path: str) -> str:
+    """`data.path`, checked: a readable file (no TensorFlow needed: preflight runs it)."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise UserError(f"data.path: received {path!r}; no such file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"data.path: received {path!r}; the file is not readable")
+    return path
+
+
 # ---------------------------------------------------------------- trainer, checkpoint, distribute
 @dataclass
 class TrainerConfig:

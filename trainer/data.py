@@ -18,7 +18,6 @@ of `batch_ids_hash` (`id_terms`): the loop sums them into one fingerprint per st
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,7 @@ from omegaconf import DictConfig
 
 from trainer import source as user_source
 from trainer.batch_ids import SPLIT_SEED, batch_positions, id_terms, split_ids
-from trainer.config import UserError
+from trainer.config import UserError, check_file
 
 __all__ = ["Data", "id_terms", "load_data", "read_source", "split_ids"]
 _SYNTHETIC_SEED = SPLIT_SEED  # the synthetic datasets' identity: the same arrays in every run
@@ -160,17 +159,8 @@ def _digits(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
     return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int32)
 
 
-def _check_file(path: str) -> str:
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise UserError(f"data.path: received {path!r}; no such file")
-    if not os.access(path, os.R_OK):
-        raise UserError(f"data.path: received {path!r}; the file is not readable")
-    return path
-
-
 def _npz(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
-    path = _check_file(cfg.path)
+    path = check_file(cfg.path)
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f.files]
@@ -189,7 +179,7 @@ def _npz(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _csv(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
-    path = _check_file(cfg.path)
+    path = check_file(cfg.path)
     try:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))

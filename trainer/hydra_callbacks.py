@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 
 _NAMES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 _saved: dict[str, bytes | None] = {}
+_made: list[str] = []  # a single run's directory that did not exist before this run
+_LEFT_BY_HYDRA = {"train.log"}  # what Hydra writes beside .hydra/ before the task starts
 
 
 def _read(path: str) -> bytes | None:
@@ -36,6 +38,10 @@ class PreserveRunFiles(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         _saved.clear()
+        _made.clear()
+        run_dir = os.path.abspath(str(config.hydra.run.dir))
+        if not os.path.exists(run_dir):
+            _made.append(run_dir)
         subdir = config.hydra.output_subdir
         if subdir is None:
             return
@@ -65,7 +71,28 @@ class PreserveRunFiles(Callback):
 
 
 def restore() -> None:
-    """Put back the `.hydra/` files as they were before this run (remove ones it created)."""
+    """Put back the `.hydra/` files as they were before this run (remove ones it created),
+    and remove the run directory Hydra made for this run if nothing else is in it."""
+    _put_back()
+    for run_dir in _made:
+        _remove_if_empty(run_dir)
+
+
+def _remove_if_empty(run_dir: str) -> None:
+    hydra_dir = os.path.join(run_dir, ".hydra")
+    if os.path.isdir(hydra_dir) and not os.listdir(hydra_dir):
+        os.rmdir(hydra_dir)
+    try:
+        left = set(os.listdir(run_dir))
+    except OSError:
+        return
+    if left <= _LEFT_BY_HYDRA:
+        for name in left:
+            os.remove(os.path.join(run_dir, name))
+        os.rmdir(run_dir)
+
+
+def _put_back() -> None:
     for path, content in _saved.items():
         try:
             if content is None:

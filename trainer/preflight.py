@@ -11,16 +11,18 @@ flags (`--cfg`, `-cn`...) it steps aside and Hydra reports as usual.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import importlib.util
 import itertools
 import math
 import os
 import tempfile
 import typing
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import CONF_DIR, UserError, register_schemas, validate
+from trainer.config import CONF_DIR, UserError, check_file, register_schemas, validate
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -78,6 +80,44 @@ def message(e: Exception, overrides: list[str]) -> str:
             return f"{key}: received {value!r}; allowed: {_describe(fields[name])}"
         return f"{key}: {str(cause).splitlines()[0]} (received {value!r})"
     return str(e).splitlines()[0]
+
+
+_TARGETS = ("model._target_", "optimizer._target_", "schedule._target_", "loss._target_")
+
+
+def check_inputs(cfg) -> None:
+    """What can be known about the inputs without TensorFlow: the data file is there and is
+    readable, a CSV has the target column, each `_target_`'s package can be found. UserError."""
+    data = cfg.data
+    if data.name in ("csv", "npz"):
+        path = check_file(data.path)
+        if data.name == "csv":
+            _check_csv_header(path, str(data.target))
+    keys = [*_TARGETS, "data._target_"] + [f"metrics[{i}]" for i in range(len(cfg.metrics))]
+    for key in keys:
+        value = OmegaConf.select(cfg, key.replace("[", ".").replace("]", ""), default=None)
+        if isinstance(value, DictConfig):
+            value = value.get("_target_")
+        if not isinstance(value, str) or "." not in value:
+            continue  # absent, or not a dotted path: the build says what is wrong with it
+        top = value.split(".", 1)[0]
+        if importlib.util.find_spec(top) is None:
+            raise UserError(
+                f"{key}: received {value!r}; no module {top!r} on PYTHONPATH (add the "
+                "directory that holds it: PYTHONPATH=<dir> python -m trainer ...)"
+            )
+
+
+def _check_csv_header(path: str, target: str) -> None:
+    try:
+        with open(path, newline="") as f:
+            header = [h.strip() for h in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"data.path: cannot read {path!r} as CSV ({e})") from None
+    if target not in header:
+        near = [h for h in header if h.lower() == target.lower()]
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise UserError(f"data.target: received {target!r}{hint}; columns in {path!r}: {header}")
 
 
 def _writable_dir_problem(run_dir: str) -> str | None:
@@ -184,6 +224,7 @@ def check(argv: list[str]) -> str | None:
                 try:
                     cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
                     validate(cfg)  # value checks too, before TensorFlow is even imported
+                    check_inputs(cfg)
                 except UserError as e:
                     return f"{e}{where}"
                 except Exception as e:  # every composition failure is a command-line mistake

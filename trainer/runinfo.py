@@ -118,3 +118,25 @@ def finished(cfg: DictConfig, run_dir: str) -> Finished | None:
         return None
     last = last_records(run_dir)
     return Finished(int(manifest["step"]), last.get("loss"), last.get("eval", {}))
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether `run_dir` holds a committed checkpoint (a manifest: written last)."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpt_dir) and any(
+        n.startswith("ckpt-") and n.endswith(".manifest.json") for n in os.listdir(ckpt_dir)
+    )
+
+
+def interrupted_message(run_dir: str | None, name: str, resume_hint: str) -> tuple[int, str]:
+    """(exit code, the line to print) for a run stopped by a signal outside its training
+    loop (start-up or export): 3 if a checkpoint is there to resume from, else 4."""
+    if run_dir is not None and has_checkpoint(run_dir):
+        return 3, (
+            f"interrupted ({name}) outside the training loop; the checkpoints in "
+            f"{os.path.join(run_dir, 'checkpoints')} are intact. {resume_hint}"
+        )
+    return 4, (
+        f"interrupted ({name}) before the first checkpoint: nothing to resume; rerun the "
+        "command to start"
+    )

@@ -25,6 +25,29 @@ _pending: list[str] = []  # signals that asked a sweep to stop while no StopRequ
 _STOPS = (signal.SIGTERM, signal.SIGINT)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A SIGTERM outside the training loop (start-up, export), raised as Ctrl-C's
+    KeyboardInterrupt is, so that both end a run the same way (trainer/app.py)."""
+
+    def __init__(self, name: str = "SIGTERM"):
+        super().__init__(name)
+        self.signal_name = name
+
+
+def interrupt_outside_the_loop() -> None:
+    """A single run: SIGTERM raises `Interrupted` until the loop's StopRequest takes over (and
+    again after it); SIGINT raises KeyboardInterrupt, Python's default."""
+
+    def handle(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handle)
+
+
+def interrupted_by(e: KeyboardInterrupt) -> str:
+    return getattr(e, "signal_name", "SIGINT")
+
+
 class StopRequest:
     """Installs the handlers while active; `.signal_name` is set once a stop was asked for."""
 
