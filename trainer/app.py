@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from trainer import hydra_callbacks, runinfo
+from trainer import hydra_callbacks, runinfo, runlog
 from trainer.checkpoint import integrity
 from trainer.config import UserError
 from trainer.loop import NonFiniteLoss, RunResult, fit
@@ -77,7 +77,13 @@ def _failed(code: int, message: str) -> Outcome:
 
 def execute(cfg: DictConfig, run_dir: str, sweep: bool = False) -> Outcome:
     """Train, print what happened and return it with the exit code. `sweep`: one job of a
-    sweep (no HPARAMS experiment of its own; rerunning the sweep resumes it)."""
+    sweep (no HPARAMS experiment of its own; rerunning the sweep resumes it). What it prints
+    goes to `<run_dir>/train.log` too."""
+    with runlog.tee_to_log(run_dir):
+        return _execute(cfg, run_dir, sweep)
+
+
+def _execute(cfg: DictConfig, run_dir: str, sweep: bool) -> Outcome:
     debug = bool(cfg.trainer.get("debug", False))
     for name in ("absl", "tensorflow"):  # TF's INFO chatter would bury our own output
         logging.getLogger(name).setLevel(logging.WARNING)

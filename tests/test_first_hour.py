@@ -1,0 +1,112 @@
+"""A newcomer's first hour: Ctrl-C at any moment, mistakes refused fast and cleanly, and a
+log on disk (the real CLI, real signals)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAST, REPO, env, spawn, start_paused, train
+
+
+def _interrupt_after(run_dir, seconds: float, sig, *overrides):
+    proc = spawn(run_dir, *overrides)
+    time.sleep(seconds)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_is_one_true_line(tmp_path, sig):
+    """At random moments of the first seconds (Python, Hydra, TensorFlow loading, the model
+    built): no traceback; exit 4 and 'nothing to resume' while no checkpoint exists."""
+    import signal
+
+    rng = random.Random(sig)
+    for i, seconds in enumerate(sorted(rng.uniform(0.05, 3.0) for _ in range(4))):
+        run = tmp_path / f"run{i}"
+        code, out, err = _interrupt_after(run, seconds, getattr(signal, sig), *FAST)
+        assert "Traceback" not in err, (seconds, err)
+        if code == 0:  # finished before the signal (a fast machine): nothing to check
+            continue
+        assert code == 4, (seconds, code, err)
+        assert "nothing" in err.strip().splitlines()[-1] and "rerun" in err, (seconds, err)
+
+
+@pytest.mark.slow
+def test_a_signal_during_start_up_of_a_resume_keeps_its_checkpoints(tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    assert train(run, *FAST, "trainer.stop_at=20").returncode == 0
+    code, out, err = _interrupt_after(run, 1.5, signal.SIGINT, *FAST)
+    assert "Traceback" not in err and code == 3, (code, err)
+    assert "intact" in err and "resume" in err, err
+    again = train(run, *FAST)
+    assert again.returncode == 0 and "Resuming from step 20" in again.stderr, again.stderr
+
+
+def test_mistakes_found_before_tensorflow_loads_leave_nothing_behind(tmp_path):
+    csv = tmp_path / "houses.csv"
+    csv.write_text("sqft,rooms,price\n1200,3,385760\n1500,4,410000\n")
+    cases = {
+        "missing file": (
+            ["data=csv", f"data.path={tmp_path}/nope.csv", "data.target=price"],
+            "no such file",
+        ),
+        "wrong target": (
+            ["data=csv", f"data.path={csv}", "data.target=Price"],
+            "did you mean 'price'",
+        ),
+        "model not on PYTHONPATH": (
+            ["model=custom", "model._target_=mypkg.MyModel"],
+            "no module 'mypkg'",
+        ),
+    }
+    for name, (over, expected) in cases.items():
+        run = tmp_path / "runs" / name.replace(" ", "_")
+        t0 = time.perf_counter()
+        r = train(run, *over)
+        took = time.perf_counter() - t0
+        assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "distribute:" not in r.stderr, (name, r.stderr)  # refused before the run began
+        assert not run.exists(), (name, list(run.rglob("*")))
+        assert took < 4.0, (name, took)  # TensorFlow alone takes ~3-5 s to load here
+    probe = (
+        "import sys; from trainer.preflight import check; "
+        f"print(check(['data=csv', 'data.path={tmp_path}/nope.csv', 'data.target=price'])); "
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=env(), capture_output=True, text=True
+    )
+    assert out.stdout.splitlines()[-1] == "False" and "no such file" in out.stdout, out
+
+
+def test_a_run_refused_after_tensorflow_loads_removes_the_directory_hydra_made(tmp_path):
+    run = tmp_path / "run"
+    r = train(run, "model=custom", "model._target_=user_models.HiddenInNamespace", *FAST)
+    assert r.returncode == 2 and "does not track" in r.stderr, r.stderr
+    assert not run.exists(), list(run.rglob("*"))
+
+
+def test_train_log_holds_what_the_run_printed(tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    proc, _ = start_paused(run, *FAST, "trainer.pause_at=20")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    log = (run / "train.log").read_text()
+    for line in ("interrupted by SIGTERM", "Checkpoint saved at step 20", "Resume with:"):
+        assert line in out + err and line in log, (line, log)
+    assert train(run, *FAST).returncode == 0
+    log = (run / "train.log").read_text()
+    assert "Resuming from step 20" in log and "completed at step 40" in log, log
+    assert "eval loss" in log and "export (keras" in log, log

@@ -1,0 +1,62 @@
+"""`<run>/train.log` holds what the run printed: its summary, warnings, errors and the
+command that resumes it (Hydra's own job log goes to the same file).
+
+`TeeToLog` copies every complete line written to stdout and stderr during a run into the
+log, except a terminal progress bar's redrawn lines (those holding a carriage return).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+
+class _Tee:
+    def __init__(self, stream, log):
+        self._stream, self._log, self._pending = stream, log, ""
+
+    def write(self, text: str) -> int:
+        n = self._stream.write(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        kept = [line for line in lines if "\r" not in line]
+        if kept:
+            self._log.write("\n".join(kept) + "\n")
+            self._log.flush()
+        return n
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the terminal's
+        return getattr(self._stream, name)
+
+
+def is_writer() -> bool:
+    """False on a multi-worker run's other workers (only the chief writes run files: the
+    task 'chief', or worker 0 in a cluster without one)."""
+    spec = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = spec.get("task") or {}
+    if not task:
+        return True
+    if "chief" in (spec.get("cluster") or {}):
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+@contextlib.contextmanager
+def tee_to_log(run_dir: str):
+    """Copy stdout and stderr into `<run_dir>/train.log` meanwhile (if this process writes)."""
+    if not is_writer():
+        yield
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
