@@ -48,6 +48,7 @@ class Data:
     output_units: int
     train_ids: np.ndarray | None = None
     val_ids: np.ndarray | None = None
+    task_reason: str = ""  # why this task (printed at start: the task is never a surprise)
 
     def __post_init__(self):
         if self.train_ids is None:
@@ -215,9 +216,32 @@ STREAMED = {
 }
 
 
-def read_source(cfg: DictConfig, arrays=None) -> tuple[np.ndarray, np.ndarray, str, int]:
+MAX_CLASSES = 1000  # task auto: more distinct whole-number targets than this are not classes
+
+
+def choose_task(task: str, y: np.ndarray) -> tuple[str, str]:
+    """(task, why) for `data.task` and targets `y`: `auto` takes whole-number targets for
+    class ids only when there are few of them (at most MAX_CLASSES and a tenth of the rows);
+    prices or counts with many distinct values are a regression."""
+    if task != "auto":
+        return task, "data.task"
+    if not np.issubdtype(y.dtype, np.integer):
+        return "regression", "float targets"
+    distinct = len(np.unique(y))
+    if distinct > MAX_CLASSES or distinct > len(y) / 10:
+        return "regression", (
+            f"whole-number targets, but {distinct} distinct values in {len(y)} rows are too "
+            "many for classes; data.task=classification to override"
+        )
+    return (
+        "classification",
+        f"whole-number targets: {distinct} classes; data.task=regression to override",
+    )
+
+
+def read_source(cfg: DictConfig, arrays=None) -> tuple[np.ndarray, np.ndarray, str, int, str]:
     """The source `cfg` names (or `arrays`, the (x, y) a data=custom function returned),
-    whole and checked: (x, y, task, output units)."""
+    whole and checked: (x, y, task, output units, why that task)."""
     x, y = _SOURCES[cfg.name](cfg) if arrays is None else arrays
     try:
         x, y = np.asarray(x), np.asarray(y)
@@ -227,19 +251,17 @@ def read_source(cfg: DictConfig, arrays=None) -> tuple[np.ndarray, np.ndarray, s
         raise UserError(f"data: x and y must be numeric; got x {x.dtype}, y {y.dtype}")
     if x.ndim < 1 or len(x) != len(y):
         raise UserError(f"data: x has {len(x)} rows but y has {len(y)}; they must match")
-    task = cfg.task
-    if task == "auto":
-        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+    task, why = choose_task(cfg.task, y)
     x = np.asarray(x, dtype=np.float32)
     if task == "classification":
         y = np.asarray(y).reshape(-1)
         if not np.all(y == np.round(y)) or y.min() < 0:
             raise UserError("data.task: classification needs integer class labels 0..K-1 in y")
         y = y.astype(np.int32)
-        return x, y, task, int(y.max()) + 1
+        return x, y, task, int(y.max()) + 1, why
     y = np.asarray(y, dtype=np.float32)
     y = y.reshape(len(y), -1)
-    return x, y, task, y.shape[1]
+    return x, y, task, y.shape[1], why
 
 
 def load_data(cfg: DictConfig):
@@ -254,11 +276,11 @@ def load_data(cfg: DictConfig):
         arrays = user_source.call_custom(cfg)
         if isinstance(arrays, user_source.SourceData):
             return arrays
-    x, y, task, output_units = read_source(cfg, arrays)
+    x, y, task, output_units, why = read_source(cfg, arrays)
     val, train = split_ids(len(x), cfg.val_fraction)
     if len(train) < cfg.batch_size:
         raise UserError(
             f"data.batch_size: received {cfg.batch_size}; the training split has only "
             f"{len(train)} examples (allowed: 1..{len(train)})"
         )
-    return Data(x[train], y[train], x[val], y[val], task, output_units, train, val)
+    return Data(x[train], y[train], x[val], y[val], task, output_units, train, val, why)

@@ -153,7 +153,7 @@ def _rows(cfg):
         arrays = user_source.call_custom(cfg)
         if isinstance(arrays, user_source.SourceData):
             return _source_rows(arrays)
-    x, y, task, units = read_source(cfg, arrays)
+    x, y, task, units, _ = read_source(cfg, arrays)
     val, train = split_ids(len(x), float(cfg.val_fraction))
 
     def whole():

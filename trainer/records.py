@@ -165,6 +165,8 @@ class RecordData:
     def task(self) -> str:
         return self.desc["task"]
 
+    task_reason = "from the dataset's description.json"
+
     @property
     def output_units(self) -> int:
         return int(self.desc["output_units"])

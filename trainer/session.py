@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -104,6 +105,7 @@ class Session:
         build.setup_runtime(cfg)
         place = distribute.setup(cfg, run_dir)  # strategy, replicas, chief or not
         data = data_lib.load_data(cfg.data)
+        print(f"task: {data.task} ({data.task_reason})", file=sys.stderr)
         # Verify the checkpoints, refuse an incompatible config, move bad ones aside: all
         # before the CheckpointManager reads its state file.
         latest = integrity.recover(

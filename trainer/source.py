@@ -103,6 +103,7 @@ class SourceData:
         task = cfg.task
         if task == "auto":
             task = "classification" if np.issubdtype(y0.dtype, np.integer) else "regression"
+        why = "data.task" if cfg.task != "auto" else f"{y0.dtype} targets in row 0"
         if task == "classification":
             if y0.size != 1 or not isinstance(getattr(source, "num_classes", None), int):
                 raise UserError(
@@ -112,6 +113,7 @@ class SourceData:
                     "Add num_classes to the source, or set data.task=regression"
                 )
         data = cls(source, cfg, x0.astype(np.float32), y0, task)
+        data.task_reason = why
         if len(data.train_ids) < int(cfg.batch_size):
             raise UserError(
                 f"data.batch_size: received {cfg.batch_size}; the training split has only "

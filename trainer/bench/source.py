@@ -29,7 +29,7 @@ class SlowRows:
                 "noise": 0.1,
             }
         )
-        self.x, self.y, _, _ = read_source(cfg)
+        self.x, self.y, *_ = read_source(cfg)
         self.delay = delay
 
     def __len__(self) -> int:
