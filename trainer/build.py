@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import targets
+from trainer import standardize, targets
 from trainer.config import UserError
 from trainer.data import Data
 
@@ -87,9 +87,14 @@ def build_state(cfg: DictConfig, data: Data):
     from trainer.state import TrainState
 
     model = build_model(cfg.model, data)
+    stats = standardize.wanted(cfg.data, data)
+    if stats is not None:  # the data's own units in and out (trainer/standardize.py)
+        model = standardize.Standardized(model, **stats)
+        model(tf.constant(data.sample(1)))
     optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
     optimizer = precision.wrap_optimizer(optimizer, cfg.trainer.get("precision", "float32"))
     objective = build_objective(cfg, data.task)
+    objective.loss_fn = standardize.scaled_loss(objective.loss_fn, model)
     model.compile(optimizer=optimizer, loss=objective.keras_loss)
     optimizer.build(model.trainable_variables)
     state = TrainState(

@@ -138,6 +138,9 @@ class DataConfig:
     task: str = "regression"
     batch_size: int = 32
     val_fraction: float = 0.2
+    standardize: bool | None = (
+        None  # null: csv, npz, custom arrays, records (trainer/standardize.py)
+    )
 
 
 @dataclass

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from trainer import source as user_source
 from trainer.batch_ids import SPLIT_SEED, batch_positions, id_terms, split_ids
 from trainer.config import UserError, check_file
+from trainer.standardize import statistics
 
 __all__ = ["Data", "id_terms", "load_data", "read_source", "split_ids"]
 _SYNTHETIC_SEED = SPLIT_SEED  # the synthetic datasets' identity: the same arrays in every run
@@ -81,6 +82,11 @@ class Data:
 
     def check_parts(self, parts: int) -> None:
         """Any number of input pipelines works: each slices the same global stream."""
+
+    def standardize_stats(self) -> dict:
+        """The training split's statistics (trainer/standardize.py)."""
+        y = self.y_train if self.task == "regression" else None
+        return statistics(self.x_train, y)
 
     def train_dataset(
         self, batch_size: int, seed: int, start_step: int, part: tuple[int, int] = (0, 1)

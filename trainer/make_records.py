@@ -163,6 +163,37 @@ def _rows(cfg):
     return (task, units, x.shape[1:]), len(train), len(val), whole()
 
 
+class _Moments:
+    """Running sums of the training rows, block by block: their mean and standard deviation
+    per feature (and per target column of a regression), as trainer/standardize.py takes them."""
+
+    def __init__(self):
+        self.n, self.sx, self.sxx, self.sy, self.syy = 0, 0.0, 0.0, 0.0, 0.0
+        self.rows = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        self.n += len(x)
+        self.sx, self.sxx = self.sx + x.sum(0), self.sxx + (x * x).sum(0)
+        if y is not None:
+            y = np.asarray(y, np.float64).reshape(len(y), -1)
+            self.rows += len(y)
+            self.sy, self.syy = self.sy + y.sum(0), self.syy + (y * y).sum(0)
+
+    def statistics(self) -> dict:
+        def mean_std(s, ss, n):
+            mean = s / n
+            std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+            return mean.tolist(), np.where(std > 0, std, 1.0).tolist()
+
+        out = dict(zip(("x_mean", "x_std"), mean_std(self.sx, self.sxx, self.n), strict=True))
+        if self.rows:
+            out.update(
+                zip(("y_mean", "y_std"), mean_std(self.sy, self.syy, self.rows), strict=True)
+            )
+        return out
+
+
 def _source_rows(data):
     """`_rows` of a random-access source: its training then validation rows, read in blocks
     of _SOURCE_BLOCK rows (in parallel, as training reads them), never all at once."""
@@ -197,10 +228,13 @@ def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) 
             "val": _ShardWriter(tmp, "val", val_shards, n_val),
         }
         with tqdm(total=n_train + n_val, unit="ex", desc="records", disable=not progress) as bar:
+            sums = _Moments()
             for ids, x, y, split in rows:
                 if len(ids):
                     writers[split].write(ids, x, y)
                     bar.update(len(ids))
+                    if split == "train":
+                        sums.add(x, y if task == "regression" else None)
         shard_list = []
         for split, w in writers.items():
             w.close()
@@ -228,6 +262,7 @@ def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) 
             "examples": {"train": n_train, "val": n_val},
             "source": _source(cfg),
             "shards": shard_list,
+            "standardize": sums.statistics(),  # the training rows' (trainer/standardize.py)
         }
         desc["dataset_id"] = dataset_id(desc)
         write_text_atomic(os.path.join(tmp, DESCRIPTION), json.dumps(desc, indent=1) + "\n")

@@ -167,6 +167,11 @@ class RecordData:
 
     task_reason = "from the dataset's description.json"
 
+    def standardize_stats(self) -> dict | None:
+        """The training shards' statistics, if the converter wrote them (trainer/standardize.py)."""
+        stats = self.desc.get("standardize")
+        return None if stats is None else {k: np.asarray(v) for k, v in stats.items()}
+
     @property
     def output_units(self) -> int:
         return int(self.desc["output_units"])

@@ -28,7 +28,7 @@ from trainer.batch_ids import batch_positions, id_terms, split_ids
 from trainer.config import UserError
 
 # the `data` group's own keys; every other key is an argument of `data._target_`
-GROUP_KEYS = ("name", "_target_", "task", "batch_size", "val_fraction", "workers")
+GROUP_KEYS = ("name", "_target_", "task", "batch_size", "val_fraction", "workers", "standardize")
 _GROUP = 8  # training batches read per call: their rows are spread over the threads
 _IN_FLIGHT = 4  # such calls at once
 _SOURCE_HELP = (

@@ -178,6 +178,7 @@ def verify_export(
     from trainer import data as data_lib
     from trainer.checkpoint.store import CheckpointStore
     from trainer.losses import build_objective
+    from trainer.standardize import scaled_loss
     from trainer.steps import make_eval_fn
     from trainer.verify.latency import compare_latency
 
@@ -212,6 +213,7 @@ def verify_export(
 
     # Task metrics, computed the way the training loop's eval computes them.
     objective = build_objective(cfg, data.task)  # the run's own loss (a custom one too)
+    objective.loss_fn = scaled_loss(objective.loss_fn, model)
     metric_name, metric_fn, loss_fn = objective.metric_name, objective.metric_fn, objective.loss_fn
     eval_ds = data.eval_dataset(int(cfg.data.batch_size))
     subjects = {"checkpoint": model, "model.keras": reloaded, "saved_model": _AsModel(serve)}
