@@ -72,6 +72,12 @@ def build_objective(cfg: DictConfig, task: str) -> Objective:
     name, metric_fn = per_example_metric(task)
     loss_cfg = cfg.get("loss") or {"name": "auto"}
     if loss_cfg.get("name", "auto") == "auto":
+        extra = sorted(set(loss_cfg) - {"name"})
+        if extra:
+            raise UserError(
+                f"loss.{extra[0]}: loss=auto takes no arguments (its loss comes from the task); "
+                f"for a loss of your choice: loss=custom loss._target_=... +loss.{extra[0]}=..."
+            )
         objective = Objective(per_example_loss(task), keras_loss(task), name, metric_fn)
     else:
         loss = custom_loss(loss_cfg)
@@ -103,9 +109,8 @@ def custom_loss(loss_cfg: DictConfig) -> keras.losses.Loss:
     function wrapped (its extra keys as keyword arguments) so that `.keras` can store it."""
     path = loss_cfg._target_
     target = targets.import_target("loss._target_", path)
-    kwargs = {
-        k: v for k, v in OmegaConf.to_container(loss_cfg).items() if k not in ("name", "_target_")
-    }
+    container = OmegaConf.to_container(loss_cfg, resolve=True)
+    kwargs = {k: v for k, v in container.items() if k not in ("name", "_target_")}
     if inspect.isclass(target) and issubclass(target, keras.losses.Loss):
         targets.check_arguments("loss", target, kwargs)
         return targets.call("loss", target, kwargs)

@@ -77,6 +77,12 @@ def build_optimizer(
         )
     kwargs = _arguments(opt, ("_target_",))
     targets.check_arguments("optimizer", cls, kwargs)
+    if kwargs.get("gradient_accumulation_steps") and tf.distribute.has_strategy():
+        raise UserError(
+            "optimizer.gradient_accumulation_steps: received "
+            f"{kwargs['gradient_accumulation_steps']}; allowed with distribute=default only "
+            "(Keras' accumulation cannot be traced under a tf.distribute strategy)"
+        )
     kwargs["learning_rate"] = build_schedule(opt, sched, max_steps)
     return targets.call("optimizer", cls, kwargs)
 
@@ -100,11 +106,10 @@ def step_counter(optimizer: keras.optimizers.Optimizer):
 
 def learning_rate_fn(optimizer: keras.optimizers.Optimizer):
     """f(step) -> the float32 learning rate the optimizer uses at (0-based) train `step`
-    (with gradient accumulation, the rate of the update that step's gradients go into);
+    (Keras evaluates a schedule at the step counter, also with gradient accumulation);
     works eagerly and inside a tf.function (the train chunk logs it per step)."""
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
     lr = optimizer._learning_rate  # the schedule object or a variable
-    every = int(optimizer.gradient_accumulation_steps or 1)
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        return lambda step: tf.cast(lr(step // every), tf.float32)
+        return lambda step: tf.cast(lr(step), tf.float32)
     return lambda step: tf.cast(optimizer.learning_rate, tf.float32)  # also Mirrored

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint.export import missing as missing_exports
 from trainer.checkpoint.files import sha256_file
-from trainer.checkpoint.fingerprint import STATE_LAYOUT, structural
+from trainer.checkpoint.fingerprint import STATE_LAYOUT, structural, upgraded
 
 METRICS_FILE = "metrics.jsonl"
 _MANIFEST = re.compile(r"ckpt-(\d+)\.manifest\.json$")
@@ -112,7 +112,8 @@ def finished(cfg: DictConfig, run_dir: str) -> Finished | None:
     if manifest is None or int(manifest.get("step", -1)) < int(tc.max_steps):
         return None
     now = json.loads(json.dumps(structural(cfg)))  # as the manifest stores it
-    if manifest.get("state_layout") != STATE_LAYOUT or manifest.get("structural") != now:
+    then = upgraded(manifest.get("structural") or {})
+    if manifest.get("state_layout") != STATE_LAYOUT or then != now:
         return None
     if missing_exports(run_dir, int(manifest["step"])):
         return None

@@ -103,6 +103,7 @@ def make_eval_fn(model, loss_fn, metric_fn, metrics=()):
         for x, y in dataset:
             a, b = batch_sums(x, y)
             loss, metric, n = loss + float(a), metric + float(b), n + int(x.shape[0])
-        return loss / n, metric / n, {m.name: float(m.result()) for m in metrics}
+        results = {m.name: float(tf.convert_to_tensor(m.result())) for m in metrics}
+        return loss / n, metric / n, results  # (a result may be a replicated variable)
 
     return evaluate

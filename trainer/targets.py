@@ -67,8 +67,12 @@ def accepted(fn) -> tuple[list[str], bool]:
 
 
 def check_arguments(group: str, fn, kwargs: dict, extra_ok: tuple[str, ...] = ()) -> None:
-    """Refuse a key that is not an argument of `fn` (nor one of `extra_ok`)."""
-    names, _ = accepted(fn)
+    """Refuse a key that is not an argument of `fn` (nor one of `extra_ok`). A function that
+    takes **kwargs takes any key; a class is held to the named arguments of its
+    constructors (a Keras class passes **kwargs to its base, which refuses unknown ones)."""
+    names, open_ended = accepted(fn)
+    if open_ended and not inspect.isclass(fn):
+        return
     for key in kwargs:
         if key not in names and key not in extra_ok:
             what = getattr(fn, "__qualname__", repr(fn))

@@ -52,6 +52,25 @@ def structural(cfg: DictConfig) -> dict:
     return {k: v for k, v in flat.items() if k not in _NOT_STRUCTURAL}
 
 
+# optimizers were named before they were `_target_`s: a checkpoint of then reads as of now
+_OPTIMIZER_NAMES = {
+    "sgd": "keras.optimizers.SGD",
+    "adam": "keras.optimizers.Adam",
+    "adamw": "keras.optimizers.AdamW",
+    "rmsprop": "keras.optimizers.RMSprop",
+}
+
+
+def upgraded(recorded: dict) -> dict:
+    """A manifest's structural keys as this version writes them (`optimizer.name: adam` ->
+    `optimizer._target_: keras.optimizers.Adam`), so that its runs still resume."""
+    out = dict(recorded)
+    name = out.pop("optimizer.name", None)
+    if name is not None and "optimizer._target_" not in out:
+        out["optimizer._target_"] = _OPTIMIZER_NAMES.get(name, name)
+    return out
+
+
 def fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(structural(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -81,7 +100,7 @@ def structural_diff(cfg: DictConfig, prefix: str) -> dict[str, tuple]:
     """{key: (in checkpoint, now)} for structural keys that differ from checkpoint `prefix`."""
     from trainer.checkpoint.store import read_manifest
 
-    then = read_manifest(prefix).get("structural", {})
+    then = upgraded(read_manifest(prefix).get("structural", {}))
     now = structural(cfg)
     return {
         k: (then.get(k), now.get(k))

@@ -46,4 +46,6 @@ def sync_iterations(optimizer: keras.optimizers.Optimizer, step: int) -> None:
     shift the learning-rate schedule and break the step == iterations check on resume.
     """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer.iterations.assign(step)
+        # the step counter itself: with gradient accumulation `iterations` is computed from it
+        counter = getattr(optimizer.inner_optimizer, "_iterations", None)
+        (optimizer.iterations if counter is None else counter).assign(step)
