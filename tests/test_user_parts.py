@@ -104,7 +104,8 @@ def test_custom_optimizer_keys_are_its_constructor_arguments(compose):
 
 def test_arrays_and_a_source_of_the_same_rows_train_alike(tmp_path, compose):
     """A source is read in the order arrays are batched: the same rows give the same run."""
-    a = fit(compose([*CASES["arrays from a function"], *STEPS]), str(tmp_path / "a"))
+    arrays = [*CASES["arrays from a function"], "data.standardize=false"]  # a source's default
+    a = fit(compose([*arrays, *STEPS]), str(tmp_path / "a"))
     b = fit(compose([*SOURCE, *STEPS]), str(tmp_path / "b"))
     assert a.final_loss == b.final_loss and a.eval == b.eval
 
@@ -289,3 +290,23 @@ def test_exports_carry_the_users_optimizer_schedule_and_loss(tmp_path):
     assert "ScaledSGD, iterations 40" in r.stdout
     assert "schedule StepDecay, loss LossFunctionWrapper" in r.stdout, r.stdout
     assert "RESULT: nothing lost" in r.stdout
+
+
+def test_of_two_failing_rows_the_one_trained_first_is_named(compose):
+    """Reads run in parallel: the row of the later step fails at once, the earlier step's
+    row a second later. The run stops on the earlier step, and names its row."""
+    import tensorflow as tf
+
+    from trainer.data import load_data
+
+    early, used_early = _row_first_used_after(1, n=5000)
+    late, used_late = _row_first_used_after(12, n=5000)
+    assert used_early < 9 <= used_late  # in the first and the second group of 8 batches
+    over = [*SOURCE, "+data.n=5000", f"+data.fail_at=[{early},{late}]", f"+data.slow_fail={early}"]
+    data = load_data(compose(over).data)
+    it = iter(data.train_dataset(32, 0, 0))
+    with pytest.raises(tf.errors.OpError) as e:
+        for _ in range(40):
+            next(it)
+    problem = data.diagnose(e.value)
+    assert problem is not None and f"reading row {early} of" in str(problem), e.value.message

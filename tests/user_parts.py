@@ -98,8 +98,10 @@ class RowSource:
     `ragged_at` returns a row of another shape there, both while the file `fault` exists (if
     given: the store fails, then comes back)."""
 
-    def __init__(self, n=512, features=6, delay=0.0, fail_at=None, ragged_at=None, fault=None):
-        self.n, self.features, self.delay = n, features, delay
+    def __init__(
+        self, n=512, features=6, delay=0.0, fail_at=None, ragged_at=None, fault=None, slow_fail=None
+    ):
+        self.n, self.features, self.delay, self.slow_fail = n, features, delay, slow_fail
         self.fail_at, self.ragged_at, self.fault = fail_at, ragged_at, fault
         self.x, self.y = _rows(n, features)
         self.reading, self.most_at_once = 0, 0  # reads in flight: how parallel the reader is
@@ -117,7 +119,9 @@ class RowSource:
             with self._lock:
                 self.reading -= 1
         faulty = self.fault is None or os.path.exists(self.fault)
-        if i == self.fail_at and faulty:
+        if i in np.atleast_1d(self.fail_at if self.fail_at is not None else []) and faulty:
+            if i == self.slow_fail:
+                time.sleep(1.0)  # a read that times out: it fails after the ones behind it
             raise OSError(f"cannot read blob {i}: connection reset")
         if i == self.ragged_at and faulty:
             return self.x[i][:-1], self.y[i]
@@ -125,10 +129,16 @@ class RowSource:
 
 
 def make_source(
-    n: int = 512, features: int = 6, delay: float = 0.0, fail_at=None, ragged_at=None, fault=None
+    n: int = 512,
+    features: int = 6,
+    delay: float = 0.0,
+    fail_at=None,
+    ragged_at=None,
+    fault=None,
+    slow_fail=None,
 ):
-    """A user's function returning a random-access source."""
-    return RowSource(n, features, delay, fail_at, ragged_at, fault)
+    """A user's function returning a random-access source (`fail_at`: a row or a list)."""
+    return RowSource(n, features, delay, fail_at, ragged_at, fault, slow_fail)
 
 
 def no_len(n: int = 10):

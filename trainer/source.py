@@ -16,8 +16,10 @@ from row 0's, stops the run with the row's index and the user's message (UserErr
 
 from __future__ import annotations
 
+import queue
+import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
 import tensorflow as tf
@@ -29,6 +31,8 @@ from trainer.config import UserError
 
 # the `data` group's own keys; every other key is an argument of `data._target_`
 GROUP_KEYS = ("name", "_target_", "task", "batch_size", "val_fraction", "workers", "standardize")
+# a failed row's line inside the error tf.data raises (diagnose): up to the end of that line
+_ROW_FAILURE = re.compile(r"(data: (?:reading )?row \d+ of [^\n]*)")
 _GROUP = 8  # training batches read per call: their rows are spread over the threads
 _IN_FLIGHT = 4  # such calls at once
 _SOURCE_HELP = (
@@ -80,9 +84,8 @@ class SourceData:
         self.rows = len(source)
         val, train = split_ids(self.rows, float(cfg.val_fraction))
         self.train_ids, self.val_ids = train.astype(np.int64), val.astype(np.int64)
-        self.failure: UserError | None = None  # the first row that failed, for diagnose()
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: _Readers | None = None
 
     @classmethod
     def open(cls, source, cfg: DictConfig) -> SourceData:
@@ -147,7 +150,10 @@ class SourceData:
         """Any number of input pipelines works: each reads its rows of the same global batch."""
 
     def diagnose(self, error: tf.errors.OpError) -> UserError | None:
-        return self.failure
+        """The failed row's line, from the error the stream raised: tf.data raises the
+        failure of the earliest batch in step order, whichever read failed first in time."""
+        found = _ROW_FAILURE.search(error.message or "")
+        return UserError(found.group(1)) if found else None
 
     def train_dataset(
         self, batch_size: int, seed: int, start_step: int, part: tuple[int, int] = (0, 1)
@@ -212,8 +218,8 @@ class SourceData:
                 self._pool().submit(self._fetch, ids, a, b, rows)
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)
             ]
-            for job in jobs:
-                job.result()  # a failed fetch raises here, after the others have finished
+            for job in jobs:  # in row order: the first failing slice's first failing row
+                job.result()
         try:
             xs = np.asarray([r[0] for r in rows], dtype=np.float32)
             ys = np.asarray([r[1] for r in rows], dtype=self.y_dtype)
@@ -221,13 +227,13 @@ class SourceData:
                 return xs, ys.reshape((len(ids), *self.y_shape))
         except (TypeError, ValueError, IndexError, KeyError):
             pass
-        self._fail(self._first_bad_row(ids, rows))  # the slow path: find the row and say why
-        raise self.failure
+        raise self._first_bad_row(ids, rows)  # the slow path: find the row and say why
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="data-source")
-        return self._executor
+    def _pool(self) -> _Readers:
+        with self._lock:
+            if self._executor is None:
+                self._executor = _Readers(self.workers)
+            return self._executor
 
     def _fetch(self, ids: list[int], a: int, b: int, rows: list) -> None:
         get, j = self.source.__getitem__, a
@@ -235,12 +241,9 @@ class SourceData:
             for j in range(a, b):
                 rows[j] = get(ids[j])
         except Exception as e:  # the user's code: its message, with the row
-            self._fail(
-                UserError(
-                    f"data: reading row {ids[j]} of {self.name} failed: {type(e).__name__}: {e}"
-                )
-            )
-            raise self.failure from None
+            raise UserError(
+                f"data: reading row {ids[j]} of {self.name} failed: {type(e).__name__}: {e}"
+            ) from None
 
     def _first_bad_row(self, ids: list[int], rows: list) -> UserError:
         for i, row in zip(ids, rows, strict=True):
@@ -256,10 +259,30 @@ class SourceData:
                 )
         return UserError(f"data: rows of {self.name} could not be stacked into a batch")
 
-    def _fail(self, e: UserError) -> None:
-        with self._lock:
-            if self.failure is None:  # the first: reads in parallel may fail after it
-                self.failure = e
+
+class _Readers:
+    """A fixed set of daemon threads running reads: unlike a ThreadPoolExecutor's threads,
+    which the interpreter joins at exit, they never keep a stopping process alive (a source
+    whose reads hang, or a stream still prefetching when a bad row ended the run)."""
+
+    def __init__(self, n: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for k in range(n):
+            threading.Thread(target=self._work, name=f"data-source-{k}", daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        job: Future = Future()
+        self._jobs.put((job, fn, args))
+        return job
+
+    def _work(self) -> None:
+        while True:
+            job, fn, args = self._jobs.get()
+            if job.set_running_or_notify_cancel():
+                try:
+                    job.set_result(fn(*args))
+                except BaseException as e:  # handed to the reader that waits on it
+                    job.set_exception(e)
 
 
 def _split_row(source, i: int, name: str) -> tuple[np.ndarray, np.ndarray]:
