@@ -87,6 +87,9 @@ def test_user_metrics_are_logged_by_name_and_their_totals_checkpointed(tmp_path,
     worst = [n for n in names if n.startswith("metrics/") and "worst" in n]
     assert len(worst) == 1, names
     assert reader.get_tensor(worst[0]) > 0  # steps 16..18 since the last reset at 15
+    # reset at each log line: a running max never reset could only grow from line to line
+    logged = [r["max_error"] for r in train_rows]
+    assert any(b < a for a, b in zip(logged, logged[1:], strict=False)), logged
 
 
 def test_custom_optimizer_keys_are_its_constructor_arguments(compose):
@@ -310,3 +313,45 @@ def test_of_two_failing_rows_the_one_trained_first_is_named(compose):
             next(it)
     problem = data.diagnose(e.value)
     assert problem is not None and f"reading row {early} of" in str(problem), e.value.message
+
+
+def test_accumulation_logs_the_rate_each_step_trains_with(tmp_path, compose):
+    """With gradient_accumulation_steps and a decaying schedule, the logged learning rate of
+    each step is the one Keras applies: the schedule at the step counter."""
+    import json as _json
+
+    over = [
+        "optimizer.gradient_accumulation_steps=4",
+        "schedule=exponential",
+        "schedule.decay_steps=1",
+        "schedule.decay_rate=0.5",
+        "optimizer.learning_rate=1.0",
+        "trainer.max_steps=8",
+        "trainer.log_every=1",
+    ]
+    assert fit(compose(over), str(tmp_path / "run")).status == "completed"
+    rows = [_json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    rates = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r}
+    assert rates == {s: 0.5 ** (s - 1) for s in range(1, 9)}, rates
+
+
+def test_accumulation_with_mixed_float16_keeps_the_step_count(tmp_path, compose):
+    over = [
+        "optimizer.gradient_accumulation_steps=2",
+        "trainer.precision=mixed_float16",
+        *STEPS,
+        "checkpoint.every=10",
+    ]
+    assert fit(compose([*over, "trainer.stop_at=18"]), str(tmp_path / "run")).status == "stopped"
+    assert fit(compose(over), str(tmp_path / "run")).resumed_from == 18
+
+
+def test_accumulation_under_a_strategy_is_refused_in_one_line(tmp_path, compose):
+    over = ["optimizer.gradient_accumulation_steps=2", "distribute=mirrored", *STEPS]
+    with pytest.raises(UserError, match="gradient_accumulation_steps: received 2; allowed with"):
+        fit(compose(over), str(tmp_path / "run"))
+
+
+def test_a_function_with_kwargs_takes_any_key(tmp_path, compose):
+    over = ["data=custom", "data._target_=user_parts.make_arrays_kw", "+data.rows=300", *STEPS]
+    assert fit(compose(over), str(tmp_path / "run")).status == "completed"

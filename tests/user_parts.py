@@ -92,6 +92,11 @@ def make_arrays(n: int = 512, features: int = 6):
     return _rows(n, features)
 
 
+def make_arrays_kw(**options):
+    """A user's function that takes its options as **kwargs."""
+    return _rows(int(options.get("rows", 512)), int(options.get("features", 6)))
+
+
 class RowSource:
     """A random-access source: rows computed (or read) one at a time, never all at once.
     `delay` seconds per row stand for I/O (a file, a database); `fail_at` raises at that row,

@@ -23,6 +23,7 @@ import typing
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import CONF_DIR, UserError, check_file, register_schemas, validate
+from trainer.startup import quiet_native_start_up
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -106,6 +107,18 @@ def check_inputs(cfg) -> None:
                 f"{key}: received {value!r}; no module {top!r} on PYTHONPATH (add the "
                 "directory that holds it: PYTHONPATH=<dir> python -m trainer ...)"
             )
+
+
+def _check_parts(cfg) -> None:
+    """A sweep's job: build its optimizer, schedule, loss and metrics (their arguments checked
+    against their constructors), as the job would; UserError. TensorFlow loads for it, once
+    per sweep (its start-up lines held back): a single run does this at its start instead."""
+    with quiet_native_start_up():
+        from trainer.losses import build_objective  # (TensorFlow: only for a sweep)
+        from trainer.optim import build_optimizer
+
+    build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
+    build_objective(cfg, "regression")
 
 
 def _check_csv_header(path: str, target: str) -> None:
@@ -225,6 +238,8 @@ def check(argv: list[str]) -> str | None:
                     cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
                     validate(cfg)  # value checks too, before TensorFlow is even imported
                     check_inputs(cfg)
+                    if multirun:  # a part no job could build stops the sweep before any job
+                        _check_parts(cfg)
                 except UserError as e:
                     return f"{e}{where}"
                 except Exception as e:  # every composition failure is a command-line mistake

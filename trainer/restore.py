@@ -119,8 +119,13 @@ def check_step_reads(state: TrainState, used) -> None:
         path, layer = found
         what = f"layer {type(layer).__name__} {layer.name!r} at {type(state.model).__name__}.{path}"
         names = first_few([v.path for v in layer.variables], 4)
-    else:
-        what = f"{len(missing)} variable(s) ({names})"
+    else:  # a bare tf.Variable (in the model, the optimizer, a metric...)
+        raise UserError(
+            f"the train step uses {len(missing)} variable(s) that no checkpoint would hold "
+            f"({names}), so a resume would lose them. Create variables with add_weight or "
+            "add_variable in a layer of the model, the optimizer's build() or a metric, not "
+            "as plain tf.Variables"
+        )
     raise UserError(
         f"model: the train step uses {what}, which Keras does not track, so no checkpoint or "
         f"export would hold its variables ({names}) and a resume would lose them. Keep layers "

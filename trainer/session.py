@@ -171,7 +171,14 @@ class Session:
             metrics=objective.train_metrics,
             log_every=self.log_every,
         )
-        self._chunk = self._new_chunk()
+        try:  # traced here, before the first step: the parts meet for the first time
+            self._chunk = self._new_chunk()
+        except (TypeError, ValueError) as e:
+            raise UserError(
+                "the train step cannot be built from this model, optimizer, loss and metrics "
+                f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}). Check the "
+                "arguments given to each; trainer.debug=true shows where it failed"
+            ) from e
         check_step_reads(state, self._chunk.variables)  # before anything of the run is written
         self._evaluate = make_eval_fn(
             model, objective.loss_fn, objective.metric_fn, objective.eval_metrics
