@@ -169,3 +169,19 @@ def np_savetxt(path, header, table):
     import numpy as np
 
     np.savetxt(path, table, fmt="%.10g", delimiter=",", header=",".join(header), comments="")
+
+
+def test_messages_say_what_to_type(tmp_path):
+    """A refused resume prints the command that resumes the run as it was; a key a `_target_`
+    option does not list says to add it with +."""
+    run = tmp_path / "run"
+    assert train(run, "model=custom_bn", *FAST, "trainer.stop_at=20").returncode == 0
+    r = train(run, *FAST)  # model=custom_bn left out
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "To resume it as it was: python -m trainer model=custom_bn" in line, line
+    assert line.endswith(f"hydra.run.dir={run}") and "stop_at" not in line, line
+    again = train(run, "model=custom_bn", *FAST)  # what it said to type
+    assert again.returncode == 0 and "Resuming from step 20" in again.stderr, again.stderr
+    r = train(tmp_path / "other", "model=custom_dense", "model.width=16")
+    assert r.returncode == 2 and "add it with +: +model.width=16" in r.stderr, r.stderr

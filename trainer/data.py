@@ -230,7 +230,7 @@ def choose_task(task: str, y: np.ndarray) -> tuple[str, str]:
     class ids only when there are few of them (at most MAX_CLASSES and a tenth of the rows);
     prices or counts with many distinct values are a regression."""
     if task != "auto":
-        return task, "data.task"
+        return task, f"data.task={task}"
     if not np.issubdtype(y.dtype, np.integer):
         return "regression", "float targets"
     distinct = len(np.unique(y))

@@ -103,3 +103,23 @@ def _put_back() -> None:
                     f.write(content)
         except OSError:
             pass
+
+
+def recorded_command(run_dir: str) -> str | None:
+    """The command that ran `run_dir` before (its `.hydra/overrides.yaml` as it was before
+    this run rewrote it), with the same run directory: what resumes it; None if unknown."""
+    import shlex
+
+    import yaml
+
+    path = os.path.join(os.path.abspath(run_dir), ".hydra", "overrides.yaml")
+    content = _saved.get(path)
+    if not content:
+        return None
+    try:
+        overrides = [str(o) for o in yaml.safe_load(content) or []]
+    except yaml.YAMLError:
+        return None
+    once = ("hydra.run.dir=", "trainer.stop_at=", "trainer.pause_at=")  # not for a resume
+    kept = [o for o in overrides if not o.lstrip("+").startswith(once)]
+    return shlex.join(["python", "-m", "trainer", *kept, f"hydra.run.dir={run_dir}"])

@@ -73,9 +73,15 @@ def message(e: Exception, overrides: list[str]) -> str:
         value = _received(key, overrides)
         if name not in fields and fields:
             group = key.rpartition(".")[0]
+            hint = ""
+            if "_target_" in fields:  # a `_target_` option: any constructor argument, with +
+                hint = (
+                    f". If it is an argument of {group}._target_'s constructor, add it with +: "
+                    f"+{key}={value}"
+                )
             return (
                 f"{key}: unknown key (received {key}={value}); allowed keys in {group}: "
-                f"{', '.join(sorted(fields))}"
+                f"{', '.join(sorted(fields))}{hint}"
             )
         if name in fields:
             return f"{key}: received {value!r}; allowed: {_describe(fields[name])}"

@@ -14,7 +14,7 @@ import sys
 
 from omegaconf import DictConfig
 
-from trainer import summaries
+from trainer import hydra_callbacks, summaries
 from trainer.checkpoint.store import CheckpointStore, read_manifest
 from trainer.checkpoint.warm_start import warm_start
 from trainer.config import UserError, first_few
@@ -101,9 +101,12 @@ def check_compatible(cfg: DictConfig, prefix: str) -> None:
         lines = "; ".join(
             f"{k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in sorted(diff.items())
         )
+        run_dir = os.path.dirname(os.path.dirname(prefix))
+        command = hydra_callbacks.recorded_command(run_dir)
+        resume = f" To resume it as it was: {command}" if command else ""
         raise UserError(
             f"resume refused: {os.path.dirname(prefix)} was written with a different model/data config "
-            f"({lines}). Use another hydra.run.dir, or restore those values."
+            f"({lines}). Use another hydra.run.dir, or restore those values.{resume}"
         )
 
 
