@@ -185,3 +185,30 @@ def test_messages_say_what_to_type(tmp_path):
     assert again.returncode == 0 and "Resuming from step 20" in again.stderr, again.stderr
     r = train(tmp_path / "other", "model=custom_dense", "model.width=16")
     assert r.returncode == 2 and "add it with +: +model.width=16" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_sample_is_what_the_command_prints(tmp_path):
+    """The Quickstart's sample output is the real output of its command, line for line (the
+    run directory aside: the README's has a date and time)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    sample = re.search(r"```\n(distribute:.*?)```", readme, re.S).group(1).splitlines()
+    shown_dir = re.search(r"Run directory: (\S+)", "\n".join(sample)).group(1)
+    run = tmp_path / "run"
+    r = train(run, "model=custom_bn")
+    assert r.returncode == 0, r.stderr
+    printed = (r.stderr + r.stdout).replace(str(run), "RUN").splitlines()
+    expected = [line.replace(shown_dir, "RUN") for line in sample]
+    assert printed == expected, "\n".join(printed)
+
+
+def test_the_summary_says_when_its_eval_is_from_an_earlier_step():
+    from trainer.app import summary
+    from trainer.session import RunResult
+
+    earlier = RunResult("stopped", 250, None, "run", 0.3, {"loss": 0.31}, eval_step=200)
+    assert "eval loss (step 200) 0.31" in summary(earlier)
+    same = RunResult("completed", 300, None, "run", 0.3, {"loss": 0.25}, eval_step=300)
+    assert "eval loss           0.25" in summary(same)

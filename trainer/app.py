@@ -40,8 +40,10 @@ def summary(result: RunResult) -> str:
     lines.append(f"  {how} at step {result.step}{start}")
     if result.final_loss is not None:
         lines.append(f"  last training loss  {result.final_loss:.6g}")
+    earlier = result.eval_step is not None and result.eval_step != result.step
     for k, v in result.eval.items():
-        lines.append(f"  eval {k:<14} {v:.6g}")
+        label = f"{k} (step {result.eval_step})" if earlier else k
+        lines.append(f"  eval {label:<14} {v:.6g}")
     lines.append(f"  checkpoints         {rel}/checkpoints/")
     lines.append(f"  metrics             {rel}/metrics.jsonl")
     lines.append(f"  tensorboard         tensorboard --logdir {rel}/tensorboard")

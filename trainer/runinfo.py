@@ -47,6 +47,7 @@ def last_records(run_dir: str) -> dict:
     for r in read_metrics(run_dir):
         if r.get("split") == "eval":
             out["eval"] = {k[len("eval_") :]: v for k, v in r.items() if k.startswith("eval_")}
+            out["eval_step"] = r.get("step")
         elif "loss" in r:
             out["loss"] = r["loss"]
     return out

@@ -51,6 +51,7 @@ class RunResult:
     run_dir: str
     final_loss: float | None = None
     eval: dict = field(default_factory=dict)
+    eval_step: int | None = None  # the step `eval` was measured at
     exports: dict = field(default_factory=dict)
     signal_name: str | None = None
 
@@ -78,6 +79,7 @@ def already_complete(step: int, run_dir: str, exports: dict | None = None) -> Ru
         run_dir,
         final_loss=last.get("loss"),
         eval=last.get("eval", {}),
+        eval_step=last.get("eval_step"),
         exports=exports or {},
     )
 
@@ -308,7 +310,7 @@ class Session:
         self.metrics.write(
             {"step": at, "split": "eval", **{f"eval_{k}": v for k, v in values.items()}}
         )
-        self.result.eval = values
+        self.result.eval, self.result.eval_step = values, at
         loop.last_eval_step = at
         tqdm.write(f"step {at}: " + "  ".join(f"eval_{k} {v:.5g}" for k, v in values.items()))
 
