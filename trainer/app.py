@@ -81,17 +81,19 @@ def execute(cfg: DictConfig, run_dir: str, sweep: bool = False) -> Outcome:
     """Train, print what happened and return it with the exit code. `sweep`: one job of a
     sweep (no HPARAMS experiment of its own; rerunning the sweep resumes it). What it prints
     goes to `<run_dir>/train.log` too."""
-    with runlog.tee_to_log(run_dir):
-        return _execute(cfg, run_dir, sweep)
+    with runlog.tee_to_log(run_dir) as log:
+        log.watch(os.path.join(run_dir, "metrics.jsonl"))  # has the run trained? (undo)
+        return _execute(cfg, run_dir, sweep, log)
 
 
-def _execute(cfg: DictConfig, run_dir: str, sweep: bool) -> Outcome:
+def _execute(cfg: DictConfig, run_dir: str, sweep: bool, log: runlog.RunLog) -> Outcome:
     debug = bool(cfg.trainer.get("debug", False))
     for name in ("absl", "tensorflow"):  # TF's INFO chatter would bury our own output
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         result = fit(cfg, run_dir, experiment=not sweep)
     except UserError as e:
+        log.undo()  # a run refused before it trained changes nothing, train.log included
         hydra_callbacks.restore()
         if debug:
             traceback.print_exc()
@@ -119,6 +121,7 @@ def _execute(cfg: DictConfig, run_dir: str, sweep: bool) -> Outcome:
         return Outcome(code, error=message)
     print(summary(result))
     if result.status == "already_complete":
+        log.undo()  # byte for byte as it was (the summary is on screen)
         hydra_callbacks.restore()  # the run's .hydra/ too stays as it was (a sweep's rerun)
         wrote = ", ".join(result.exports) if result.exports else "nothing"
         print(

@@ -173,12 +173,12 @@ class _Moments:
 
     def add(self, x: np.ndarray, y: np.ndarray | None) -> None:
         x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-        self.n += len(x)
-        self.sx, self.sxx = self.sx + x.sum(0), self.sxx + (x * x).sum(0)
+        self.n = self.n + np.isfinite(x).sum(0)  # per feature: NaN left out, as in-memory
+        self.sx, self.sxx = self.sx + np.nansum(x, 0), self.sxx + np.nansum(x * x, 0)
         if y is not None:
             y = np.asarray(y, np.float64).reshape(len(y), -1)
-            self.rows += len(y)
-            self.sy, self.syy = self.sy + y.sum(0), self.syy + (y * y).sum(0)
+            self.rows = self.rows + np.isfinite(y).sum(0)
+            self.sy, self.syy = self.sy + np.nansum(y, 0), self.syy + np.nansum(y * y, 0)
 
     def statistics(self) -> dict:
         def mean_std(s, ss, n):
@@ -187,7 +187,7 @@ class _Moments:
             return mean.tolist(), np.where(std > 0, std, 1.0).tolist()
 
         out = dict(zip(("x_mean", "x_std"), mean_std(self.sx, self.sxx, self.n), strict=True))
-        if self.rows:
+        if np.any(self.rows):
             out.update(
                 zip(("y_mean", "y_std"), mean_std(self.sy, self.syy, self.rows), strict=True)
             )

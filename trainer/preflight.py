@@ -23,7 +23,7 @@ import typing
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import CONF_DIR, UserError, check_file, register_schemas, validate
-from trainer.startup import quiet_native_start_up
+from trainer.startup import load_tensorflow_quietly
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -119,9 +119,9 @@ def _check_parts(cfg) -> None:
     """A sweep's job: build its optimizer, schedule, loss and metrics (their arguments checked
     against their constructors), as the job would; UserError. TensorFlow loads for it, once
     per sweep (its start-up lines held back): a single run does this at its start instead."""
-    with quiet_native_start_up():
-        from trainer.losses import build_objective  # (TensorFlow: only for a sweep)
-        from trainer.optim import build_optimizer
+    load_tensorflow_quietly()  # (TensorFlow: only for a sweep; its start-up lines held back)
+    from trainer.losses import build_objective
+    from trainer.optim import build_optimizer
 
     build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))
     build_objective(cfg, "regression")

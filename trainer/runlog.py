@@ -16,9 +16,12 @@ import sys
 class _Tee:
     def __init__(self, stream, log):
         self._stream, self._log, self._pending = stream, log, ""
+        self.on = True
 
     def write(self, text: str) -> int:
         n = self._stream.write(text)
+        if not self.on:
+            return n
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
         kept = [line for line in lines if "\r" not in line]
@@ -46,17 +49,50 @@ def is_writer() -> bool:
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
 
 
+class RunLog:
+    """The copy into train.log of one run; `undo()` takes back what it wrote (a run that
+    changed nothing: refused, or already complete, leaves its directory byte for byte)."""
+
+    def __init__(self, log=None, tees=()):
+        self._log, self._tees = log, tees
+        self._start = log.tell() if log is not None else 0
+        self._watched: tuple[str, tuple | None] | None = None
+
+    def watch(self, path: str) -> None:
+        """`undo()` does nothing once `path` (metrics.jsonl) has changed: the run trained,
+        and what it printed stays in the log (a bad row, a full disk...)."""
+        self._watched = (path, _stamp(path))
+
+    def undo(self) -> None:
+        if self._watched is not None and _stamp(self._watched[0]) != self._watched[1]:
+            return
+        for tee in self._tees:
+            tee.on = False
+        if self._log is not None:
+            self._log.flush()
+            self._log.truncate(self._start)
+
+
 @contextlib.contextmanager
 def tee_to_log(run_dir: str):
-    """Copy stdout and stderr into `<run_dir>/train.log` meanwhile (if this process writes)."""
+    """Copy stdout and stderr into `<run_dir>/train.log` meanwhile (if this process writes);
+    yields the RunLog."""
     if not is_writer():
-        yield
+        yield RunLog()
         return
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
         try:
-            yield
+            yield RunLog(log, (sys.stdout, sys.stderr))
         finally:
             sys.stdout, sys.stderr = out, err
+
+
+def _stamp(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns

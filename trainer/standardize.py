@@ -29,9 +29,11 @@ def statistics(x: np.ndarray, y: np.ndarray | None) -> dict:
     """Mean and standard deviation per feature (the last axis of x) and per target column
     (a regression's y); a constant column gets a standard deviation of 1."""
     axes = tuple(range(x.ndim - 1))
-    out = {"x_mean": x.mean(axis=axes), "x_std": x.std(axis=axes)}
+    # NaN-aware: a bad value stays in its own row (the loop's non-finite check stops on it),
+    # not in every row through the statistics
+    out = {"x_mean": np.nanmean(x, axis=axes), "x_std": np.nanstd(x, axis=axes)}
     if y is not None:
-        out.update(y_mean=y.mean(axis=0), y_std=y.std(axis=0))
+        out.update(y_mean=np.nanmean(y, axis=0), y_std=np.nanstd(y, axis=0))
     return {k: np.where(v > 0, v, 1.0) if k.endswith("std") else v for k, v in out.items()}
 
 
