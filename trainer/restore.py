@@ -47,9 +47,15 @@ def restore_or_initialize(
         note = f" (dropped {dropped} log records past it)" if dropped else ""
         print(f"Resuming from step {step}: {latest.prefix}{note}", file=sys.stderr)
         return step, step
-    summaries.truncate_metrics(run_dir, 0)
+    dropped = summaries.truncate_metrics(run_dir, 0)
     # from scratch: even step 0 goes (the hparams a run killed before its first save wrote)
-    summaries.truncate_events(os.path.join(run_dir, "tensorboard"), -1)
+    dropped += summaries.truncate_events(os.path.join(run_dir, "tensorboard"), -1)
+    if dropped:  # a run killed before its first checkpoint left logs: said, like a resume
+        print(
+            f"Starting from step 0: no checkpoint to resume from (dropped {dropped} log "
+            "records of an earlier attempt)",
+            file=sys.stderr,
+        )
     if cfg.trainer.init_from:
         warm_start(cfg.trainer.init_from, state)  # prints what it copied
     return 0, None

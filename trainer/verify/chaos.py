@@ -90,6 +90,15 @@ def _has_checkpoint(run_dir: str) -> bool:
     return any(verify(p, hashes=False).ok for p in reversed(list_checkpoints(ckpt_dir)))
 
 
+def _said(log: str, lines: tuple[str, ...]) -> bool:
+    try:
+        with open(log, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return any(line in text for line in lines)
+
+
 def _size(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -106,22 +115,28 @@ def kill_at_random(
     deadline: float,
     newest_step,
     need_checkpoint: bool = False,
+    log: str | None = None,
 ) -> Kill | None:
     """Wait for `proc` to train, then a random time in [0, window), then the moment `kind`;
     SIGKILL it. None if the process ended first (nothing left to kill). `need_checkpoint`:
     first wait until the run has a good checkpoint (the last kill: so that the final run
-    resumes from one, rather than start over)."""
-    started, resumed_at = time.time(), newest_step(run_dir) or 0
+    resumes from one, rather than start over). `log`: the file the process's output goes to
+    (where it says it has dropped an earlier process's logs)."""
+    resumed_at = newest_step(run_dir) or 0
     metrics = os.path.join(run_dir, "metrics.jsonl")
+    # Logs an earlier process left past `resumed_at` are dropped by this one as it starts,
+    # and it says so on its output ("Resuming from step N" / "Starting from step 0") once
+    # they are gone: only after that line is a logged step past `resumed_at` this process's
+    # own. (Two looks at the file, its last step and its mtime, are not one moment: on a
+    # loaded machine the truncation fell between them and a kill landed before the resume.)
+    stale = resumed_at > 0 or (last_logged_step(run_dir) or 0) > 0
     while True:  # this process trains: it logged a step past its checkpoint (after truncating)
         if proc.poll() is not None or time.monotonic() > deadline:
             return None
+        if stale and log is not None:
+            stale = not _said(log, ("Resuming from step", "Starting from step 0"))
         step = last_logged_step(run_dir)
-        try:
-            fresh = os.path.getmtime(metrics) >= started
-        except OSError:
-            fresh = False
-        if fresh and step is not None and step > resumed_at:
+        if not stale and step is not None and step > resumed_at:
             if not need_checkpoint or _has_checkpoint(run_dir):
                 break
         time.sleep(0.002)

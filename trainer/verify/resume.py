@@ -212,6 +212,7 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
                 time.monotonic() + timeout,
                 newest,
                 need_checkpoint=i == int(v.kills) - 1,
+                log=phase.log,
             )
             if kill is None:
                 finish(phase, timeout, expect=())  # ended before the kill: report how
