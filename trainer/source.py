@@ -16,9 +16,11 @@ from row 0's, stops the run with the row's index and the user's message (UserErr
 
 from __future__ import annotations
 
+import atexit
 import queue
 import re
 import threading
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -69,6 +71,8 @@ def call_custom(cfg: DictConfig):
 class SourceData:
     """A random-access source behind the interface of trainer/data.py's `Data`."""
 
+    opened = False  # one was opened in this process (trainer/__main__.py ends it early)
+
     def __init__(self, source, cfg: DictConfig, x0: np.ndarray, y0: np.ndarray, task: str):
         self.source, self.name = source, str(cfg._target_)
         self.workers = int(cfg.get("workers", 16))
@@ -86,6 +90,9 @@ class SourceData:
         self.train_ids, self.val_ids = train.astype(np.int64), val.astype(np.int64)
         self._lock = threading.Lock()
         self._executor: _Readers | None = None
+        self._closed, self._active = False, 0  # reads refused / reads in flight
+        atexit.register(self.close)
+        SourceData.opened = True
 
     @classmethod
     def open(cls, source, cfg: DictConfig) -> SourceData:
@@ -207,6 +214,29 @@ class SourceData:
         threads at once (each a contiguous slice), then stacked and checked against row 0.
         The threads only call `source[i]`: the less Python each holds the GIL for, the more
         reads that wait on I/O overlap."""
+        with self._lock:
+            if self._closed:  # the run is ending: the stream's prefetching stops here
+                raise RuntimeError(f"data: {self.name} is closed")
+            self._active += 1
+        try:
+            return self._read(ids)
+        except UserError:
+            self._closed = True  # a bad row ends the run: no further reads start
+            raise
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def close(self, timeout: float = 10.0) -> None:
+        """No further reads; wait for those in flight. Run at exit (atexit), while the
+        reader threads still run: a tf.data thread left inside a read when the interpreter
+        stops would hold TensorFlow's teardown forever."""
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def _read(self, ids) -> tuple[np.ndarray, np.ndarray]:
         ids = [int(i) for i in ids]
         rows: list = [None] * len(ids)
         parts = min(self.workers, len(ids))
