@@ -109,8 +109,7 @@ def custom_loss(loss_cfg: DictConfig) -> keras.losses.Loss:
     function wrapped (its extra keys as keyword arguments) so that `.keras` can store it."""
     path = loss_cfg._target_
     target = targets.import_target("loss._target_", path)
-    container = OmegaConf.to_container(loss_cfg, resolve=True)
-    kwargs = {k: v for k, v in container.items() if k not in ("name", "_target_")}
+    kwargs = targets.arguments(loss_cfg, ("name", "_target_"))
     if inspect.isclass(target) and issubclass(target, keras.losses.Loss):
         targets.check_arguments("loss", target, kwargs)
         return targets.call("loss", target, kwargs)

@@ -15,7 +15,7 @@ import inspect
 import keras
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from trainer import targets
 from trainer.config import UserError
@@ -53,7 +53,7 @@ def _custom_schedule(sched: DictConfig, lr: float):
             f"schedule._target_: received {sched._target_!r}, {targets.kind(cls)}; allowed: a "
             "keras.optimizers.schedules.LearningRateSchedule subclass"
         )
-    kwargs = _arguments(sched, ("name", "_target_"))
+    kwargs = targets.arguments(sched, ("name", "_target_"))
     targets.check_arguments("schedule", cls, kwargs)
     names, _ = targets.accepted(cls)
     for name in ("initial_learning_rate", "learning_rate"):
@@ -75,7 +75,7 @@ def build_optimizer(
             f"optimizer._target_: received {opt._target_!r}, {targets.kind(cls)}; allowed: a "
             "keras.optimizers.Optimizer subclass"
         )
-    kwargs = _arguments(opt, ("_target_",))
+    kwargs = targets.arguments(opt, ("_target_",))
     targets.check_arguments("optimizer", cls, kwargs)
     if kwargs.get("gradient_accumulation_steps") and tf.distribute.has_strategy():
         raise UserError(
@@ -85,12 +85,6 @@ def build_optimizer(
         )
     kwargs["learning_rate"] = build_schedule(opt, sched, max_steps)
     return targets.call("optimizer", cls, kwargs)
-
-
-def _arguments(group: DictConfig, own: tuple[str, ...]) -> dict:
-    """A group's keys as constructor arguments (plain containers), without the group's own."""
-    kwargs = OmegaConf.to_container(group, resolve=True)
-    return {k: v for k, v in kwargs.items() if k not in own}
 
 
 def step_counter(optimizer: keras.optimizers.Optimizer):

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 
 import numpy as np
 import tensorflow as tf
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from trainer import targets
 from trainer.batch_ids import batch_positions, id_terms, split_ids
@@ -51,8 +51,7 @@ def call_custom(cfg: DictConfig):
             f"data._target_: received {path!r}, {targets.kind(fn)}; allowed: a function "
             "(or class) returning arrays (x, y) or a random-access source"
         )
-    container = OmegaConf.to_container(cfg, resolve=True)
-    kwargs = {k: v for k, v in container.items() if k not in GROUP_KEYS}
+    kwargs = targets.arguments(cfg, GROUP_KEYS)
     targets.check_arguments("data", fn, kwargs)
     try:
         out = fn(**kwargs)
@@ -271,9 +270,7 @@ class SourceData:
             for j in range(a, b):
                 rows[j] = get(ids[j])
         except Exception as e:  # the user's code: its message, with the row
-            raise UserError(
-                f"data: reading row {ids[j]} of {self.name} failed: {type(e).__name__}: {e}"
-            ) from None
+            raise _read_failed(ids[j], self.name, e) from None
 
     def _first_bad_row(self, ids: list[int], rows: list) -> UserError:
         for i, row in zip(ids, rows, strict=True):
@@ -320,10 +317,13 @@ def _split_row(source, i: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         row = source[i]
     except Exception as e:
-        raise UserError(
-            f"data: reading row {i} of {name} failed: {type(e).__name__}: {e}"
-        ) from None
+        raise _read_failed(i, name, e) from None
     return _as_arrays(row, i, name)
+
+
+def _read_failed(i: int, name: str, e: Exception) -> UserError:
+    """The one line for a row whose read raised: the row and the user's own message."""
+    return UserError(f"data: reading row {i} of {name} failed: {type(e).__name__}: {e}")
 
 
 def _as_arrays(row, i: int, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,8 @@ import importlib
 import inspect
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from trainer.config import UserError
 
 
@@ -64,6 +66,13 @@ def accepted(fn) -> tuple[list[str], bool]:
         if not any(v.kind == v.VAR_KEYWORD for v in params.values()):
             return names, False
     return names, cls is object or cls is None
+
+
+def arguments(group: DictConfig, own: tuple[str, ...]) -> dict:
+    """A group's keys as constructor or function arguments (plain containers, interpolations
+    resolved), without the group's own keys (`_target_`, `name`...)."""
+    kwargs = OmegaConf.to_container(group, resolve=True)
+    return {k: v for k, v in kwargs.items() if k not in own}
 
 
 def check_arguments(group: str, fn, kwargs: dict, extra_ok: tuple[str, ...] = ()) -> None:
