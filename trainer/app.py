@@ -100,16 +100,16 @@ def _execute(cfg: DictConfig, run_dir: str, sweep: bool, log: runlog.RunLog) -> 
         return _failed(EXIT_BAD_INPUT, str(e))
     except NonFiniteLoss as e:
         return _failed(EXIT_FAILED, str(e))
-    except (OSError, tf.errors.OpError) as e:  # a full disk or an unwritable file (logs...)
-        problem = integrity.disk_problem(e)
-        if problem is None or debug:
+    except (OSError, tf.errors.OpError) as e:  # the disk refused a write (logs, exports...)
+        if integrity.disk_problem(e) is None or debug:
             raise
         hydra_callbacks.restore()
-        where = getattr(e, "filename", None) or f"in {run_dir}"
+        where = integrity.failed_path(e) or f"in {run_dir}"
+        intact = integrity.newest_intact(os.path.join(run_dir, "checkpoints"))
         return _failed(
             EXIT_BAD_INPUT,
-            f"cannot write {where} ({problem}); the checkpoints written so far are intact. "
-            "Free space or fix permissions, then rerun the same command to resume.",
+            f"cannot write {where} ({integrity.disk_problem(e)}); {intact}. Free space, fix "
+            "permissions or the disk, then rerun the same command to resume.",
         )
     except KeyboardInterrupt as e:  # a signal outside the training loop (start-up, export)
         name = interrupted_by(e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -101,8 +102,11 @@ def _put_back() -> None:
             else:
                 with open(path, "wb") as f:
                     f.write(content)
-        except OSError:
-            pass
+        except OSError as e:
+            print(
+                f"warning: could not put back {path} as it was before this run ({e.strerror})",
+                file=sys.stderr,
+            )
 
 
 def recorded_command(run_dir: str) -> str | None:

@@ -149,12 +149,24 @@ def _writable_dir_problem(run_dir: str) -> str | None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         return f"{probe} is a file, not a directory"
-    try:  # os.access is no use as root: really create (and remove) a file there
-        with tempfile.TemporaryFile(dir=probe):
-            pass
+    try:  # os.access is no use as root: really write, sync (and remove) a file there
+        with tempfile.TemporaryFile(dir=probe) as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         return f"cannot write in {probe}: {e.strerror}"
+    st = os.statvfs(probe)
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES:
+        return (
+            f"No space left on device: {free // 1024} KiB free in {probe}, a run needs at least "
+            f"{MIN_FREE_BYTES >> 20} MiB for its logs and checkpoints"
+        )
     return None
+
+
+MIN_FREE_BYTES = 1 << 20  # a full disk at start: less than this is refused before training
 
 
 _MULTIRUN_FLAGS = ("-m", "--multirun")

@@ -17,6 +17,7 @@ class _Tee:
     def __init__(self, stream, log):
         self._stream, self._log, self._pending = stream, log, ""
         self.on = True
+        self.failed = False  # a write to the log failed (warned once)
 
     def write(self, text: str) -> int:
         n = self._stream.write(text)
@@ -26,8 +27,15 @@ class _Tee:
         *lines, self._pending = self._pending.split("\n")
         kept = [line for line in lines if "\r" not in line]
         if kept:
-            self._log.write("\n".join(kept) + "\n")
-            self._log.flush()
+            try:  # unbuffered: a write the disk refused leaves nothing to write twice
+                self._log.write(("\n".join(kept) + "\n").encode(errors="replace"))
+            except OSError as e:  # the terminal still has the lines: say so there, go on
+                if not self.failed:
+                    self._stream.write(
+                        f"warning: could not write {self._log.name} ({e.strerror}); lines are "
+                        "missing from it, the next ones are tried again\n"
+                    )
+                self.failed = True
         return n
 
     def flush(self) -> None:
@@ -69,7 +77,6 @@ class RunLog:
         for tee in self._tees:
             tee.on = False
         if self._log is not None:
-            self._log.flush()
             self._log.truncate(self._start)
 
 
@@ -81,7 +88,7 @@ def tee_to_log(run_dir: str):
         yield RunLog()
         return
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "train.log"), "a") as log:
+    with open(os.path.join(run_dir, "train.log"), "ab", buffering=0) as log:
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
         try:

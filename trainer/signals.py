@@ -157,8 +157,11 @@ class SweepSignals:
             try:
                 with open(cls._stop_file, "w") as f:
                     f.write(name + "\n")
-            except OSError:
-                pass  # the forwarded signal still reaches the running jobs
+            except OSError as e:  # the forwarded signal still reaches the running jobs
+                sys.stderr.write(
+                    f"warning: could not write the stop file {cls._stop_file} ({e.strerror}): "
+                    "a joblib worker that has not started its job yet does not see the stop\n"
+                )
         return first
 
     @classmethod

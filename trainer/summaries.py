@@ -7,59 +7,115 @@ resume both logs are cut back to the restored step first: one curve per tag.
 
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import json
 import os
 import socket
+import struct
+import sys
 import threading
 import time
 
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, types_pb2
 
+from trainer.checkpoint.files import write_bytes_atomic
 from trainer.runinfo import METRICS_FILE, last_records, read_metrics  # noqa: F401 (re-exported)
 
 _TMP_SUFFIX = ".truncating"
 
 
 class MetricsLog:
-    """Append-only JSON lines: one object per logged train step, plus eval records."""
+    """Append-only JSON lines: one object per logged train step, plus eval records.
+
+    Each line is one unbuffered write. A write the disk refuses is retried once, after the
+    file is cut back to the end of the last whole line (nothing is written twice), with a
+    warning; a second failure stops the run with the path and the error (README, "Faults")."""
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, METRICS_FILE)
-        self._f = open(self.path, "a", buffering=1)
+        self._f = open(self.path, "ab", buffering=0)
+        self._end = self._f.seek(0, os.SEEK_END)
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            self._append(line)
+        except OSError as e:
+            print(
+                f"warning: could not write {self.path} ({e.strerror}); retrying the line once",
+                file=sys.stderr,
+            )
+            self._f.truncate(self._end)
+            self._append(line)
+
+    def _append(self, line: bytes) -> None:
+        view, done = memoryview(line), 0
+        try:
+            while done < len(line):  # a short write (a disk filling up): write the rest
+                n = self._f.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                done += n
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
+        self._end += done
 
     def sync(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self.fsync()
 
     def fsync(self) -> None:
-        """The lines written so far (line-buffered: already handed to the OS) to disk; safe to
-        call from another thread while the loop keeps writing."""
-        os.fsync(self._f.fileno())
+        """The lines written so far (each already handed to the OS) to disk; safe to call from
+        another thread while the loop keeps writing. A failed fsync is never retried."""
+        try:
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
 
     def close(self) -> None:
         self._f.close()
 
 
 def truncate_metrics(run_dir: str, max_step: int) -> int:
-    """Keep only records with step <= max_step; return how many were dropped."""
+    """Keep only records with step <= max_step; return how many were dropped. A line that does
+    not parse (damaged, or torn by a kill) is never deleted: it is appended to
+    `metrics.jsonl.unparsed` and named in a warning."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
         return 0
-    records = read_metrics(run_dir)
-    kept = [r for r in records if r.get("step", 0) <= max_step]
-    tmp = path + _TMP_SUFFIX
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+    kept, dropped, unparsed = [], 0, []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                unparsed.append((number, line))
+                continue
+            if record.get("step", 0) <= max_step:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+            else:
+                dropped += 1
+    if unparsed:
+        _set_aside(path, unparsed)
+    write_bytes_atomic(path, b"".join(kept))
+    return dropped
+
+
+def _set_aside(path: str, lines: list[tuple[int, bytes]]) -> None:
+    aside = path + ".unparsed"
+    with open(aside, "ab") as f:
+        for _, line in lines:
+            f.write(line if line.endswith(b"\n") else line + b"\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(records) - len(kept)
+    numbers = ", ".join(str(n) for n, _ in lines[:10]) + (" ..." if len(lines) > 10 else "")
+    print(
+        f"warning: {path}: {len(lines)} line(s) that do not parse as JSON (line {numbers}) "
+        f"moved to {aside}",
+        file=sys.stderr,
+    )
 
 
 def _event_files(logdir: str) -> list[str]:
@@ -70,19 +126,55 @@ def _event_files(logdir: str) -> list[str]:
     )
 
 
-def _read_records(path: str) -> tuple[list[bytes], bool]:
-    """The records of a TFRecord file up to the first torn one; (records, torn?).
+def _read_records(path: str) -> tuple[list[bytes], int]:
+    """The intact records of a TFRecord file and how many damaged ones were dropped.
 
-    A SIGKILL while the writer flushes leaves a half-written last record, which
-    TFRecordDataset reports as DataLossError after yielding every complete record.
+    Each record is framed as length (8 bytes), the length's masked CRC32C, data, the data's
+    masked CRC32C. A record whose data fails its CRC is skipped by its length; a damaged
+    length is skipped by searching forward for the next frame whose two CRCs hold; a torn
+    last record (a SIGKILL during a flush) is dropped. Every other record is kept.
     """
-    records = []
-    try:
-        for record in tf.data.TFRecordDataset(path):
-            records.append(record.numpy())
-    except tf.errors.DataLossError:
-        return records, True
-    return records, False
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    records, damaged, pos = [], 0, 0
+
+    def frame_at(at: int) -> int | None:  # the record's data length, if the frame holds
+        if at + 16 > len(blob):
+            return None
+        (length,) = struct.unpack_from("<Q", blob, at)
+        (crc,) = struct.unpack_from("<I", blob, at + 8)
+        if masked_crc32c(blob[at : at + 8]) != crc or at + 16 + length > len(blob):
+            return None
+        return length
+
+    while pos < len(blob):
+        length = frame_at(pos)
+        if length is not None:
+            data = blob[pos + 12 : pos + 12 + length]
+            (crc,) = struct.unpack_from("<I", blob, pos + 12 + length)
+            if masked_crc32c(data) == crc:
+                records.append(data)
+            else:
+                damaged += 1
+            pos += 16 + length
+            continue
+        damaged += 1  # a damaged frame: resume at the next one that holds
+        pos = next(
+            (at for at in range(pos + 1, len(blob)) if _holds(blob, at, frame_at)), len(blob)
+        )
+    return records, damaged
+
+
+def _holds(blob: bytes, at: int, frame_at) -> bool:
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    length = frame_at(at)
+    if length is None:
+        return False
+    (crc,) = struct.unpack_from("<I", blob, at + 12 + length)
+    return masked_crc32c(blob[at + 12 : at + 12 + length]) == crc
 
 
 def _keep(event, max_step: int) -> bool:
@@ -106,9 +198,14 @@ def truncate_events(logdir: str, max_step: int) -> int:
             os.replace(tmp, tmp[: -len(_TMP_SUFFIX)])
     dropped = 0
     for path in _event_files(logdir):
-        records, torn = _read_records(path)
+        records, damaged = _read_records(path)
+        if damaged:
+            print(
+                f"warning: {path}: {damaged} damaged or torn record(s) dropped, every other event kept",
+                file=sys.stderr,
+            )
         kept = [r for r in records if _keep(event_pb2.Event.FromString(r), max_step)]
-        n = len(records) + int(torn)  # a torn last record counts as dropped
+        n = len(records) + damaged  # a damaged or torn record counts as dropped
         if len(kept) == n:
             continue
         dropped += n - len(kept)

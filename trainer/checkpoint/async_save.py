@@ -408,5 +408,12 @@ class AsyncCheckpointWriter:
             yield self
         except BaseException:
             self.wait(raise_errors=False)
+            if self._error is not None:  # not raised, but never dropped in silence
+                error, self._error = self._error, None
+                print(
+                    f"warning: the background write of checkpoint ckpt-{self._error_step} failed "
+                    f"too ({str(error).splitlines()[0][:300]}); it does not count",
+                    file=sys.stderr,
+                )
             raise
         self.wait()

@@ -14,10 +14,12 @@ finished job before TensorFlow loads (trainer/runinfo.py).
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
 import shutil
+import sys
 from typing import TYPE_CHECKING
 
 from trainer.checkpoint.files import fsync_path, write_text_atomic
@@ -39,14 +41,39 @@ def _fsync_tree(path: str) -> None:
 
 
 def _exchange(a: str, b: str) -> bool:
-    """Atomically swap the names `a` and `b` (Linux renameat2); False where unsupported."""
+    """Atomically swap the names `a` and `b` (Linux renameat2). False, with a warning, where
+    the system or the file system does not support it; any other failure (EIO...) raises."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+        why = "no renameat2 in this C library"
+    else:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), b)
+        why = os.strerror(code)
+    print(
+        f"warning: cannot swap {b} atomically ({why}): replaced in two renames; a crash "
+        f"between them leaves the previous export at {b}.old-{os.getpid()}",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a previous export set aside; one that cannot be removed is named in a warning."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        print(
+            f"warning: could not remove {path} ({e.strerror}); remove it by hand", file=sys.stderr
+        )
 
 
 def export_keras(model: keras.Model, path: str) -> str:
@@ -82,12 +109,12 @@ def export_saved_model(model: keras.Model, path: str, feature_shape: tuple[int, 
             fsync_path(parent)  # the new name, durable
         elif _exchange(tmp, path):
             fsync_path(parent)  # the swapped names, durable before the old one goes
-            shutil.rmtree(tmp)  # now holds the previous artifact
+            _remove_tree(tmp)  # now holds the previous artifact
         else:
             os.replace(path, old)
             os.replace(tmp, path)
             fsync_path(parent)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_tree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -3,6 +3,7 @@ finished job reads runs before TensorFlow loads: trainer/runinfo.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -20,18 +21,33 @@ def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
     finally:
         os.close(fd)
 
 
 def write_text_atomic(path: str, text: str, durable: bool = True) -> None:
-    """Write `text` to `path` via a temporary file, fsync and rename: never a torn file.
-    `durable`: the directory is fsynced after the rename, so the new name survives a power loss."""
+    """write_bytes_atomic of `text` (UTF-8)."""
+    write_bytes_atomic(path, text.encode(), durable)
+
+
+def write_bytes_atomic(path: str, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` via a temporary file, fsync and rename: never a torn file.
+    `durable`: the directory is fsynced after the rename, so the new name survives a power loss.
+    A failure leaves no temporary file behind; a failed fsync of the directory raises, with the
+    new file in place but not known to be on disk (the caller decides: a checkpoint's manifest
+    is removed, trainer/checkpoint/store.py)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror, e.filename or tmp) from None
     if durable:
         fsync_path(os.path.dirname(path) or ".")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import shutil
 import sys
 import time
@@ -224,34 +225,58 @@ def check_data_fits(prefix: str, data, data_path: str | None = None) -> None:
 
 
 # ---------------------------------------------------------------- saving
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-_DISK_WORDS = (
-    "no space left on device",
-    "disk quota exceeded",
-    "read-only file system",
-    "permission denied",
-)
+# A write the disk refused: full, over quota, read-only, not permitted, or failing (EIO). Python
+# raises OSError with an errno; TensorFlow's C++ writers raise their own OpError types whose
+# message is "<path>; <strerror>", so the words are matched too (README, "Faults").
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_DISK_WORDS = tuple(os.strerror(n) for n in sorted(_DISK_ERRNOS))
+_PATH_BEFORE = re.compile(r"(\S+?)[;:] (?:" + "|".join(map(re.escape, _DISK_WORDS)) + ")", re.I)
 
 
 def disk_problem(e: BaseException) -> str | None:
-    """A short description if `e` is a full disk / unwritable location, else None."""
+    """The error's words if `e` is a write the disk refused (see _DISK_ERRNOS), else None."""
     if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
         return os.strerror(e.errno)
     if isinstance(e, (OSError, tf.errors.OpError)):
         text = str(e).lower()
         for word in _DISK_WORDS:
-            if word in text:
-                return word.capitalize()
+            if word.lower() in text:
+                return word
     return None
 
 
+def failed_path(e: BaseException) -> str | None:
+    """The file a refused write named: OSError.filename, or the path in TensorFlow's message."""
+    if isinstance(e, OSError) and e.filename:
+        return os.fsdecode(e.filename)
+    m = _PATH_BEFORE.search(str(e))
+    return m.group(1) if m else None
+
+
+def describe(e: BaseException) -> str:
+    """ "<path>: <error>" for a refused write (or the error alone when no path is known)."""
+    problem = disk_problem(e) or str(e).splitlines()[0][:200]
+    path = failed_path(e)
+    return f"{path}: {problem}" if path else problem
+
+
+def newest_intact(directory: str) -> str:
+    """What a failed save leaves: "the newest good checkpoint ckpt-N is intact (verified)",
+    every tensor read back against its checksum, or that none exists."""
+    for prefix in reversed(list_checkpoints(directory)):
+        if verify(prefix).ok:
+            return f"the newest good checkpoint {os.path.basename(prefix)} is intact (verified)"
+    return "no earlier checkpoint exists"
+
+
 def save(store: CheckpointStore, step: int, before_write=None, **kwargs) -> float:
-    """store.save(step, ...), turning a full disk or an unwritable directory into a UserError."""
+    """store.save(step, ...), turning a write the disk refused into a UserError (exit 2): the
+    failed save's partial files are removed, a failed fsync is never retried (the kernel may
+    have dropped the pages it could not write), and the newest good checkpoint is verified."""
     try:
         return store.save(step, before_write=before_write, **kwargs)
     except (OSError, tf.errors.OpError) as e:
-        problem = disk_problem(e)
-        if problem is None:
+        if disk_problem(e) is None:
             raise
         step = getattr(e, "checkpoint_step", step)  # an async write fails one save later
         # Clean where this process writes (a non-chief worker writes to its own temp dir,
@@ -259,15 +284,21 @@ def save(store: CheckpointStore, step: int, before_write=None, **kwargs) -> floa
         write_dir = store.manager.directory if store.manager is not None else store.directory
         prefix = os.path.join(write_dir, f"ckpt-{step}")
         if not os.path.exists(prefix + MANIFEST_SUFFIX):  # never a checkpoint: free the space
-            for path in _leftovers(write_dir).get(prefix, []):
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-        previous = [p for p in list_checkpoints(store.directory) if verify(p, hashes=False).ok]
-        kept = (
-            f"the previous checkpoint {os.path.basename(previous[-1])} is intact"
-            if previous
-            else "no earlier checkpoint exists"
-        )
+            _remove(_leftovers(write_dir).get(prefix, []))
         raise UserError(
-            f"checkpoint: could not write ckpt-{step} in {store.directory} ({problem}); "
-            f"{kept}. Free space or fix permissions, then rerun the same command to resume."
+            f"checkpoint: could not write ckpt-{step} in {store.directory} ({describe(e)}); "
+            f"{newest_intact(store.directory)}. Free space, fix permissions or the disk, then "
+            "rerun the same command to resume."
         ) from None
+
+
+def _remove(paths: list[str]) -> None:
+    """Remove a failed save's files; one that cannot be removed is named in a warning (the
+    next run sets it aside: it has no manifest, so it never counts)."""
+    for path in paths:
+        try:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        except OSError as e:
+            print(
+                f"warning: could not remove {path} ({e.strerror}); it never counts", file=sys.stderr
+            )

@@ -214,6 +214,19 @@ class _Manager(tf.train.CheckpointManager):
             self._retire(prefix)
 
 
+def _empty_trash(trash: str) -> None:
+    """Delete `checkpoints/.deleting/`; what cannot be deleted is named in a warning (the next
+    run tries again; it is never read as a checkpoint)."""
+
+    def warn(function, path, exc_info) -> None:
+        print(
+            f"warning: could not delete {path} ({exc_info[1]}); the next run tries again",
+            file=sys.stderr,
+        )
+
+    shutil.rmtree(trash, onerror=warn)
+
+
 class CheckpointStore:
     """CheckpointManager with manifests, verification and a good-only `latest`."""
 
@@ -411,8 +424,13 @@ class CheckpointStore:
                     os.makedirs(trash, exist_ok=True)
                     os.replace(path, os.path.join(trash, os.path.basename(path)))
                     continue
-                except OSError:
-                    pass  # then deleted in place (if it still exists)
+                except OSError as e:  # then deleted in place (if it still exists)
+                    print(
+                        f"warning: could not move {path} into {trash} ({e.strerror}); "
+                        "deleting it in place",
+                        file=sys.stderr,
+                    )
+                    defer = False
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         with contextlib.suppress(FileNotFoundError):
@@ -422,9 +440,7 @@ class CheckpointStore:
         """Empty `checkpoints/.deleting/` (also what a killed run left there) on a thread."""
         trash = os.path.join(self.directory, TRASH_DIR)
         if os.path.isdir(trash):
-            self._deleter = threading.Thread(
-                target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}
-            )
+            self._deleter = threading.Thread(target=_empty_trash, args=(trash,))
             self._deleter.start()  # not a daemon: the interpreter waits for it at exit
 
     def _join_deleter(self) -> None:
@@ -458,7 +474,12 @@ class CheckpointStore:
             text = json.dumps(own, sort_keys=True)[:-1] + ", " + self._extra_json[1:]
         else:
             text = json.dumps(own, sort_keys=True)
-        write_text_atomic(prefix + MANIFEST_SUFFIX, text, durable=self.durable)
+        try:
+            write_text_atomic(prefix + MANIFEST_SUFFIX, text, durable=self.durable)
+        except OSError:  # a failed fsync is not retried into success: this one never counts
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(prefix + MANIFEST_SUFFIX)
+            raise
         verdict = verify(prefix, hashes=False)  # sizes re-read from disk: a cheap read-back
         if not verdict.ok:
             os.remove(prefix + MANIFEST_SUFFIX)  # not a good checkpoint: leave it "incomplete"
