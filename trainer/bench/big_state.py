@@ -98,13 +98,18 @@ def data_position_bytes(workdir: str) -> dict:
     }
 
 
-def state_io(m: dict, workdir: str, log) -> dict:
-    """Sync vs async save of a big TrainState, the numpy baseline, restore, sizes."""
-    state = _big_state(m["units"], m["features"])
-    variables = state.model.weights + state.optimizer.variables
-    arrays = [v.numpy() for v in variables]
-    state_bytes = sum(a.nbytes for a in arrays)
-    stores = {
+# Every timing state_io records, one list per kind, one entry per round (round 0: warm-up).
+_TRIALS = (
+    "sync", "manifest", "async_block", "async_total", "numpy", "restore",
+    "update", "update_after_snapshot", "verify", "tf_write",
+    "sync_with_delete", "numpy_fresh", "guard", "copy",
+    "nondurable", "nondurable_with_delete", "numpy_fresh_fsync",
+)  # fmt: skip
+
+
+def _stores(state: TrainState, workdir: str) -> dict[str, CheckpointStore]:
+    """The real stores under test: durable sync, non-durable sync (no fsync), and async."""
+    return {
         kind: CheckpointStore(
             os.path.join(workdir, kind),
             state.checkpoint,
@@ -116,19 +121,110 @@ def state_io(m: dict, workdir: str, log) -> dict:
         )
         for kind in ("sync", "sync_nondurable", "async")
     }
+
+
+def _optimizer_step(state: TrainState):
+    """`update()`: one optimizer step over every weight and slot; returns its seconds."""
     grads = [tf.ones_like(v) * 1e-3 for v in state.model.trainable_variables]
 
-    def update() -> float:  # one optimizer step over every weight and slot
+    def update() -> float:
         t0 = time.perf_counter()
         state.optimizer.apply_gradients(zip(grads, state.model.trainable_variables, strict=True))
         _ = [v.numpy() for v in state.optimizer.variables[:1]]  # wait for the update
         return time.perf_counter() - t0
 
+    return update
+
+
+def _time_sync_saves(stores: dict, step: int, assign, t: dict, pressure: list) -> str:
+    """One round's durable sync save (then its manifest alone) and non-durable sync save, with
+    the kernel's memory-pressure deltas over the latter; the durable checkpoint's prefix."""
+    # os.sync() before each timed write: every write starts with no dirty pages queued
+    # by the previous one (kernel writeback throttling made the order matter otherwise)
+    os.sync()
+    t0 = time.perf_counter()
+    t["sync"].append(stores["sync"].save(step, assign=assign))  # what the loop waits for
+    stores["sync"].wait()  # retention's background delete of the previous checkpoint
+    t["sync_with_delete"].append(time.perf_counter() - t0)
+    prefix = stores["sync"].manager.latest_checkpoint
+    t0 = time.perf_counter()
+    stores["sync"].write_manifest(prefix, step)  # the manifest part of a save, on its own
+    t["manifest"].append(time.perf_counter() - t0)
+    # the same save without durability (no fsync): what the bimodal figure was about
+    os.sync()
+    before = _vmstat()
+    t0 = time.perf_counter()
+    t["nondurable"].append(stores["sync_nondurable"].save(step, assign=assign))
+    stores["sync_nondurable"].wait()
+    t["nondurable_with_delete"].append(time.perf_counter() - t0)
+    after = _vmstat()
+    pressure.append(
+        {k: after.get(k, 0) - before.get(k, 0) for k in _VMSTAT}
+        | {"nr_dirty_before": before.get("nr_dirty", 0)}
+    )
+    return prefix
+
+
+def _time_async_save(store: CheckpointStore, step: int, assign, update, t: dict) -> None:
+    """One round's optimizer update, then an async save: its blocking part, the update that
+    follows its snapshot, and its whole write."""
+    t["update"].append(update())
+    os.sync()
+    t0 = time.perf_counter()
+    t["async_block"].append(store.save(step, assign=assign))
+    # the first update after a snapshot copies each variable it changes (copy-on-write)
+    t["update_after_snapshot"].append(update())
+    store.wait()
+    t["async_total"].append(time.perf_counter() - t0)
+
+
+def _time_numpy_baselines(arrays: list[np.ndarray], workdir: str, t: dict) -> None:
+    """One round's numpy writes of the same arrays, and one in-memory copy of them."""
+    path = os.path.join(workdir, "numpy.bin")
+    # numpy replacing its previous copy (truncating the file frees the old blocks, as
+    # retention does for a checkpoint), and numpy writing a fresh file (the old one
+    # removed untimed): a raw page-cache write
+    os.sync()
+    t["numpy"].append(_numpy_write(arrays, path))
+    os.remove(path)
+    os.sync()
+    t["numpy_fresh"].append(_numpy_write(arrays, path))
+    os.remove(path)
+    os.sync()
+    t["numpy_fresh_fsync"].append(_numpy_write(arrays, path, fsync=True))
+    t0 = time.perf_counter()
+    copies = [np.array(a, copy=True) for a in arrays]  # one in-memory copy of the state
+    t["copy"].append(time.perf_counter() - t0)
+    del copies
+
+
+def _time_verify_write_restore(
+    state: TrainState, store: CheckpointStore, prefix: str, workdir: str, t: dict
+) -> None:
+    """One round's resume check of `prefix`, TensorFlow's write alone, and the restore."""
+    t0 = time.perf_counter()
+    assert verify(prefix).ok  # what a resume checks: every tensor read back and CRC-checked
+    t["verify"].append(time.perf_counter() - t0)
+    os.sync()
+    t0 = time.perf_counter()
+    raw = state.checkpoint.write(os.path.join(workdir, "raw", "ckpt"))  # TF alone
+    t["tf_write"].append(time.perf_counter() - t0)
+    for path in checkpoint_files(raw):
+        os.remove(path)
+    t0 = time.perf_counter()
+    store.restore(prefix)
+    t["restore"].append(time.perf_counter() - t0)
+
+
+def state_io(m: dict, workdir: str, log) -> dict:
+    """Sync vs async save of a big TrainState, the numpy baseline, restore, sizes."""
+    state = _big_state(m["units"], m["features"])
+    variables = state.model.weights + state.optimizer.variables
+    arrays = [v.numpy() for v in variables]
+    stores = _stores(state, workdir)
+    update = _optimizer_step(state)
     update()  # trace / warm up
-    t = {k: [] for k in ("sync", "manifest", "async_block", "async_total", "numpy", "restore")}
-    t |= {"update": [], "update_after_snapshot": [], "verify": [], "tf_write": []}
-    t |= {"sync_with_delete": [], "numpy_fresh": [], "guard": [], "copy": []}
-    t |= {"nondurable": [], "nondurable_with_delete": [], "numpy_fresh_fsync": []}
+    t = {k: [] for k in _TRIALS}
     pressure = []  # per round: /proc/vmstat deltas over the non-durable save (see BENCHMARKS.md)
     guard = nonfinite.nonfinite_variables(variables)  # the loop's check before every save
     # Round 0 is a warm-up, left out of the medians: its writes pay one-time costs (tracing,
@@ -142,71 +238,23 @@ def state_io(m: dict, workdir: str, log) -> dict:
         t0 = time.perf_counter()
         guard()
         t["guard"].append(time.perf_counter() - t0)
-        # os.sync() before each timed write: every write starts with no dirty pages queued
-        # by the previous one (kernel writeback throttling made the order matter otherwise)
-        os.sync()
-        t0 = time.perf_counter()
-        t["sync"].append(stores["sync"].save(step, assign=assign))  # what the loop waits for
-        stores["sync"].wait()  # retention's background delete of the previous checkpoint
-        t["sync_with_delete"].append(time.perf_counter() - t0)
-        prefix = stores["sync"].manager.latest_checkpoint
-        t0 = time.perf_counter()
-        stores["sync"].write_manifest(prefix, step)  # the manifest part of a save, on its own
-        t["manifest"].append(time.perf_counter() - t0)
-        # the same save without durability (no fsync): what the bimodal figure was about
-        os.sync()
-        before = _vmstat()
-        t0 = time.perf_counter()
-        t["nondurable"].append(stores["sync_nondurable"].save(step, assign=assign))
-        stores["sync_nondurable"].wait()
-        t["nondurable_with_delete"].append(time.perf_counter() - t0)
-        after = _vmstat()
-        pressure.append(
-            {k: after.get(k, 0) - before.get(k, 0) for k in _VMSTAT}
-            | {"nr_dirty_before": before.get("nr_dirty", 0)}
-        )
-        t["update"].append(update())
-        os.sync()
-        t0 = time.perf_counter()
-        t["async_block"].append(stores["async"].save(step, assign=assign))
-        # the first update after a snapshot copies each variable it changes (copy-on-write)
-        t["update_after_snapshot"].append(update())
-        stores["async"].wait()
-        t["async_total"].append(time.perf_counter() - t0)
-        # numpy replacing its previous copy (truncating the file frees the old blocks, as
-        # retention does for a checkpoint), and numpy writing a fresh file (the old one
-        # removed untimed): a raw page-cache write
-        os.sync()
-        t["numpy"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
-        os.remove(os.path.join(workdir, "numpy.bin"))
-        os.sync()
-        t["numpy_fresh"].append(_numpy_write(arrays, os.path.join(workdir, "numpy.bin")))
-        os.remove(os.path.join(workdir, "numpy.bin"))
-        os.sync()
-        t["numpy_fresh_fsync"].append(
-            _numpy_write(arrays, os.path.join(workdir, "numpy.bin"), fsync=True)
-        )
-        t0 = time.perf_counter()
-        copies = [np.array(a, copy=True) for a in arrays]  # one in-memory copy of the state
-        t["copy"].append(time.perf_counter() - t0)
-        del copies
-        t0 = time.perf_counter()
-        assert verify(prefix).ok  # what a resume checks: every tensor read back and CRC-checked
-        t["verify"].append(time.perf_counter() - t0)
-        os.sync()
-        t0 = time.perf_counter()
-        raw = state.checkpoint.write(os.path.join(workdir, "raw", "ckpt"))  # TF alone
-        t["tf_write"].append(time.perf_counter() - t0)
-        for path in checkpoint_files(raw):
-            os.remove(path)
-        t0 = time.perf_counter()
-        stores["sync"].restore(prefix)
-        t["restore"].append(time.perf_counter() - t0)
+        prefix = _time_sync_saves(stores, step, assign, t, pressure)
+        _time_async_save(stores["async"], step, assign, update, t)
+        _time_numpy_baselines(arrays, workdir, t)
+        _time_verify_write_restore(state, stores["sync"], prefix, workdir, t)
         log(
             f"  round {r}{' (warm-up)' if r == 0 else ''}: sync {t['sync'][-1]:.3f} s (manifest {t['manifest'][-1]:.3f}), async "
             f"blocks {t['async_block'][-1]:.4f} s / writes {t['async_total'][-1]:.3f} s, numpy "
             f"{t['numpy'][-1]:.3f} s, restore {t['restore'][-1]:.3f} s"
         )
+    state_bytes = sum(a.nbytes for a in arrays)
+    return _state_io_results(t, pressure, stores, prefix, state_bytes, workdir)
+
+
+def _state_io_results(
+    t: dict, pressure: list, stores: dict, prefix: str, state_bytes: int, workdir: str
+) -> dict:
+    """state_io's figures: medians over the rounds after the warm-up, ratios, sizes."""
     med = {k: float(statistics.median(v[1:])) for k, v in t.items()}
     ckpt_bytes = sum(os.path.getsize(p) for p in checkpoint_files(prefix))
     # like for like, neither fsyncs: the non-durable save (retention's delete included) over

@@ -179,7 +179,6 @@ def verify_export(
     from trainer.checkpoint.store import CheckpointStore
     from trainer.losses import build_objective
     from trainer.standardize import scaled_loss
-    from trainer.steps import make_eval_fn
     from trainer.verify.latency import compare_latency
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -199,63 +198,21 @@ def verify_export(
     checks: list[dict] = []
     report: dict = {"run": run_dir, "checkpoint": good.prefix, "step": good.step, "atol": atol}
 
-    # Outputs on the validation split (its first _MAX_VAL examples); every candidate runs as a graph, as served.
+    # Every candidate runs as a graph, as served.
     original_fn = tf.function(lambda x: model(x, training=False))
     keras_fn = tf.function(lambda x: reloaded(x, training=False))
     candidates = {"checkpoint": original_fn, "model.keras": keras_fn, "saved_model": serve}
-    outputs = {name: fn(x_val).numpy() for name, fn in candidates.items()}
-    report["outputs"] = {
-        name: _max_diff(outputs["checkpoint"], out) for name, out in outputs.items()
-    }
-    for name in ("model.keras", "saved_model"):
-        diff = report["outputs"][name]
-        _check(checks, f"outputs {name}", diff <= atol, f"max |diff| {diff:.3g} vs checkpoint")
+    _compare_outputs(candidates, x_val, atol, report, checks)
 
-    # Task metrics, computed the way the training loop's eval computes them.
-    objective = build_objective(cfg, data.task)  # the run's own loss (a custom one too)
+    # Task metrics on the run's own objective (a custom loss too), as the training eval does.
+    objective = build_objective(cfg, data.task)
     objective.loss_fn = scaled_loss(objective.loss_fn, model)
-    metric_name, metric_fn, loss_fn = objective.metric_name, objective.metric_fn, objective.loss_fn
     eval_ds = data.eval_dataset(int(cfg.data.batch_size))
     subjects = {"checkpoint": model, "model.keras": reloaded, "saved_model": _AsModel(serve)}
-    metrics = {}
-    for name, subject in subjects.items():
-        loss, metric, _ = make_eval_fn(subject, loss_fn, metric_fn)(eval_ds)
-        metrics[name] = {"loss": loss, metric_name: metric}
     logged = _logged_eval(run_dir, good.step)
-    if logged is not None:
-        metrics["logged in training"] = {
-            "loss": logged["eval_loss"],
-            metric_name: logged[f"eval_{metric_name}"],
-        }
-    report["metrics"] = metrics
-    for name, values in metrics.items():
-        if name != "checkpoint":
-            same = all(abs(values[k] - metrics["checkpoint"][k]) <= atol for k in values)
-            detail = ", ".join(f"{k} {v:.9g}" for k, v in values.items())
-            _check(checks, f"metrics {name}", same, detail)
+    _compare_metrics(objective, eval_ds, subjects, logged, atol, report, checks)
 
-    # Every model variable (trainable, BatchNorm moving statistics, add_weight variables).
-    # The SavedModel also carries the SeedGenerator states (Dropout RNG); `.keras` stores
-    # weights only, which is all inference needs (the checkpoint holds the RNG for training).
-    names = [_relpath(v.path, model.name) for v in model.variables]
-    weight_ids = {id(w) for w in model.weights}
-    weight_names = [n for n, v in zip(names, model.variables, strict=True) if id(v) in weight_ids]
-    rng_names = [n for n, v in zip(names, model.variables, strict=True) if id(v) not in weight_ids]
-    variables = {
-        "model.keras": compare_variables(model.weights, reloaded.weights, weight_names),
-        "saved_model": compare_variables(model.variables, list(saved.variables), names),
-    }
-    report["variables"] = variables
-    report["rng_states_not_in_model_keras"] = rng_names
-    for name, rows in variables.items():
-        bad = [r["name"] for r in rows if r["max_abs_diff"] > atol]
-        expected = len(weight_names) if name == "model.keras" else len(names)
-        detail = f"{len(rows) - len(bad)}/{len(rows)} identical" + (
-            f"; differ: {', '.join(bad)}" if bad else ""
-        )
-        if name == "model.keras" and rng_names:
-            detail += f" (+{len(rng_names)} RNG states: not in .keras, training-only)"
-        _check(checks, f"variables {name}", not bad and len(rows) == expected, detail)
+    _compare_model_variables(model, reloaded, saved, atol, report, checks)
 
     # The optimizer inside model.keras: class, iterations and every slot.
     report["optimizer"] = _compare_optimizer(optimizer, getattr(reloaded, "optimizer", None))
@@ -277,6 +234,70 @@ def verify_export(
     report["checks"] = checks
     report["ok"] = all(c["ok"] for c in checks)
     return report
+
+
+def _compare_outputs(candidates: dict, x_val, atol: float, report: dict, checks: list) -> None:
+    """Outputs on the validation split (its first _MAX_VAL examples), each reloaded candidate
+    against the checkpoint's."""
+    outputs = {name: fn(x_val).numpy() for name, fn in candidates.items()}
+    report["outputs"] = {
+        name: _max_diff(outputs["checkpoint"], out) for name, out in outputs.items()
+    }
+    for name in ("model.keras", "saved_model"):
+        diff = report["outputs"][name]
+        _check(checks, f"outputs {name}", diff <= atol, f"max |diff| {diff:.3g} vs checkpoint")
+
+
+def _compare_metrics(
+    objective, eval_ds, subjects: dict, logged: dict | None, atol: float, report: dict, checks: list
+) -> None:
+    """Task metrics, computed the way the training loop's eval computes them, for every subject
+    (and as logged by training at that step, when it was)."""
+    from trainer.steps import make_eval_fn
+
+    metric_name, metric_fn, loss_fn = objective.metric_name, objective.metric_fn, objective.loss_fn
+    metrics = {}
+    for name, subject in subjects.items():
+        loss, metric, _ = make_eval_fn(subject, loss_fn, metric_fn)(eval_ds)
+        metrics[name] = {"loss": loss, metric_name: metric}
+    if logged is not None:
+        metrics["logged in training"] = {
+            "loss": logged["eval_loss"],
+            metric_name: logged[f"eval_{metric_name}"],
+        }
+    report["metrics"] = metrics
+    for name, values in metrics.items():
+        if name != "checkpoint":
+            same = all(abs(values[k] - metrics["checkpoint"][k]) <= atol for k in values)
+            detail = ", ".join(f"{k} {v:.9g}" for k, v in values.items())
+            _check(checks, f"metrics {name}", same, detail)
+
+
+def _compare_model_variables(
+    model, reloaded, saved, atol: float, report: dict, checks: list
+) -> None:
+    """Every model variable (trainable, BatchNorm moving statistics, add_weight variables).
+    The SavedModel also carries the SeedGenerator states (Dropout RNG); `.keras` stores
+    weights only, which is all inference needs (the checkpoint holds the RNG for training)."""
+    names = [_relpath(v.path, model.name) for v in model.variables]
+    weight_ids = {id(w) for w in model.weights}
+    weight_names = [n for n, v in zip(names, model.variables, strict=True) if id(v) in weight_ids]
+    rng_names = [n for n, v in zip(names, model.variables, strict=True) if id(v) not in weight_ids]
+    variables = {
+        "model.keras": compare_variables(model.weights, reloaded.weights, weight_names),
+        "saved_model": compare_variables(model.variables, list(saved.variables), names),
+    }
+    report["variables"] = variables
+    report["rng_states_not_in_model_keras"] = rng_names
+    for name, rows in variables.items():
+        bad = [r["name"] for r in rows if r["max_abs_diff"] > atol]
+        expected = len(weight_names) if name == "model.keras" else len(names)
+        detail = f"{len(rows) - len(bad)}/{len(rows)} identical" + (
+            f"; differ: {', '.join(bad)}" if bad else ""
+        )
+        if name == "model.keras" and rng_names:
+            detail += f" (+{len(rng_names)} RNG states: not in .keras, training-only)"
+        _check(checks, f"variables {name}", not bad and len(rows) == expected, detail)
 
 
 def _compare_optimizer(ref, other) -> dict:

@@ -241,14 +241,88 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _resume_point(v, res_dir: str) -> tuple[int, list[int]]:
+    """After the interrupted run(s): the step its newest checkpoint holds (PhaseFailed unless
+    there is one, at verify.interrupt_at for stop and sigterm), and the steps it logged past
+    that, which the resume will redo."""
+    from trainer.checkpoint.store import step_of
+    from trainer.verify import compare
+
+    at = int(v.interrupt_at)
+    newest = compare.newest_checkpoint(res_dir)
+    resume_from = step_of(newest) if newest else None
+    train_dir = os.path.join(res_dir, "tensorboard", "train")
+    logged = [step for step, _ in compare.read_all_scalars(train_dir).get("loss", [])]
+    if v.interrupt in ("stop", "sigterm") and resume_from != at:
+        raise PhaseFailed(f"interrupted run left its newest checkpoint at {resume_from}, not {at}")
+    if not resume_from:  # every run started over: no resume was tested
+        raise PhaseFailed(
+            "the interrupted run left no checkpoint, so the last run would start from "
+            "scratch and test no resume; save earlier (checkpoint.every) or kill later "
+            "(verify.interrupt_at, verify.window)"
+        )
+    redone = sorted(s for s in logged if s > (resume_from or 0))
+    return resume_from, redone
+
+
+def _run_phases(
+    cfg: DictConfig, overrides: list[str], ref_dir: str, res_dir: str, out: str, phases, say
+) -> tuple[list[dict] | None, int, list[int]]:
+    """The three phases, each started Phase appended to `phases` (the caller kills what still
+    runs): (the chaos kills or None, the step resumed from, the steps redone)."""
+    v, max_steps = cfg.verify, int(cfg.trainer.max_steps)
+    at, timeout = int(v.interrupt_at), float(v.timeout)
+    say(f"[1/3] reference run: started, uninterrupted to step {max_steps}")
+    phases.append(start("reference", overrides, ref_dir, out))
+    kills = None
+    if v.interrupt == "chaos":
+        say(f"[2/3] interrupted run: {v.kills} SIGKILLs at random moments (seed {v.seed})")
+        kills = chaos(cfg, overrides, res_dir, out, say)
+    else:
+        say(f"[2/3] interrupted run: started, {v.interrupt} at step {at}")
+        phases.append(interrupt(cfg, overrides, res_dir, out, say))
+        expect = {"stop": (0,), "sigterm": (3,), "sigkill": (-signal.SIGKILL,)}[v.interrupt]
+        finish(phases[1], timeout, expect)
+    resume_from, redone = _resume_point(v, res_dir)
+    note = f"; steps {redone[0]}..{redone[-1]} were logged and will be redone" if redone else ""
+    how = (
+        f"exit {phases[1].exit_code}) in {phases[1].seconds:.1f} s" if kills is None else "killed)"
+    )
+    say(
+        f"[2/3] interrupted run: ended ({v.interrupt}, {how}; newest checkpoint: step "
+        f"{resume_from}{note}"
+    )
+    finish(phases[0], timeout, (0,))
+    say(f"[1/3] reference run: done, {max_steps} steps in {phases[0].seconds:.1f} s")
+    say(f"[3/3] resumed run: started, from step {resume_from} to {max_steps}")
+    phases.append(finish(start("resume", overrides, res_dir, out), timeout, (0,)))
+    with open(phases[-1].log) as f:
+        if resume_from and f"Resuming from step {resume_from}:" not in f.read():
+            raise PhaseFailed(
+                f"resumed run did not resume from step {resume_from}: {phases[-1].log}"
+            )
+    say(f"[3/3] resumed run: done in {phases[-1].seconds:.1f} s")
+    return kills, resume_from, redone
+
+
+def _plot_marks(interrupt: str, at: int, kills: list[dict] | None, resume_from) -> dict:
+    """The steps marked on curves.png: the interruption (or each kill), the resume point."""
+    marks = {f"{interrupt} at {at}": at} if kills is None else {}
+    for i, kill in enumerate(kills or []):
+        if kill["last_logged_step"]:
+            marks[f"kill {i + 1} ({kill['kind']})"] = kill["last_logged_step"]
+    if kills is None and resume_from != at:
+        marks[f"resumed from {resume_from}"] = resume_from
+    return marks
+
+
 def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> dict:
     """Run the three phases and compare; return the report (report["ok"] is the verdict)."""
-    from trainer.checkpoint.store import step_of
     from trainer.verify import compare, plot
     from trainer.verify.report import write_report
 
     v, max_steps = cfg.verify, int(cfg.trainer.max_steps)
-    at, timeout = int(v.interrupt_at), float(v.timeout)
+    at = int(v.interrupt_at)
     overrides = trainer_overrides(task_overrides)
     ref_dir, res_dir = os.path.join(out, "reference"), os.path.join(out, "resumed")
     what = (
@@ -260,52 +334,7 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> di
     say(f"  trainer overrides: {' '.join(overrides)}")
     phases: list[Phase] = []
     try:
-        say(f"[1/3] reference run: started, uninterrupted to step {max_steps}")
-        phases.append(start("reference", overrides, ref_dir, out))
-        kills = None
-        if v.interrupt == "chaos":
-            say(f"[2/3] interrupted run: {v.kills} SIGKILLs at random moments (seed {v.seed})")
-            kills = chaos(cfg, overrides, res_dir, out, say)
-        else:
-            say(f"[2/3] interrupted run: started, {v.interrupt} at step {at}")
-            phases.append(interrupt(cfg, overrides, res_dir, out, say))
-            expect = {"stop": (0,), "sigterm": (3,), "sigkill": (-signal.SIGKILL,)}[v.interrupt]
-            finish(phases[1], timeout, expect)
-        newest = compare.newest_checkpoint(res_dir)
-        resume_from = step_of(newest) if newest else None
-        train_dir = os.path.join(res_dir, "tensorboard", "train")
-        logged = [step for step, _ in compare.read_all_scalars(train_dir).get("loss", [])]
-        if v.interrupt in ("stop", "sigterm") and resume_from != at:
-            raise PhaseFailed(
-                f"interrupted run left its newest checkpoint at {resume_from}, not {at}"
-            )
-        if not resume_from:  # every run started over: no resume was tested
-            raise PhaseFailed(
-                "the interrupted run left no checkpoint, so the last run would start from "
-                "scratch and test no resume; save earlier (checkpoint.every) or kill later "
-                "(verify.interrupt_at, verify.window)"
-            )
-        redone = sorted(s for s in logged if s > (resume_from or 0))
-        note = f"; steps {redone[0]}..{redone[-1]} were logged and will be redone" if redone else ""
-        how = (
-            f"exit {phases[1].exit_code}) in {phases[1].seconds:.1f} s"
-            if kills is None
-            else "killed)"
-        )
-        say(
-            f"[2/3] interrupted run: ended ({v.interrupt}, {how}; newest checkpoint: step "
-            f"{resume_from}{note}"
-        )
-        finish(phases[0], timeout, (0,))
-        say(f"[1/3] reference run: done, {max_steps} steps in {phases[0].seconds:.1f} s")
-        say(f"[3/3] resumed run: started, from step {resume_from} to {max_steps}")
-        phases.append(finish(start("resume", overrides, res_dir, out), timeout, (0,)))
-        with open(phases[-1].log) as f:
-            if resume_from and f"Resuming from step {resume_from}:" not in f.read():
-                raise PhaseFailed(
-                    f"resumed run did not resume from step {resume_from}: {phases[-1].log}"
-                )
-        say(f"[3/3] resumed run: done in {phases[-1].seconds:.1f} s")
+        kills, resume_from, redone = _run_phases(cfg, overrides, ref_dir, res_dir, out, phases, say)
     finally:
         for p in phases:
             if p.proc.poll() is None:
@@ -326,12 +355,7 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> di
             p.name: {"exit_code": p.exit_code, "seconds": round(p.seconds, 2)} for p in phases
         },
     }
-    marks = {f"{v.interrupt} at {at}": at} if kills is None else {}
-    for i, kill in enumerate(kills or []):
-        if kill["last_logged_step"]:
-            marks[f"kill {i + 1} ({kill['kind']})"] = kill["last_logged_step"]
-    if kills is None and resume_from != at:
-        marks[f"resumed from {resume_from}"] = resume_from
+    marks = _plot_marks(v.interrupt, at, kills, resume_from)
     report["plot"] = plot.plot_comparison(
         report, os.path.join(out, "curves.png"), ("reference", "resumed"), marks
     )
