@@ -54,6 +54,18 @@ def _values(state: TrainState) -> list[np.ndarray]:
     ]
 
 
+def _parts(state: TrainState) -> dict[str, list[np.ndarray]]:
+    """_values by kind: weights, BatchNorm statistics, Adam's slots (and step), RNG state."""
+    statistics = [v for v in state.model.non_trainable_weights if "moving" in v.path]
+    assert statistics  # (the model has its BatchNorm's)
+    return {
+        "weights": [np.array(v) for v in state.model.trainable_weights],
+        "batchnorm statistics": [np.array(v) for v in statistics],
+        "optimizer": [np.array(v) for v in state.optimizer.variables],
+        "rng": [np.array(v) for v in state.rng],
+    }
+
+
 def _store(directory, state, **kw) -> CheckpointStore:
     return CheckpointStore(
         str(directory),
@@ -75,9 +87,14 @@ def test_async_save_writes_the_values_of_the_save_step_while_training_goes_on(tm
     for at in (1, 2, 3):  # three saves: TF's own async checkpoint fails on the second
         step()
         expected[at] = _values(state)
+        before = _parts(state)
         store.save(at, assign=state.assignments(at, 0))
+        assert store.busy() and not (tmp_path / f"ckpt-{at}.index").exists()  # not written yet
         for _ in range(3):
             step()  # BN statistics, slots, weights and RNG state all change under the write
+        for kind, arrays in _parts(state).items():
+            changed = [not np.array_equal(a, b) for a, b in zip(before[kind], arrays, strict=True)]
+            assert any(changed), f"training did not change the {kind} under the write"
         release.set()
         store.wait()
         release.clear()
@@ -198,19 +215,22 @@ def test_at_most_one_write_in_flight_and_saves_keep_their_order(tmp_path):
     assert [verify(p).ok for p in list_checkpoints(str(tmp_path))] == [True, True, True]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_the_store_is_busy_while_a_background_write_runs(tmp_path):
     """What the save budget waits for before it knows an async save's cost (trainer/loop.py)."""
     state, _ = _state()
     store = _store(tmp_path, state)
     release = threading.Event()
+    assert not store.busy()
     store.save(1, before_write=release.wait, assign=state.assignments(1, 0))
     assert store.busy()  # the write waits in before_write
+    assert not (tmp_path / "ckpt-1.index").exists()  # (it has not written yet)
     release.set()
     store.wait()
     assert not store.busy()
+    assert verify(str(tmp_path / "ckpt-1")).ok
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_the_writer_thread_runs_at_a_lower_priority_and_the_loop_thread_does_not(tmp_path):
     from trainer.checkpoint.async_save import WRITER_NICE
 
@@ -220,19 +240,23 @@ def test_the_writer_thread_runs_at_a_lower_priority_and_the_loop_thread_does_not
     write = store._write
 
     def recording(s, *a):
-        seen[s] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        tid = threading.get_native_id()
+        seen[s] = (tid, os.getpriority(os.PRIO_PROCESS, tid))
         write(s, *a)
 
     store._write = recording
-    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    loop = threading.get_native_id()
+    loop_nice = os.getpriority(os.PRIO_PROCESS, loop)
     if loop_nice >= 19:
         pytest.skip("the tests run at the lowest priority already: no lower one to check")
     for at in (1, 2):
         store.save(at, assign=state.assignments(at, 0))
     store.wait()
     writer_nice = min(19, loop_nice + WRITER_NICE)
-    assert writer_nice > loop_nice and seen == {1: writer_nice, 2: writer_nice}
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice
+    (writer,) = {tid for tid, _ in seen.values()}  # one writer thread for both writes...
+    assert writer != loop  # ...and not the loop's
+    assert writer_nice > loop_nice and seen == {1: (writer, writer_nice), 2: (writer, writer_nice)}
+    assert os.getpriority(os.PRIO_PROCESS, loop) == loop_nice
     assert [verify(p).ok for p in list_checkpoints(str(tmp_path))] == [True, True]
 
 

@@ -1,6 +1,7 @@
 """User models written the way people write them (tests/user_models.py): each trains, stops,
 resumes and matches the uninterrupted run on training loss, eval loss and every final
-variable; each checkpoint holds every path of `model.variables`."""
+variable; restoring its checkpoint sets every variable the traced train step reads or writes
+(not only those Keras tracks: `model.variables` is what the checkpoint is built from)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from trainer import build
 from trainer.config import UserError
 from trainer.data import load_data
 from trainer.loop import fit
-from trainer.state import checkpoint_key, checkpoint_keys, seed_generator_states
+from trainer.state import checkpoint_key, checkpoint_keys, readable, seed_generator_states
+from trainer.steps import make_chunk_fn
 from trainer.verify.compare import compare_runs
 from trainer.verify.report import format_report
 
@@ -49,19 +51,85 @@ def test_user_model_resumes_exactly_with_every_variable_saved(tmp_path, compose,
     assert report["other_tags"]["eval/loss"]["steps_compared"] == 4  # steps 10..40, 30/40 resumed
     assert report["final_state"]["not_saved"] == {"a": [], "b": []}
 
-    # Every path of model.variables is in the checkpoint, by its Keras path, independently of
-    # TrainState's grouping: a model rebuilt as fit builds it names each one.
-    cfg = compose(over)
+    # Complete against what training uses, not against model.variables (which the checkpoint
+    # is built from, so it cannot show a layer Keras does not track): restored as a resume
+    # restores it, the checkpoint sets every variable the traced train step reads or writes.
+    prefix = str(res / "checkpoints" / "ckpt-40")
+    assert not_restored(compose(over), prefix) == []
+    # The layout: the model's variables under their Keras paths (warm starts and the
+    # comparison read them by path); trained statistics were saved, not initial values.
+    assert paths_not_in_checkpoint(compose(over), prefix) == []
+    reader = tf.train.load_checkpoint(prefix)
+    for key in checkpoint_keys(prefix):  # (all but CountingModel have BatchNorms)
+        if key.startswith("model/") and "moving_mean" in key:
+            assert np.any(reader.get_tensor(key) != 0), readable(key)
+
+
+def paths_not_in_checkpoint(cfg, prefix: str) -> list[str]:
+    """The paths of `model.variables` (of the model rebuilt as fit builds it) that checkpoint
+    `prefix` has no key for, under model/ or rng/ (independently of TrainState's grouping)."""
     build.setup_runtime(cfg)
     model = build.build_state(cfg, load_data(cfg.data)).model
     rng = {id(v) for v in seed_generator_states(model)}
-    keys = checkpoint_keys(str(res / "checkpoints" / "ckpt-40"))
-    for v in model.variables:
-        assert checkpoint_key("rng" if id(v) in rng else "model", v.path) in keys, v.path
-    reader = tf.train.load_checkpoint(str(res / "checkpoints" / "ckpt-40"))
-    for v in model.variables:  # a canary: trained statistics were saved, not initial values
-        if v.path.endswith("moving_mean"):
-            assert np.any(reader.get_tensor(checkpoint_key("model", v.path)) != 0), v.path
+    keys = checkpoint_keys(prefix)
+    return [
+        v.path
+        for v in model.variables
+        if checkpoint_key("rng" if id(v) in rng else "model", v.path) not in keys
+    ]
+
+
+def not_restored(cfg, prefix: str) -> list[str]:
+    """The variables that the traced train step of a run of `cfg` reads or writes (its
+    concrete function's captured variables: what the step really uses, tracked by Keras or
+    not) and that restoring checkpoint `prefix` the way a resume does leaves unset: each is
+    filled with a value no checkpoint holds (NaN; an integer's largest value) first."""
+    build.setup_runtime(cfg)
+    data = load_data(cfg.data)
+    state = build.build_state(cfg, data)
+    objective, batch = state.objective, int(cfg.data.batch_size)
+    chunk_for = make_chunk_fn(
+        tf.distribute.get_strategy(),
+        state.model,
+        state.optimizer,
+        objective.loss_fn,
+        objective.metric_fn,
+        batch,
+        metrics=objective.train_metrics,
+    )
+    used = chunk_for(iter(data.train_dataset(batch, int(cfg.trainer.seed), 0))).variables
+    assert used, "the traced step captured no variables"
+
+    def sentinel(v) -> np.ndarray:
+        dtype = v.dtype.as_numpy_dtype
+        fill = np.nan if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).max
+        return np.full(v.shape, fill, dtype)
+
+    for v in used:
+        v.assign(sentinel(v))
+    state.checkpoint.restore(prefix).assert_existing_objects_matched()  # CheckpointStore.restore
+    unset = [v for v in used if np.array_equal(v.numpy(), sentinel(v), equal_nan=True)]
+    return [f"{v.name} {v.shape}" for v in unset]
+
+
+def test_the_completeness_check_catches_a_layer_keras_does_not_track(
+    tmp_path, compose, monkeypatch
+):
+    """The negative control: HiddenInNamespace keeps a BatchNormalization in a SimpleNamespace.
+    With the run's own guard (check_step_reads) switched off, it trains and saves; a check
+    against model.variables passes its checkpoint, the one against the train step does not."""
+    import trainer.session
+
+    monkeypatch.setattr(trainer.session, "check_step_reads", lambda state, used: None)
+    over = _overrides("HiddenInNamespace")
+    assert fit(compose(over), str(tmp_path / "run")).status == "completed"
+    prefix = str(tmp_path / "run" / "checkpoints" / "ckpt-40")
+    assert paths_not_in_checkpoint(compose(over), prefix) == []  # blind to it
+    missing = not_restored(compose(over), prefix)
+    assert sorted(m.split()[0] for m in missing) == [
+        f"hidden_in_namespace/{name}:0"
+        for name in ("beta", "gamma", "moving_mean", "moving_variance")
+    ], missing
 
 
 def test_tensorflow_object_graph_misses_layers_in_containers(compose):
