@@ -374,3 +374,69 @@ def test_classification_records_keep_their_labels(tmp_path, compose):
     assert set(ids) == set(label)
     by_row = {r.tobytes(): int(i) for r, i in zip(mem.x_train, mem.train_ids, strict=True)}
     assert [label[by_row[r.tobytes()]] for r in x.numpy()] == y.numpy().tolist()
+
+
+@pytest.mark.slow
+def test_sigkills_at_random_moments_across_epochs_resume_exactly(dataset, tmp_path):
+    """A data=records run of four 25-step epochs (batch 64) killed by SIGKILL three times, at
+    a random step of each of its first three epochs (or just past its end), then at the next
+    moment of a random kind: mid-chunk, mid-checkpoint-write or at a log flush
+    (trainer/verify/chaos.py). Each time the same command resumes it; the final metrics.jsonl
+    (every row and field) and every tensor of the final checkpoint equal those of the same
+    command run uninterrupted, bit for bit."""
+    import random
+    import time
+
+    from trainer.checkpoint.store import step_of
+    from trainer.verify import chaos
+    from trainer.verify.compare import compare_checkpoints, metrics_rows, newest_checkpoint
+    from trainer.verify.resume import start
+
+    args = [*records_args(dataset), "data.batch_size=64", "trainer.max_steps=100"]
+    args += ["trainer.eval_every=25", "checkpoint.every=5"]
+    spe, out, run = 25, str(tmp_path), str(tmp_path / "run")
+    reference = start("reference", args, str(tmp_path / "reference"), out)  # alongside
+
+    def newest(run_dir: str) -> int | None:
+        prefix = newest_checkpoint(run_dir)
+        return step_of(prefix) if prefix else None
+
+    rng, kills = random.Random(27), []
+    for i, kind in enumerate(chaos.plan(3, seed=27)):
+        before = newest(run)
+        at = rng.randint(i * spe + 3, (i + 1) * spe + 8)  # a step of epoch i, or just past it
+        phase = start(f"killed-{i + 1}", args, run, out)
+        try:  # not before this process said it dropped the earlier one's logs, and logged `at`
+            kill = chaos.kill_at_random(
+                phase.proc,
+                run,
+                kind,
+                rng,
+                0.05,
+                time.monotonic() + 300,
+                newest,
+                log=phase.log,
+                not_before=at - 1,
+            )
+        finally:
+            if phase.proc.poll() is None:
+                phase.proc.kill()
+            phase.proc.wait()
+        text = Path(phase.log).read_text()
+        assert kill is not None, f"run {i + 1} ended before its kill:\n{text}"
+        assert before is None or f"Resuming from step {before}:" in text, text
+        assert kill.last_logged_step >= at, (kill, at)
+        kills.append((kind, kill.last_logged_step, kill.newest_checkpoint))
+    assert len({step // spe for _, step, _ in kills}) >= 2, kills  # killed in several epochs
+
+    last = newest(run)
+    final = start("final", args, run, out)
+    assert final.proc.wait(timeout=300) == 0, Path(final.log).read_text()[-3000:]
+    assert f"Resuming from step {last}:" in Path(final.log).read_text()
+    assert reference.proc.wait(timeout=300) == 0, Path(reference.log).read_text()[-3000:]
+    ref = str(tmp_path / "reference")
+    rows = metrics_rows(run)
+    assert rows == metrics_rows(ref), kills
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 101))
+    state = compare_checkpoints(newest_checkpoint(ref), newest_checkpoint(run))
+    assert state.equal and state.step_a == state.step_b == 100, (state, kills)

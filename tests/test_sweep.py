@@ -6,8 +6,10 @@ Jobs run in one process with Hydra's basic launcher unless a test names the jobl
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -16,9 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, env, get_json, losses, run_cli, spawn, tensorboard_server
+from conftest import REPO, env, get_json, run_cli, spawn, tensorboard_server
 
 from trainer.sweep import job_dirname
+from trainer.verify.compare import metrics_rows
 
 SMALL = [
     "trainer.max_steps=40",
@@ -57,6 +60,23 @@ def start_sweep(sweep: Path, *args: str, new_session: bool = False) -> subproces
 
 def run_sweep(sweep: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return run_cli("trainer", "-m", *args, f"hydra.sweep.dir={sweep}", timeout=timeout)
+
+
+@pytest.fixture
+def solo():
+    """solo(run_dir, *overrides): spawn() a job's run alone, beside a sweep, for comparison;
+    one still running when the test ends (it failed) is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+        procs.append(spawn(run_dir, *overrides))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
 
 
 def manifests(run: Path) -> list[int]:
@@ -135,9 +155,12 @@ def test_job_directories_are_named_by_overrides_one_component_each():
 
 
 @pytest.mark.slow
-def test_killed_sweep_reruns_skips_resumes_starts_and_compares_in_tensorboard(tmp_path):
+def test_killed_sweep_reruns_skips_resumes_starts_and_compares_in_tensorboard(tmp_path, solo):
     sweep = tmp_path / "sweep"
     dirs = [job_dir(sweep, job_overrides(*job)) for job in JOBS]
+    # every job also runs alone, for comparison: the first two beside the sweep that trains
+    # them, the others beside its rerun
+    alone = {i: solo(tmp_path / f"alone{i}", *job_overrides(*JOBS[i])) for i in (0, 1)}
     proc = start_sweep(sweep, *GRID, *SMALL)
     try:
         wait_for_checkpoints(proc, [dirs[2]])  # the third job has saved: a real SIGKILL now
@@ -148,8 +171,8 @@ def test_killed_sweep_reruns_skips_resumes_starts_and_compares_in_tensorboard(tm
     assert killed_at < 40 and not dirs[3].exists(), "the kill came after the third job ended"
     before = {d: files(d) for d in dirs[:2]}
 
-    # The same command again, while the third and fourth jobs also run alone, for comparison.
-    alone = {i: spawn(tmp_path / f"alone{i}", *job_overrides(*JOBS[i])) for i in (2, 3)}
+    # The same command again
+    alone |= {i: solo(tmp_path / f"alone{i}", *job_overrides(*JOBS[i])) for i in (2, 3)}
     rerun = run_sweep(sweep, *GRID, *SMALL)
     for p in alone.values():
         out, err = p.communicate(timeout=300)
@@ -167,10 +190,12 @@ def test_killed_sweep_reruns_skips_resumes_starts_and_compares_in_tensorboard(tm
     assert f"Resuming from step {killed_at}" in rerun.stderr
     assert all(jobs[d.name]["seconds"] < 0.5 for d in dirs[:2]), jobs  # skipped, not retrained
     assert {d: files(d) for d in dirs[:2]} == before  # every file byte for byte, .hydra/ too
-    # the resumed job and the one trained after it in the same process equal each run alone
-    for i in (2, 3):
-        assert losses(dirs[i]) == losses(tmp_path / f"alone{i}")
-        assert len(losses(dirs[i])) == 40
+    # every job (the two trained one after the other in the first process, the resumed one
+    # and the one trained after it) equals its run alone: every row of metrics.jsonl
+    for i, d in enumerate(dirs):
+        rows = metrics_rows(str(d))
+        assert rows == metrics_rows(str(tmp_path / f"alone{i}")), d.name
+        assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))
     # the table: printed, and as sweep.csv / sweep.json
     assert f"resumed from step {killed_at}, completed" in rerun.stdout
     assert rerun.stdout.count("already complete (skipped)") == 2
@@ -250,6 +275,93 @@ def test_bad_sweep_input_is_one_line_and_exit_2_before_any_job(tmp_path, args, e
     assert not (tmp_path / "sweep").exists()  # no job (nor its directory) started
 
 
+def make_records(out: Path, *overrides: str) -> str:
+    """scripts/make_records.py as users run it (4 training shards); the dataset's id."""
+    proc = run_cli("scripts/make_records.py", *overrides, "--out", str(out), "--shards", "4")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / "description.json").read_text())["dataset_id"]
+
+
+@pytest.mark.slow
+def test_complete_jobs_whose_records_were_replaced_are_refused_not_skipped(tmp_path):
+    """Issue 27's measured case: a two-job sweep over data=records completes; its shards are
+    replaced by another dataset (3000 rows instead of 2000), and the sweep rerun. Each job is
+    refused as the same job run alone refuses it (its dataset id changed: exit 2), a failed
+    row naming the change, the sweep exits 1; nothing of the jobs is touched. (Rerun on the
+    same records, the complete jobs are skipped.)"""
+    data, sweep = tmp_path / "data", tmp_path / "sweep"
+    synthetic = ["data=synthetic_regression"]
+    old = make_records(data, *synthetic, "data.num_samples=2000")
+    args = ["data=records", f"data.files={data}/train-*.tfrecord", "trainer.seed=1,2"]
+    args += ["trainer.max_steps=10", "trainer.eval_every=10", "checkpoint.every=10"]
+    first = run_sweep(sweep, *args)
+    assert first.returncode == 0, first.stderr
+    dirs = [sweep / d for d in jobs_of(sweep)]
+    assert len(dirs) == 2 and all(manifests(d) == [10] for d in dirs)
+    before = {d: files(d) for d in dirs}
+    same = run_sweep(sweep, *args)  # the same records: skipped, before TensorFlow loads
+    assert same.returncode == 0 and same.stdout.count("already complete (skipped)") == 2, same
+    shutil.rmtree(data)
+    new = make_records(data, *synthetic, "data.num_samples=3000")
+    assert new != old
+
+    rerun = run_sweep(sweep, *args)
+    assert rerun.returncode == 1, rerun.stdout + rerun.stderr  # a job failed: not skipped
+    assert "already complete" not in rerun.stdout
+    jobs = jobs_of(sweep)
+    for d in dirs:
+        job = jobs[d.name]
+        assert (job["status"], job["exit_code"]) == ("failed", 2), job
+        assert f"dataset_id {old} -> {new}" in job["error"], job
+    assert rerun.stdout.count("failed (exit 2): data; it does not fit the model") == 2
+    assert "Traceback" not in rerun.stderr
+    assert {d: files(d) for d in dirs} == before  # checkpoints, logs, .hydra/: as they were
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[: len(raw) // 2],  # torn JSON
+        lambda raw: b"\xff\xfe" + raw[2:],  # not UTF-8
+        lambda raw: raw.replace(b'"status": "completed"', b'"status": "done?"'),  # unknown status
+    ],
+    ids=["torn", "binary", "unknown-status"],
+)
+def test_an_unreadable_job_record_is_a_failed_row_and_fails_the_sweep(tmp_path, capsys, damage):
+    """A job's record file damaged on disk: the sweep's report (what it prints, sweep.csv,
+    sweep.json) has a failed row naming the file and the error, and exits 1; the job is not
+    dropped from the table and the exit code."""
+    from trainer import sweep_report
+    from trainer.sweep_report import Record
+
+    sweep = tmp_path / "sweep"
+    sweep_report.start(str(sweep))
+    names = ["model=custom_bn", "data.path=%2Fdata%2Fx.csv"]  # a job_dirname with '/' encoded
+    for num, name in enumerate(names):
+        sweep_report.save_record(
+            str(sweep), Record(num, [name], name, 10, status="completed", step=10)
+        )
+    path = sweep / ".sweep" / "jobs" / "data.path=%252Fdata%252Fx.csv.json"
+    path.write_bytes(damage(path.read_bytes()))
+    assert not list((sweep / ".sweep" / "jobs").glob("*.tmp-*"))  # written atomically
+
+    code = sweep_report.finish(str(sweep))
+    out = capsys.readouterr().out
+    assert code == 1  # README, "Exit codes": a job failed
+    assert "2 job(s) (1 failed, 1 completed); exit code 1" in out
+    (row,) = [ln for ln in out.splitlines() if ln.startswith(names[1])]
+    assert f"failed: its record {path} cannot be read (" in row
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
+    assert sorted((j["dir"], j["status"]) for j in jobs) == sorted(
+        zip(names, ["completed", "failed"], strict=True)
+    )
+    (bad,) = [j for j in jobs if j["status"] == "failed"]
+    assert str(path) in bad["error"] and bad["exit_code"] is None
+    with open(sweep / "sweep.csv", newline="") as f:
+        rows = {r["dir"]: (r["status"], r["detail"]) for r in csv.DictReader(f)}
+    assert rows[names[1]] == ("failed", bad["detail"]) and rows[names[0]][0] == "completed"
+
+
 @pytest.mark.slow
 def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path):
     sweep = tmp_path / "sweep"
@@ -264,11 +376,12 @@ def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path):
 
 # ---------------------------------------------------------------- parallel jobs, signals
 @pytest.mark.slow
-def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path):
+def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path, solo):
     sweep = tmp_path / "sweep"
     args = ["model=custom_bn,custom_dense", "trainer.max_steps=300", "checkpoint.every=10"]
     args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    dirs = [job_dir(sweep, [f"model={m}", *args[1:3]]) for m in ("custom_bn", "custom_dense")]
+    models = ("custom_bn", "custom_dense")
+    dirs = [job_dir(sweep, [f"model={m}", *args[1:3]]) for m in models]
     proc = start_sweep(sweep, *args)
     wait_for_checkpoints(proc, dirs)  # both jobs train at once, in two worker processes
     proc.send_signal(signal.SIGTERM)  # to the sweep's own process only: it tells the workers
@@ -280,15 +393,20 @@ def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path):
         n: ("interrupted", step) for n, step in saved.items()
     }
     assert all(step < 300 for step in saved.values())
-    alone = spawn(tmp_path / "alone", "model=custom_dense", *args[1:3])
+    # each job also runs alone, for comparison, beside the rerun (not beside the first run:
+    # on 2 cores, one job could then finish before the other saved)
+    alone = [solo(tmp_path / f"alone{i}", f"model={m}", *args[1:3]) for i, m in enumerate(models)]
     rerun = run_sweep(sweep, *args)
     assert rerun.returncode == 0, rerun.stderr
-    assert alone.wait(timeout=300) == 0
+    for p in alone:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
     jobs = jobs_of(sweep)
     assert {n: (j["status"], j["resumed_from"]) for n, j in jobs.items()} == {
         n: ("resumed", step) for n, step in saved.items()
     }
-    assert losses(dirs[1]) == losses(tmp_path / "alone")
+    for i, d in enumerate(dirs):  # each job equals its run alone: every row of metrics.jsonl
+        assert metrics_rows(str(d)) == metrics_rows(str(tmp_path / f"alone{i}")), d.name
 
 
 @pytest.mark.slow

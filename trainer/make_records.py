@@ -213,7 +213,7 @@ def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) 
     from tqdm import tqdm
 
     from trainer.checkpoint.files import fsync_path, write_text_atomic
-    from trainer.records import DESCRIPTION, FORMAT, VERSION, dataset_id, file_crc32
+    from trainer.record_files import DESCRIPTION, FORMAT, VERSION, dataset_id, file_crc32
 
     (task, units, feature_shape), n_train, n_val, rows = _rows(cfg)
     if n_train < shards:

@@ -2,10 +2,12 @@
 and whether it is complete, so that a sweep skips a finished job before TensorFlow loads.
 
 `finished(cfg, run_dir)` answers from files only: the newest checkpoint's manifest (its step,
-its files' sizes, its index's SHA-256, its state layout and the structural part of its
-config) and the exports. When it cannot tell (a data file given by path, whose contents
-only loading can compare; `trainer.resume=never`; multi-worker), it returns None and the
-run takes the usual path (Session.open), which decides the same thing with TensorFlow.
+its files' sizes, its index's SHA-256, its state layout, the structural part of its config
+and, for `data=records`, the data it recorded: the dataset's id and training shards, read as
+a single run reads them, trainer/record_files.py) and the exports. When it cannot tell (a
+data file given by path, whose contents only loading can compare; `trainer.resume=never`;
+multi-worker), or the records differ, it returns None and the run takes the usual path
+(Session.open), which decides the same thing with TensorFlow (and refuses other records).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import record_files
 from trainer.checkpoint.export import missing as missing_exports
 from trainer.checkpoint.files import sha256_file
 from trainer.checkpoint.fingerprint import STATE_LAYOUT, structural, upgraded
@@ -116,10 +119,23 @@ def finished(cfg: DictConfig, run_dir: str) -> Finished | None:
     then = upgraded(manifest.get("structural") or {})
     if manifest.get("state_layout") != STATE_LAYOUT or then != now:
         return None
+    if not _same_records(cfg, manifest):
+        return None  # other records (Session.open refuses them, and says why), or unreadable
     if missing_exports(run_dir, int(manifest["step"])):
         return None
     last = last_records(run_dir)
     return Finished(int(manifest["step"]), last.get("loss"), last.get("eval", {}))
+
+
+def _same_records(cfg: DictConfig, manifest: dict) -> bool:
+    """For `data=records` (the data group names its files, whose contents the structural
+    config leaves out): whether the records it names now are those the checkpoint recorded
+    (`data_shape`: the dataset's id and set of training shards), read from their description
+    and sizes as a run reads them (record_files.current_signature). True for other data."""
+    if "files" not in cfg.data:
+        return True
+    then = manifest.get("data_shape")
+    return then is not None and then == record_files.current_signature(cfg.data)
 
 
 def has_checkpoint(run_dir: str) -> bool:

@@ -7,6 +7,8 @@ the sweep command) that wrote it. At the end, the process that started the sweep
 every job directory of the sweep, as TensorBoard shows them: this invocation's jobs, and any
 from earlier invocations that this one did not run (an Optuna study's earlier trials, a
 value since dropped from the sweep), marked as such. The exit code is this invocation's.
+Records are written atomically and fsynced; one that cannot be read all the same is a failed
+job of this invocation (its file and the error), never left out of the table or the code.
 Nothing here loads TensorFlow: TensorBoard's protos and record writer write the experiment.
 """
 
@@ -17,9 +19,12 @@ import glob
 import io
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
+
+from trainer.checkpoint.files import write_text_atomic
 
 JOBS_DIR = os.path.join(".sweep", "jobs")
 INVOCATION_FILE = os.path.join(".sweep", "invocation")
@@ -30,6 +35,15 @@ EXPERIMENT_SUFFIX = ".sweep-hparams"
 # The sweep's exit code (README, "Exit codes"): 0 every job complete; 1 a job failed (and
 # none was interrupted); 3 interrupted: a job saved and stopped, or did not start.
 EXIT_OK, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 0, 1, 3
+_STATUSES = (
+    "completed",
+    "resumed",
+    "already_complete",
+    "stopped",
+    "interrupted",
+    "failed",
+    "not_started",
+)
 
 
 @dataclass
@@ -40,9 +54,8 @@ class Record:
     overrides: list[str]
     dir: str  # relative to the sweep directory
     max_steps: int
-    # completed | resumed | already_complete | stopped | interrupted | failed | not_started
-    status: str = "not_started"
-    exit_code: int = 0
+    status: str = "not_started"  # one of _STATUSES
+    exit_code: int | None = 0  # None: not known (its record could not be read)
     step: int | None = None
     resumed_from: int | None = None
     train_loss: float | None = None
@@ -62,24 +75,19 @@ class Record:
             "already_complete": "already complete (skipped)",
             "stopped": f"stopped at step {self.step} (trainer.stop_at)",
             "interrupted": f"interrupted by {self.signal} at step {self.step}, checkpoint saved",
-            "failed": f"failed (exit {self.exit_code}): {self.error}",
+            "failed": f"failed (exit {self.exit_code}): {self.error}"
+            if self.exit_code is not None
+            else f"failed: {self.error}",
             "not_started": "not started (the sweep was stopped)",
         }[self.status]
         return text if current is None or self.invocation == current else f"earlier: {text}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def start(sweep_dir: str) -> list[Record]:
     """Begin an invocation of the sweep; return the records of the earlier ones."""
     os.makedirs(os.path.join(sweep_dir, JOBS_DIR), exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}"
-    _write_atomic(os.path.join(sweep_dir, INVOCATION_FILE), stamp)
+    write_text_atomic(os.path.join(sweep_dir, INVOCATION_FILE), stamp)
     try:
         os.remove(os.path.join(sweep_dir, STOP_FILE))  # the previous invocation's stop
     except FileNotFoundError:
@@ -110,18 +118,46 @@ def save_record(sweep_dir: str, record: Record) -> None:
     name = record.dir.replace("%", "%25").replace(os.sep, "%2F")
     path = os.path.join(sweep_dir, JOBS_DIR, f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _write_atomic(path, json.dumps(asdict(record)))
+    write_text_atomic(path, json.dumps(asdict(record)))
 
 
 def read_records(sweep_dir: str) -> list[Record]:
+    """Every job's record. One that cannot be read is a failed job of this invocation, named
+    by its file and the error: it is in the table and the exit code, never left out."""
     out = []
     for path in glob.glob(os.path.join(glob.escape(sweep_dir), JOBS_DIR, "*.json")):
         try:
             with open(path) as f:
-                out.append(Record(**json.load(f)))
-        except (OSError, ValueError, TypeError):
-            continue
+                out.append(_checked(Record(**json.load(f))))
+        except (OSError, ValueError, TypeError) as e:
+            out.append(_unreadable(sweep_dir, path, e))
     return sorted(out, key=lambda r: (r.invocation, r.num))
+
+
+def _checked(record: Record) -> Record:
+    """`record` if the table can show it; ValueError for a field of the wrong kind."""
+    if record.status not in _STATUSES:
+        raise ValueError(f"status {record.status!r}")
+    if not isinstance(record.num, int) or not isinstance(record.invocation, str):
+        raise ValueError(f"num {record.num!r}, invocation {record.invocation!r}")
+    return record
+
+
+def _unreadable(sweep_dir: str, path: str, error: Exception) -> Record:
+    """The row of a job whose record cannot be read (its directory from the file's name)."""
+    name = os.path.basename(path).removesuffix(".json")  # save_record's name, decoded
+    job = re.sub("%2F|%25", lambda m: os.sep if m.group() == "%2F" else "%", name)
+    reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return Record(
+        num=-1,
+        overrides=[],
+        dir=job,
+        max_steps=0,
+        status="failed",
+        exit_code=None,
+        error=f"its record {path} cannot be read ({reason}); rerun the job, or remove the file",
+        invocation=invocation(sweep_dir),
+    )
 
 
 def exit_code(records: list[Record]) -> int:
@@ -175,7 +211,8 @@ def table(records: list[Record], sweep_dir: str, code: int, current: str) -> str
     lines = []
     for r in records:
         steps = f"{r.step}/{r.max_steps}" if r.step is not None else f"-/{r.max_steps}"
-        cells = [" ".join(r.overrides) or "(no overrides)", steps, _fmt(r.train_loss)]
+        job = " ".join(r.overrides) or (r.dir if r.exit_code is None else "(no overrides)")
+        cells = [job, steps, _fmt(r.train_loss)]
         cells += [_fmt(r.eval.get(m)) for m in metrics]
         lines.append([*cells, f"{r.seconds:.2f}", r.describe(current)])
     widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(cols[:-1])]
@@ -191,10 +228,10 @@ def write_files(records: list[Record], sweep_dir: str, code: int, current: str) 
         writer = csv.DictWriter(buf, fieldnames=list(flat[0]))
         writer.writeheader()
         writer.writerows(flat)
-    _write_atomic(os.path.join(sweep_dir, "sweep.csv"), buf.getvalue())
+    write_text_atomic(os.path.join(sweep_dir, "sweep.csv"), buf.getvalue())
     jobs = [{**asdict(r), "detail": r.describe(current)} for r in records]
     doc = {"sweep_dir": sweep_dir, "exit_code": code, "invocation": current, "jobs": jobs}
-    _write_atomic(os.path.join(sweep_dir, "sweep.json"), json.dumps(doc, indent=1))
+    write_text_atomic(os.path.join(sweep_dir, "sweep.json"), json.dumps(doc, indent=1))
 
 
 def _domain(values: list):

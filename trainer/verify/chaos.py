@@ -116,12 +116,14 @@ def kill_at_random(
     newest_step,
     need_checkpoint: bool = False,
     log: str | None = None,
+    not_before: int = 0,
 ) -> Kill | None:
     """Wait for `proc` to train, then a random time in [0, window), then the moment `kind`;
     SIGKILL it. None if the process ended first (nothing left to kill). `need_checkpoint`:
     first wait until the run has a good checkpoint (the last kill: so that the final run
     resumes from one, rather than start over). `log`: the file the process's output goes to
-    (where it says it has dropped an earlier process's logs)."""
+    (where it says it has dropped an earlier process's logs). `not_before`: nor before the
+    process has logged a step past this one (a kill in a chosen part of the run)."""
     resumed_at = newest_step(run_dir) or 0
     metrics = os.path.join(run_dir, "metrics.jsonl")
     # Logs an earlier process left past `resumed_at` are dropped by this one as it starts,
@@ -136,7 +138,7 @@ def kill_at_random(
         if stale and log is not None:
             stale = not _said(log, ("Resuming from step", "Starting from step 0"))
         step = last_logged_step(run_dir)
-        if not stale and step is not None and step > resumed_at:
+        if not stale and step is not None and step > max(resumed_at, not_before):
             if not need_checkpoint or _has_checkpoint(run_dir):
                 break
         time.sleep(0.002)

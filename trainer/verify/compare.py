@@ -202,6 +202,17 @@ def read_batch_ids(run: str) -> Curve | None:
     return Curve(path, "batch_ids_hash", points) if points else None
 
 
+def metrics_rows(run: str) -> list[dict]:
+    """Every row of `run`'s metrics.jsonl, in order, without the fields that measure
+    wall-clock time (TIMING_TAGS): what two runs that trained the same must share, line for
+    line and field for field. A line that does not parse is an error, not skipped."""
+    import json
+
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in row.items() if k not in TIMING_TAGS} for row in rows]
+
+
 def compare_batch_ids(run_a: str, run_b: str) -> CurveDiff | None:
     """The examples of every logged step must be the same, in the same order: a resume that
     trains on the right number of the wrong examples fails here even where the losses happen
