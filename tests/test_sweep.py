@@ -382,8 +382,15 @@ def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path, solo):
     args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     models = ("custom_bn", "custom_dense")
     dirs = [job_dir(sweep, [f"model={m}", *args[1:3]]) for m in models]
-    proc = start_sweep(sweep, *args)
-    wait_for_checkpoints(proc, dirs)  # both jobs train at once, in two worker processes
+    # both jobs train at once, in two worker processes, and wait at step 20 (pause_at, which
+    # names no directory): on a loaded machine one job could otherwise finish before the
+    # other has started
+    proc = start_sweep(sweep, *args, "trainer.pause_at=20")
+    deadline = time.monotonic() + 240
+    while not all((d / "PAUSED").exists() for d in dirs):
+        assert proc.poll() is None, f"the sweep ended first ({proc.returncode})"
+        assert time.monotonic() < deadline, "the jobs did not both reach step 20"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)  # to the sweep's own process only: it tells the workers
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
