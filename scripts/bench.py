@@ -2,7 +2,7 @@
 
     python scripts/bench.py [--quick] [--out bench.json]
 
-The work is in trainer/bench/suite.py (and trainer/bench/big_state.py).
+The work is in trainer/bench/ (suite.py runs the measurements of the modules beside it).
 """
 
 import argparse

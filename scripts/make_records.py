@@ -2,7 +2,7 @@
 
 Convert any data source (csv, npz, digits, the synthetic sets) into TFRecord shards and their
 description.json, for `python -m trainer data=records data.files='DIR/train-*.tfrecord'`.
-Exit codes: 0 written, 2 bad input. The work is in trainer/make_records.py.
+Exit codes: 0 written, 2 bad input. The work is in trainer/data/make_records.py.
 """
 
 import logging
@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 for _name in ("absl", "tensorflow"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from trainer.make_records import main  # noqa: E402
+from trainer.data.make_records import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,11 +14,12 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, env, losses, train
 
-from trainer.checkpoint.store import CheckpointStore, list_checkpoints, verify
+from trainer.checkpoint.manifest import list_checkpoints, verify
+from trainer.checkpoint.store import CheckpointStore
 from trainer.config import UserError
 from trainer.nonfinite import NonFiniteLoss
+from trainer.rewind import read_scalars
 from trainer.state import TrainState
-from trainer.summaries import read_scalars
 
 
 def _state() -> tuple[TrainState, callable]:

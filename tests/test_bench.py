@@ -42,12 +42,12 @@ def test_bench_writes_bench_json_with_the_ratios(tmp_path):
 
 
 def test_cost_per_save_charges_the_windows_after_each_save():
-    """suite.cost_per_save on log windows built by hand: a save every 500 steps adds 3 ms to
+    """saves.cost_per_save on log windows built by hand: a save every 500 steps adds 3 ms to
     the window after it and 1 ms to the next. Not charged: the window that ends at the save
     step (it runs before the save), saves inside the warm-up (costlier, and most of them),
     one save's stall among the windows after it (the median over saves), one stall far from
     any save (the baseline's median)."""
-    from trainer.bench.suite import cost_per_save
+    from trainer.bench.saves import cost_per_save
 
     windows = []
     for end in range(10, 20_001, 10):

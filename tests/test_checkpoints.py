@@ -15,15 +15,8 @@ import tensorflow as tf
 from conftest import REPO, env
 
 from trainer.checkpoint import integrity
-from trainer.checkpoint.store import (
-    MANIFEST_SUFFIX,
-    TRASH_DIR,
-    CheckpointStore,
-    checkpoint_files,
-    list_checkpoints,
-    sha256_file,
-    verify,
-)
+from trainer.checkpoint.manifest import MANIFEST_SUFFIX, checkpoint_files, list_checkpoints, verify
+from trainer.checkpoint.store import TRASH_DIR, CheckpointStore, sha256_file
 
 
 def _store(directory, *, max_to_keep=5, keep_every_n_hours=None, async_write=False):

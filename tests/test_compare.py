@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from trainer import summaries
+from trainer import rewind, summaries
 from trainer.verify import compare
 from trainer.verify.report import main as compare_main
 
@@ -69,13 +69,13 @@ def test_steps_written_twice_are_not_one_clean_curve(tmp_path):
 
 
 def test_truncate_events_makes_one_clean_curve(tmp_path):
-    """summaries.truncate_events (run on resume) leaves each step once, a torn last record too."""
+    """rewind.truncate_events (run on resume) leaves each step once, a torn last record too."""
     run = tmp_path / "run"
     write_run(run, {s: CURVE[s] for s in range(1, 26)})
     (path,) = (tmp_path / "run" / "tensorboard" / "train").glob("*tfevents*")
     with open(path, "r+b") as f:  # a SIGKILL during a flush: half a record at the end
         f.truncate(os.path.getsize(path) - 5)
-    dropped = summaries.truncate_events(str(run / "tensorboard"), 20)
+    dropped = rewind.truncate_events(str(run / "tensorboard"), 20)
     assert dropped == 5  # steps 21..24 and the torn step 25
     # the resumed process's file: a later second in its name, as a restarted run's has (in
     # the same second, TensorFlow's per-process file counter decides the order: "10" < "9")
@@ -206,5 +206,5 @@ def test_drained_rows_reach_the_file_before_close(tmp_path):
     writers = summaries.Writers(str(tmp_path))
     writers.scalars(writers.eval, 20, {"loss": 0.5})
     writers.drain()
-    assert summaries.read_scalars(str(tmp_path / "tensorboard" / "eval"), "loss") == [(20, 0.5)]
+    assert rewind.read_scalars(str(tmp_path / "tensorboard" / "eval"), "loss") == [(20, 0.5)]
     writers.close()

@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from trainer.config import UserError
-from trainer.data import load_data
+from trainer.data.memory import load_data
 
 
 def data_cfg(compose, *overrides):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import REPO, env, losses, spawn, train
 
-from trainer.checkpoint.store import list_checkpoints, step_of, verify
+from trainer.checkpoint.manifest import list_checkpoints, step_of, verify
 from trainer.config import UserError
 from trainer.summaries import read_metrics
 

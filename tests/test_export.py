@@ -342,7 +342,7 @@ def test_sigkill_during_export_leaves_a_whole_artifact(tmp_path):
 # ---------------------------------------------------------------- warm start (trainer.init_from)
 def _fresh_state(compose, overrides):
     from trainer import build
-    from trainer.data import load_data
+    from trainer.data.memory import load_data
 
     cfg = compose(overrides)
     build.setup_runtime(cfg)  # as fit does: Keras' name counters cleared, so paths match

@@ -116,7 +116,7 @@ def assert_resumes_exactly(run: Path, reference: Path, *overrides: str) -> str:
 
 def assert_committed_checkpoints_verify(ckpt_dir: Path) -> list[int]:
     """Every checkpoint with a manifest verifies, every tensor read back; their steps."""
-    from trainer.checkpoint.store import list_checkpoints, step_of, verify
+    from trainer.checkpoint.manifest import list_checkpoints, step_of, verify
 
     steps = []
     for prefix in list_checkpoints(str(ckpt_dir)):
@@ -266,7 +266,7 @@ def test_a_full_disk_at_start_is_refused_before_training(tmp_path):
 def test_unparsable_metrics_lines_are_moved_aside_never_deleted(tmp_path, capsys):
     """A damaged line in the middle of metrics.jsonl and a torn last one: a resume's cut keeps
     every record up to its step, moves both lines to metrics.jsonl.unparsed and names them."""
-    from trainer.summaries import truncate_metrics
+    from trainer.rewind import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": s / 10}) for s in range(1, 7)]
@@ -286,7 +286,7 @@ def test_a_damaged_event_record_drops_that_record_only(tmp_path, capsys):
     another: the resume's cut keeps every other event (it used to drop all after the first)."""
     import tensorflow as tf
 
-    from trainer.summaries import read_scalars, truncate_events
+    from trainer.rewind import read_scalars, truncate_events
 
     logdir = tmp_path / "tb"
     writer = tf.summary.create_file_writer(str(logdir / "train"))

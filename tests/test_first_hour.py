@@ -129,7 +129,7 @@ def test_the_readme_csv_example_is_a_regression_that_beats_the_mean(tmp_path):
     import keras
     import numpy as np
 
-    from trainer.examples import baseline
+    from trainer.data.examples import baseline
 
     r = run_cli("scripts/example_data.py", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -142,8 +142,8 @@ def test_the_readme_csv_example_is_a_regression_that_beats_the_mean(tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").open()]
     final = [x for x in rows if x.get("split") == "eval"][-1]
     assert final["eval_mae"] < 0.4 * mean_mae, (final, mean_mae)
-    import models  # noqa: F401  (registers the model class; trainer.standardize the wrapper)
-    import trainer.standardize  # noqa: F401
+    import models  # noqa: F401  (registers the model class; trainer.data.standardize the wrapper)
+    import trainer.data.standardize  # noqa: F401
 
     model = keras.saving.load_model(run / "export" / "model.keras")
     pred = np.asarray(model(table[:64, :-1].astype("float32"))).ravel()
@@ -157,9 +157,9 @@ def test_the_readme_csv_example_is_a_regression_that_beats_the_mean(tmp_path):
 
 def test_standardize_off_keeps_the_data_as_it_is(tmp_path, compose):
     from trainer import build
-    from trainer.data import load_data
-    from trainer.examples import houses
-    from trainer.standardize import Standardized
+    from trainer.data.examples import houses
+    from trainer.data.memory import load_data
+    from trainer.data.standardize import Standardized
 
     header, table = houses()
     path = tmp_path / "houses.csv"
@@ -227,9 +227,9 @@ def test_the_converter_writes_the_training_statistics_standardize_uses(tmp_path,
     those of the same training rows in memory."""
     import numpy as np
 
-    from trainer.data import load_data
-    from trainer.make_records import convert
-    from trainer.records import open_records
+    from trainer.data.make_records import convert
+    from trainer.data.memory import load_data
+    from trainer.data.records import open_records
 
     header, table = _houses()
     path = tmp_path / "houses.csv"
@@ -247,6 +247,6 @@ def test_the_converter_writes_the_training_statistics_standardize_uses(tmp_path,
 
 
 def _houses():
-    from trainer.examples import houses
+    from trainer.data.examples import houses
 
     return houses()

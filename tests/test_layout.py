@@ -12,7 +12,14 @@ import pytest
 
 TRAINER = Path(__file__).resolve().parents[1] / "trainer"
 TOOLS = ("trainer.verify", "trainer.bench")
-CORE_TOP = ("trainer.loop", "trainer.session", "trainer.app", "trainer.restore", "trainer.__main__")
+CORE_TOP = (
+    "trainer.loop",
+    "trainer.session",
+    "trainer.events",
+    "trainer.app",
+    "trainer.restore",
+    "trainer.__main__",
+)
 
 
 def module_name(path: Path) -> str:
@@ -102,7 +109,9 @@ def test_the_length_check_sees_a_long_function(tmp_path):
     assert long_functions(bad) == [f"{bad}: f (82 lines, from line 1)"]
 
 
-@pytest.mark.parametrize("package", ["checkpoint", "distribute", "verify", "bench"])
+@pytest.mark.parametrize(
+    "package", ["checkpoint", "data", "distribute", "sweep", "verify", "bench"]
+)
 def test_each_package_says_what_it_is_for_and_may_import(package):
     doc = ast.get_docstring(ast.parse((TRAINER / package / "__init__.py").read_text())) or ""
     assert len(doc.split()) > 20 and "import" in doc, doc
@@ -117,3 +126,125 @@ def test_nothing_cites_a_file_outside_the_repository():
         (p.name, o) for p in sources if p != Path(__file__) for o in outside if o in p.read_text()
     ]
     assert not cited, cited
+
+
+# ---------------------------------------------------------------- the import graph
+ROOT = TRAINER.parent
+GRAPH_SOURCES = [*sorted(TRAINER.rglob("*.py")), *sorted((ROOT / "models").rglob("*.py"))]
+GRAPH_SOURCES += sorted((ROOT / "scripts").glob("*.py"))
+
+
+def graph_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(sources: list[Path]) -> dict[str, set[str]]:
+    """{module: the modules of `sources` it imports}, every import at any depth of the file
+    (an import inside a function counts: it cannot hide a cycle). `from a.b import c` is an
+    edge to the module a.b.c where there is one, else to a.b."""
+    names = {graph_name(p): p for p in sources}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in names:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in names.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            edges |= {r for t in targets if (r := resolve(t)) and r != name}
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each import cycle, as a path a -> b -> ... -> a (one per strongly connected group)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_path_through(graph, set(g)) for g in groups]
+
+
+def _path_through(graph: dict[str, set[str]], group: set[str]) -> list[str]:
+    """A cycle inside a strongly connected `group`: from its first module back to it."""
+    start = min(group)
+    seen, path = {start: None}, [start]
+    frontier = [start]
+    while frontier:  # breadth-first, within the group, until an edge back to start
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & group):
+                if w == start:
+                    chain, u = [start], v
+                    while u is not None:
+                        chain.append(u)
+                        u = seen[u]
+                    return chain[::-1]
+                if w not in seen:
+                    seen[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return path
+
+
+def test_no_import_cycle_anywhere():
+    """trainer/ (every package), models/ and scripts/: no module imports itself through
+    others, not even through an import inside a function."""
+    found = cycles(import_graph(GRAPH_SOURCES))
+    assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+def test_the_cycle_check_names_a_cycle_hidden_in_a_function(tmp_path):
+    pkg = tmp_path / "trainer"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from trainer import b\n")
+    (pkg / "b.py").write_text("def f():\n    from trainer.c import g\n    return g\n")
+    (pkg / "c.py").write_text("def g():\n    from trainer.a import b\n    return b\n")
+    global ROOT
+    root, ROOT = ROOT, tmp_path
+    try:
+        found = cycles(import_graph(sorted(pkg.glob("*.py"))))
+    finally:
+        ROOT = root
+    assert found == [["trainer.a", "trainer.b", "trainer.c", "trainer.a"]]
+
+
+MAX_MODULE_LINES = 420  # "about 400": one job a module
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_one_job_a_module(name):
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{name}: {lines} lines; split it along its jobs"

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from conftest import FAST, run_cli, train
 
-from trainer.make_records import encode_examples
+from trainer.data.make_records import encode_examples
 
 
 # ---------------------------------------------------------------- helpers
@@ -46,7 +46,7 @@ def reference(dataset, tmp_path_factory) -> Path:
 
 
 def open_data(compose, path: Path, *overrides: str):
-    from trainer.data import load_data
+    from trainer.data.memory import load_data
 
     return load_data(
         compose(["data=records", f"data.files={path}/train-*.tfrecord", *overrides]).data
@@ -92,7 +92,7 @@ def test_encoded_examples_parse_as_tf_train_example():
 def test_converter_writes_every_row_once_with_its_split(tmp_path, compose):
     """A CSV file (the issue's example) becomes shards whose ids are exactly the source's rows,
     split as in-memory training splits them; the description counts and checksums them."""
-    from trainer.data import load_data
+    from trainer.data.memory import load_data
 
     csv = tmp_path / "houses.csv"
     rng = np.random.default_rng(1)
@@ -124,7 +124,7 @@ def test_converter_writes_every_row_once_with_its_split(tmp_path, compose):
 def test_synthetic_rows_do_not_depend_on_the_dataset_size(compose):
     """Synthetic rows are drawn in seeded blocks: the first N rows of a bigger set are the
     smaller set (so a 5 GB set is converted block by block, in little memory)."""
-    from trainer.data import read_source
+    from trainer.data.memory import read_source
 
     small = read_source(compose(["data.num_samples=100"]).data)
     big = read_source(compose(["data.num_samples=70000"]).data)
@@ -156,7 +156,7 @@ def test_the_stream_does_not_depend_on_how_the_files_are_listed(dataset, compose
     names = sorted(p.name for p in dataset.glob("train-*.tfrecord"))
     listed = "[" + ",".join(str(dataset / n) for n in reversed(names)) + "]"
     a = open_data(compose, dataset)
-    from trainer.data import load_data
+    from trainer.data.memory import load_data
 
     b = load_data(compose(["data=records", f"data.files={listed}"]).data)
     assert a.signature() == b.signature()
@@ -259,7 +259,7 @@ def _refused(tmp_path: Path, files: str, *overrides: str) -> str:
 def _problem(compose, files: str, *overrides: str) -> str:
     """The one-line UserError opening the records gives (what the CLI prints, exit 2)."""
     from trainer.config import UserError
-    from trainer.data import load_data
+    from trainer.data.memory import load_data
 
     with pytest.raises(UserError) as e:
         load_data(compose(["data=records", f"data.files={files}", *overrides]).data)
@@ -292,7 +292,7 @@ def test_a_damaged_shard_is_refused_or_stops_training(dataset, tmp_path):
     """One flipped byte in a shard: refused at start (its checksum), exit 2, nothing written;
     with data.verify=sizes, the record CRC stops training at that record, exit 2, and the
     checkpoints written before it stay intact."""
-    from trainer.checkpoint.store import list_checkpoints, verify
+    from trainer.checkpoint.manifest import list_checkpoints, verify
 
     d = _copy(dataset, tmp_path)
     shard = d / "train-00005-of-00008.tfrecord"
@@ -325,7 +325,7 @@ def test_a_damaged_shard_is_refused_or_stops_training(dataset, tmp_path):
 def test_every_topology_trains_on_the_same_examples(dataset, reference, tmp_path):
     """One device, two mirrored replicas and two worker processes (each reading only its
     own lanes' shards): the same examples in the same order at every step."""
-    from trainer.runinfo import read_metrics
+    from trainer.sweep.runinfo import read_metrics
 
     common = [*records_args(dataset), "trainer.max_steps=24"]
     mirrored = ["distribute=mirrored", "distribute.logical_cpus=2"]
@@ -357,7 +357,7 @@ def test_every_topology_trains_on_the_same_examples(dataset, reference, tmp_path
 def test_classification_records_keep_their_labels(tmp_path, compose):
     """digits (10 classes, integer labels) through the converter: the same task, classes and
     label of every training row as in memory."""
-    from trainer.data import load_data
+    from trainer.data.memory import load_data
 
     make_records(tmp_path / "digits", "data=digits", shards=4)
     rec = open_data(compose, tmp_path / "digits", "data.lanes=2")
@@ -387,7 +387,7 @@ def test_sigkills_at_random_moments_across_epochs_resume_exactly(dataset, tmp_pa
     import random
     import time
 
-    from trainer.checkpoint.store import step_of
+    from trainer.checkpoint.manifest import step_of
     from trainer.verify import chaos
     from trainer.verify.compare import compare_checkpoints, metrics_rows, newest_checkpoint
     from trainer.verify.resume import start

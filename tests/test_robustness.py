@@ -138,8 +138,8 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, reference):
 
 @pytest.mark.slow
 def test_sigterm_saves_flushes_logs_and_exits_3(tmp_path, reference):
-    from trainer.checkpoint.store import verify
-    from trainer.summaries import read_scalars
+    from trainer.checkpoint.manifest import verify
+    from trainer.rewind import read_scalars
 
     run = tmp_path / "run"
     p, paused = start_paused(run, *BASE, "trainer.pause_at=15")
@@ -204,7 +204,7 @@ def test_second_sigint_aborts_at_once(tmp_path):
 def test_second_sigint_aborts_the_trainer_without_saving(tmp_path):
     """The real trainer: two SIGINTs 5 ms apart while paused at step 10 (last checkpoint at
     8). The first starts a graceful stop, the second aborts before the step-10 save."""
-    from trainer.checkpoint.store import verify
+    from trainer.checkpoint.manifest import verify
 
     run = tmp_path / "run"
     p, _ = start_paused(run, *BASE, "checkpoint.every=4", "trainer.pause_at=10")
@@ -285,7 +285,8 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, compose, capsys, m
     resumes from it. With async saves the failure surfaces at the next save, same outcome."""
     import errno
 
-    from trainer.checkpoint.store import CheckpointStore, verify
+    from trainer.checkpoint.manifest import verify
+    from trainer.checkpoint.store import CheckpointStore
 
     original = CheckpointStore.write_manifest
     calls = []
@@ -325,7 +326,7 @@ def test_full_disk_on_a_small_filesystem(tmp_path, compose, capsys):
     """A real filesystem (tmpfs) that fills while the run trains: the CLI exits 2 with one
     message, the checkpoints committed before verify, and after freeing space the run resumes
     and finishes. (A disk already full at start is refused before training: test_faults.py.)"""
-    from trainer.checkpoint.store import list_checkpoints, verify
+    from trainer.checkpoint.manifest import list_checkpoints, verify
 
     mnt = tmp_path / "small"
     if not _mount_tmpfs(mnt, "8m"):
@@ -367,7 +368,7 @@ def test_full_disk_on_a_small_filesystem(tmp_path, compose, capsys):
 
 def _poisoned_npz(path: Path, n: int = 200) -> Path:
     """Regression data with one NaN feature in a training row."""
-    from trainer.data import _SYNTHETIC_SEED
+    from trainer.data.memory import _SYNTHETIC_SEED
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 6)).astype(np.float32)
@@ -438,8 +439,8 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path, compose, async_save)
     variance holding Inf leaves the training loss finite (training normalizes with batch
     statistics) but stops the first save, naming the variable; no checkpoint is written."""
     from trainer import build
-    from trainer.checkpoint.store import list_checkpoints, verify
-    from trainer.data import load_data
+    from trainer.checkpoint.manifest import list_checkpoints, verify
+    from trainer.data.memory import load_data
 
     cfg = compose(["model=custom_bn"])
     model = build.build_model(cfg.model, load_data(cfg.data))
@@ -505,7 +506,7 @@ def test_unfinished_log_rewrite_never_replaces_the_original(tmp_path):
     `.truncating` copy beside the intact original: the next resume must drop the copy."""
     import tensorflow as tf
 
-    from trainer.summaries import read_scalars, truncate_events
+    from trainer.rewind import read_scalars, truncate_events
 
     logdir = tmp_path / "tb"
     writer = tf.summary.create_file_writer(str(logdir / "train"))

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, env, run_cli, train
 
 from trainer.loop import RECENT_COSTS, SaveBudget
-from trainer.summaries import read_scalars
+from trainer.rewind import read_scalars
 
 
 class Clock:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, env, get_json, run_cli, spawn, tensorboard_server
 
-from trainer.sweep import job_dirname
+from trainer.sweep.jobs import job_dirname
 from trainer.verify.compare import metrics_rows
 
 SMALL = [
@@ -331,14 +331,15 @@ def test_an_unreadable_job_record_is_a_failed_row_and_fails_the_sweep(tmp_path, 
     """A job's record file damaged on disk: the sweep's report (what it prints, sweep.csv,
     sweep.json) has a failed row naming the file and the error, and exits 1; the job is not
     dropped from the table and the exit code."""
-    from trainer import sweep_report
-    from trainer.sweep_report import Record
+    from trainer.sweep import record_store
+    from trainer.sweep import report as sweep_report
+    from trainer.sweep.record_store import Record
 
     sweep = tmp_path / "sweep"
-    sweep_report.start(str(sweep))
+    record_store.start(str(sweep))
     names = ["model=custom_bn", "data.path=%2Fdata%2Fx.csv"]  # a job_dirname with '/' encoded
     for num, name in enumerate(names):
-        sweep_report.save_record(
+        record_store.save_record(
             str(sweep), Record(num, [name], name, 10, status="completed", step=10)
         )
     path = sweep / ".sweep" / "jobs" / "data.path=%252Fdata%252Fx.csv.json"

@@ -17,7 +17,7 @@ from user_models import PATTERNS
 
 from trainer import build
 from trainer.config import UserError
-from trainer.data import load_data
+from trainer.data.memory import load_data
 from trainer.loop import fit
 from trainer.state import checkpoint_key, checkpoint_keys, readable, seed_generator_states
 from trainer.steps import make_chunk_fn
@@ -212,7 +212,8 @@ def test_rerun_of_a_completed_user_run_leaves_every_byte(tmp_path):
 def _drop(prefix: str, suffix: str) -> list[str]:
     """Rewrite checkpoint `prefix` without its values whose Keras path ends with `suffix` (as
     the earlier layout left BatchNorm statistics out), manifest included; the dropped paths."""
-    from trainer.checkpoint.store import MANIFEST_SUFFIX, CheckpointStore, read_manifest
+    from trainer.checkpoint.manifest import MANIFEST_SUFFIX, read_manifest
+    from trainer.checkpoint.store import CheckpointStore
     from trainer.state import _VALUE, readable
 
     reader = tf.train.load_checkpoint(prefix)
@@ -267,7 +268,7 @@ def test_comparison_catches_a_variable_missing_from_both_checkpoints(tmp_path, c
 def test_a_checkpoint_of_the_earlier_layout_is_refused_in_one_line(tmp_path):
     """A manifest without state_layout is what the earlier layout (through TensorFlow's object
     graph) wrote: resuming from it, or warm starting from it, is refused; nothing changes."""
-    from trainer.checkpoint.store import read_manifest
+    from trainer.checkpoint.manifest import read_manifest
 
     run = tmp_path / "run"
     assert train(run, *FAST, "trainer.stop_at=20").returncode == 0

@@ -180,7 +180,7 @@ def test_a_bad_part_is_one_line_before_training(tmp_path, compose, case):
 def _row_first_used_after(step: int, n: int = 512) -> tuple[int, int]:
     """(row, the first train step that uses it) of the default source's first row used
     after `step` (seed 0, batch 32): its batch order, as training draws it."""
-    from trainer.batch_ids import batch_positions, split_ids
+    from trainer.data.batch_ids import batch_positions, split_ids
 
     _, train = split_ids(n, 0.2)
     first: dict[int, int] = {}
@@ -270,7 +270,7 @@ def test_a_source_streamed_into_records_resumes_exactly(tmp_path):
 
 def test_a_source_reads_rows_in_parallel(compose):
     """A source whose rows wait on I/O is read `data.workers` rows at once."""
-    from trainer.data import load_data
+    from trainer.data.memory import load_data
 
     cfg = compose([*SOURCE, "+data.delay=0.002", "data.workers=8"])
     data = load_data(cfg.data)
@@ -300,7 +300,7 @@ def test_of_two_failing_rows_the_one_trained_first_is_named(compose):
     row a second later. The run stops on the earlier step, and names its row."""
     import tensorflow as tf
 
-    from trainer.data import load_data
+    from trainer.data.memory import load_data
 
     early, used_early = _row_first_used_after(1, n=5000)
     late, used_late = _row_first_used_after(12, n=5000)

@@ -27,8 +27,10 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 
-from trainer import runinfo, signals, startup, sweep  # noqa: E402  (sweep: job_dirname resolver)
+from trainer import signals, startup  # noqa: E402
 from trainer.config import CONF_DIR, register_schemas  # noqa: E402
+from trainer.sweep import jobs as sweep  # noqa: E402  (registers the job_dirname resolver)
+from trainer.sweep import runinfo  # noqa: E402
 
 register_schemas()
 _task_started = False
@@ -40,7 +42,7 @@ def _entry(cfg) -> float | None:
     _task_started = True
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
-        from trainer import sweep
+        from trainer.sweep import jobs as sweep
 
         return sweep.run_job(cfg, hc.runtime.output_dir)
     from trainer import app
@@ -80,7 +82,7 @@ def _leave(code) -> None:
     there, a tf.data thread still prefetching rows through Python (which may no longer run
     it) holds TensorFlow's clean-up forever (seen: 2 exits in 5 hung after a bad row). Every
     file of the run is closed by now; the logs are flushed first."""
-    source = sys.modules.get("trainer.source")
+    source = sys.modules.get("trainer.data.source")
     if source is None or not source.SourceData.opened:
         return
     import logging
@@ -102,7 +104,7 @@ def _main() -> None:
         if not startup.debug_asked(sys.argv[1:]):
             startup.load_tensorflow_quietly()  # its C++ start-up lines are not ours to show
         _entry()
-    except sweep.SweepInterrupted:  # a signal stopped the sweep: the report, exit 3
+    except signals.SweepInterrupted:  # a signal stopped the sweep: the report, exit 3
         sys.exit(sweep.finish(stopped=True))
     except SystemExit as e:
         # Hydra exits 1 when composing the config fails (unknown option or key, wrong type):

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from trainer import hydra_callbacks, runinfo, runlog
+from trainer import runlog
 from trainer.checkpoint import integrity
 from trainer.config import UserError
 from trainer.loop import NonFiniteLoss, RunResult, fit
 from trainer.signals import interrupted_by
+from trainer.sweep import hydra_callbacks, runinfo
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
 
@@ -113,7 +114,7 @@ def _execute(cfg: DictConfig, run_dir: str, sweep: bool, log: runlog.RunLog) -> 
         )
     except KeyboardInterrupt as e:  # a signal outside the training loop (start-up, export)
         name = interrupted_by(e)
-        if sweep:  # the sweep's table reports it (trainer/sweep.py)
+        if sweep:  # the sweep's table reports it (trainer/sweep/jobs.py)
             print(f"\ninterrupted ({name}) outside the training loop", file=sys.stderr)
             return Outcome(130, error=f"interrupted ({name}) outside the training loop")
         code, message = runinfo.interrupted_message(run_dir, name, _resume_hint(run_dir, False))

@@ -9,9 +9,10 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import standardize, targets
+from trainer import targets
 from trainer.config import UserError
-from trainer.data import Data
+from trainer.data import standardize
+from trainer.data.memory import Data
 
 
 def setup_runtime(cfg: DictConfig) -> None:
@@ -88,7 +89,7 @@ def build_state(cfg: DictConfig, data: Data):
 
     model = build_model(cfg.model, data)
     stats = standardize.wanted(cfg.data, data)
-    if stats is not None:  # the data's own units in and out (trainer/standardize.py)
+    if stats is not None:  # the data's own units in and out (trainer/data/standardize.py)
         model = standardize.Standardized(model, **stats)
         model(tf.constant(data.sample(1)))
     optimizer = build_optimizer(cfg.optimizer, cfg.schedule, int(cfg.trainer.max_steps))

@@ -139,7 +139,7 @@ class DataConfig:
     batch_size: int = 32
     val_fraction: float = 0.2
     standardize: bool | None = (
-        None  # null: csv, npz, custom arrays, records (trainer/standardize.py)
+        None  # null: csv, npz, custom arrays, records (trainer/data/standardize.py)
     )
 
 

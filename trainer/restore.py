@@ -14,12 +14,14 @@ import sys
 
 from omegaconf import DictConfig
 
-from trainer import hydra_callbacks, summaries
-from trainer.checkpoint.store import CheckpointStore, read_manifest
+from trainer import rewind
+from trainer.checkpoint.manifest import read_manifest
+from trainer.checkpoint.store import CheckpointStore
 from trainer.checkpoint.warm_start import warm_start
 from trainer.config import UserError, first_few
 from trainer.optim import step_counter
 from trainer.state import STATE_LAYOUT, TrainState, find_layer
+from trainer.sweep import hydra_callbacks
 
 
 def restore_or_initialize(
@@ -42,14 +44,14 @@ def restore_or_initialize(
             raise RuntimeError(f"restored step {step} but the optimizer's step count {iterations}")
         if complete:
             return step, None
-        dropped = summaries.truncate_metrics(run_dir, step)
-        dropped += summaries.truncate_events(os.path.join(run_dir, "tensorboard"), step)
+        dropped = rewind.truncate_metrics(run_dir, step)
+        dropped += rewind.truncate_events(os.path.join(run_dir, "tensorboard"), step)
         note = f" (dropped {dropped} log records past it)" if dropped else ""
         print(f"Resuming from step {step}: {latest.prefix}{note}", file=sys.stderr)
         return step, step
-    dropped = summaries.truncate_metrics(run_dir, 0)
+    dropped = rewind.truncate_metrics(run_dir, 0)
     # from scratch: even step 0 goes (the hparams a run killed before its first save wrote)
-    dropped += summaries.truncate_events(os.path.join(run_dir, "tensorboard"), -1)
+    dropped += rewind.truncate_events(os.path.join(run_dir, "tensorboard"), -1)
     if dropped:  # a run killed before its first checkpoint left logs: said, like a resume
         print(
             f"Starting from step 0: no checkpoint to resume from (dropped {dropped} log "

@@ -2,7 +2,7 @@
 
 A second SIGINT aborts at once (exit 130) without saving: the last checkpoint stays.
 
-In a sweep (trainer/sweep.py), `SweepSignals` covers the time between jobs in every process
+In a sweep (trainer/sweep/jobs.py), `SweepSignals` covers the time between jobs in every process
 that runs them: a stop asked for there is kept as pending, so no further job starts and a
 job still setting up stops (and saves) as soon as its loop begins; a stop that comes while
 a job's loop runs is kept as pending too (the job may be finishing anyway). The process
@@ -10,7 +10,7 @@ that started the sweep writes the sweep's stop file (a job checks it before it s
 whose process never saw the signal does not start either) and forwards the signal as
 SIGTERM to its children that catch SIGTERM (the joblib launcher's workers running a job,
 or between jobs). A worker that has not started its first job yet holds both signals
-blocked (trainer/sweep_joblib.py) until `SweepSignals.install` unblocks them.
+blocked (trainer/sweep/joblib_workers.py) until `SweepSignals.install` unblocks them.
 """
 
 from __future__ import annotations
@@ -123,6 +123,13 @@ def _children(mask_field: str, sig: signal.Signals) -> list[int]:
         except (OSError, ValueError, KeyError):
             continue  # gone meanwhile
     return out
+
+
+class SweepInterrupted(BaseException):
+    """Ends a sweep that a signal stopped, in the process that started it: once a job of its
+    own was stopped (the basic launcher), or after a batch of the joblib launcher's jobs
+    (trainer/sweep/joblib_workers.py). Past Hydra's per-job `except Exception` and the sweeper, so
+    that no further job starts nor is asked for (`main` reports the sweep and exits 3)."""
 
 
 class SweepSignals:

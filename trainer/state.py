@@ -17,7 +17,7 @@ What the checkpoint holds:
 - optimizer/<path>: iterations (and so the learning-rate schedule position) and slots (EMA
   weights and gradient accumulators included: they are the optimizer's variables);
 - metrics/<path>: the totals of the `metrics=[...]` the user added (trainer/losses.py);
-- step, epoch: the counters; the data position is the step (trainer/data.py);
+- step, epoch: the counters; the data position is the step (trainer/data/memory.py);
 - loop: Python-side loop state that changes what is logged or decided (the running
   window behind logged metric averages, best eval loss so far), mirrored into variables
   before each save and read back after a restore.

@@ -19,7 +19,7 @@ def make_chunk_fn(
     norm, metric and learning rate, then each of `metrics` (Keras metrics, their result since
     the last step that was a multiple of `log_every`: they are reset after such a step); and
     a [k] float64 tensor: per step the `batch_ids_hash` of its global batch (the sum of its
-    rows' id terms, trainer/data.py). No eager ops.
+    rows' id terms, trainer/data/memory.py). No eager ops.
 
     The iterator is captured, not passed: an iterator argument is bound again on every call
     (its type spec hashed), ~0.1 ms of the ~2 ms a 10-step chunk takes (profiled). A new

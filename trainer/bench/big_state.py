@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -20,10 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import nonfinite
-from trainer.checkpoint.store import CheckpointStore, checkpoint_files, verify
+from trainer.bench.common import _rss
+from trainer.checkpoint.manifest import checkpoint_files, verify
+from trainer.checkpoint.store import CheckpointStore
 from trainer.state import TrainState
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _big_state(units: int, features: int) -> TrainState:
@@ -69,8 +67,8 @@ def data_position_bytes(workdir: str) -> dict:
     checkpoint holding our data position (the step and epoch counters), against a checkpoint
     of the tf.data iterator users would otherwise save: the whole training set shuffled
     (`shuffle(len(x))`, as Keras users do), batched, repeated, three batches in."""
-    from trainer import data as data_lib
-    from trainer.bench.suite import compose
+    from trainer.bench.common import compose
+    from trainer.data import memory as data_lib
 
     cfg = compose([])
     data = data_lib.load_data(cfg.data)
@@ -325,39 +323,3 @@ def peak_rss(m: dict) -> dict:
             )
         out["note"] = "big state: the ~300 MB state trained 20 steps with a checkpoint every 10"
     return out
-
-
-def trainer_command(args: list[str], run_dir: str) -> tuple[list[str], dict]:
-    """`python -m trainer <args>` in `run_dir`, with this repository's code: (argv, env)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
-    return [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"], env
-
-
-def _rss(args: list[str], run_dir: str) -> float:
-    """Peak RSS (MB) of one `python -m trainer` run in a subprocess (this repository's code):
-    its VmHWM, read every 20 ms while it runs. Not wait4's ru_maxrss: Linux carries the
-    parent's high-water mark at fork over the exec, so a child of a large process (this
-    benchmark, after the 300 MB state) would report the parent's size."""
-    cmd, env = trainer_command(args, run_dir)
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        peak_kb = 0
-        while proc.poll() is None:
-            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
-            time.sleep(0.02)
-        if proc.returncode != 0:
-            err.seek(0)
-            tail = err.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
-    return peak_kb / 1024
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:  # exited between poll() and open()
-        pass
-    return 0

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from trainer.bench.big_state import REPO, _rss, trainer_command
+from trainer.bench.common import REPO, _rss, trainer_command
 
 # (samples, features) of the large set per mode; the small set has 1/100 of the samples.
 SIZES = {"full": (5_000_000, 250), "quick": (500_000, 250), "smoke": (20_000, 16)}
@@ -47,7 +47,8 @@ def records_vs_memory(m: dict, workdir: str, log) -> dict:
     """steps/s of the default model trained from records over the same data in memory: on
     a 200,000-example synthetic set (epochs of 5,000 steps) and on the default 2,048-example
     set (epochs of 51 steps, where each epoch's pipeline set-up counts)."""
-    from trainer.bench.suite import NO_EVAL, loop_rate
+    from trainer.bench.common import NO_EVAL
+    from trainer.bench.loop_rates import loop_rate
 
     quiet = [f"checkpoint.every={NO_EVAL}"]
     out: dict = {}
@@ -128,8 +129,8 @@ def records_large(mode: str, m: dict, workdir: str, log) -> dict:
 
 def _resume_late(path: str, m: dict, workdir: str, log) -> dict:
     """Resume at 90% of an epoch vs at step 1: runs stopped there, then resumed for a step."""
-    from trainer.bench.suite import compose
-    from trainer.data import load_data
+    from trainer.bench.common import compose
+    from trainer.data.memory import load_data
 
     data = [
         "data=records",

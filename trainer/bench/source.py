@@ -18,7 +18,7 @@ class SlowRows:
     def __init__(self, delay: float = ROW_SECONDS):
         from omegaconf import OmegaConf
 
-        from trainer.data import read_source
+        from trainer.data.memory import read_source
 
         cfg = OmegaConf.create(
             {
@@ -47,7 +47,7 @@ def slow_rows(delay: float = ROW_SECONDS) -> SlowRows:
 def source_vs_memory(m: dict, workdir: str, log, loop_rate) -> dict:
     """steps/s of the default run from the 50 us-a-row source over the same run in memory,
     in alternating order, `rounds` times; `loop_rate(overrides, steps, warmup, workdir)` is
-    the suite's steady steps/s of one run (trainer/bench/suite.py)."""
+    the steady steps/s of one run (trainer/bench/loop_rates.py)."""
     quiet = ["checkpoint.every=1000000000"]
     variants = {
         "memory": quiet,

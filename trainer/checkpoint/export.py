@@ -8,7 +8,7 @@ renames, with a moment in which only `saved_model.old-*` exists). A failed expor
 its temporary files and leaves the previous artifact untouched.
 
 TensorFlow is imported where an artifact is written: `missing()` serves a sweep's check of a
-finished job before TensorFlow loads (trainer/runinfo.py).
+finished job before TensorFlow loads (trainer/sweep/runinfo.py).
 """
 
 from __future__ import annotations

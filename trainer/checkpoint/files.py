@@ -1,5 +1,7 @@
-"""Checksums and durable, atomic file writes, without TensorFlow (a sweep's check of a
-finished job reads runs before TensorFlow loads: trainer/runinfo.py)."""
+"""The one copy of each file primitive: checksums, fsync, durable appends and atomic writes.
+Every caller uses these (checkpoints, manifests, the state file, metrics.jsonl, sweep records).
+Without TensorFlow: a sweep's check of a finished job reads runs before TensorFlow loads
+(trainer/sweep/runinfo.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,14 @@ def fsync_path(path: str) -> None:
         raise OSError(e.errno, e.strerror, path) from None
     finally:
         os.close(fd)
+
+
+def append_durably(path: str, data: bytes) -> None:
+    """Append `data` to `path` (created if missing) and fsync it."""
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text_atomic(path: str, text: str, durable: bool = True) -> None:

@@ -9,7 +9,7 @@ than the interrupted run would have, so a resume with a different structural par
 refused; max_steps, logging, eval and checkpoint cadence may change.
 
 Nothing here loads TensorFlow (the store is imported where a manifest is read): a sweep
-compares a finished job's manifest with its config before TensorFlow loads (trainer/runinfo.py).
+compares a finished job's manifest with its config before TensorFlow loads (trainer/sweep/runinfo.py).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def manifest_extra(cfg: DictConfig) -> dict:
 
 def structural_diff(cfg: DictConfig, prefix: str) -> dict[str, tuple]:
     """{key: (in checkpoint, now)} for structural keys that differ from checkpoint `prefix`."""
-    from trainer.checkpoint.store import read_manifest
+    from trainer.checkpoint.manifest import read_manifest
 
     then = upgraded(read_manifest(prefix).get("structural", {}))
     now = structural(cfg)

@@ -31,15 +31,16 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from trainer.checkpoint.store import (
+from trainer.checkpoint.files import write_text_atomic
+from trainer.checkpoint.manifest import (
     MANIFEST_SUFFIX,
-    CheckpointStore,
     Verdict,
     list_checkpoints,
     read_manifest,
     step_of,
     verify,
 )
+from trainer.checkpoint.store import CheckpointStore
 from trainer.config import UserError
 
 BAD_DIR = "bad"
@@ -128,12 +129,7 @@ def rewrite_state_file(directory: str) -> None:
     lines += [f'all_model_checkpoint_paths: "{n}"' for n in names]
     lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in times]
     lines.append(f"last_preserved_timestamp: {last_preserved or min(times) - 1.0!r}")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def recover(

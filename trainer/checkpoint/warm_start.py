@@ -103,7 +103,7 @@ def _from_checkpoint(path: str, state: TrainState) -> str:
     """Copy by Keras path: each model variable of this run takes the value saved under its
     own path (every one must be there, with its shape, or nothing is copied); the optimizer's
     slots likewise when the source used the same optimizer (same paths), else none."""
-    from trainer.checkpoint.store import read_manifest
+    from trainer.checkpoint.manifest import read_manifest
     from trainer.state import STATE_LAYOUT, checkpoint_key
 
     prefix = _checkpoint_prefix(path)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoint.store import CheckpointStore, list_checkpoints, read_manifest
+from trainer.checkpoint.manifest import list_checkpoints, read_manifest
+from trainer.checkpoint.store import CheckpointStore
 from trainer.config import UserError
 from trainer.distribute import precision
 

@@ -84,7 +84,7 @@ def writing_checkpoint(ckpt_dir: str) -> str | None:
 def _has_checkpoint(run_dir: str) -> bool:
     """A checkpoint with a manifest whose files have their sizes: polled every 2 ms, so it
     does not read the tensors back (the report's newest checkpoint is verified in full)."""
-    from trainer.checkpoint.store import list_checkpoints, verify
+    from trainer.checkpoint.manifest import list_checkpoints, verify
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     return any(verify(p, hashes=False).ok for p in reversed(list_checkpoints(ckpt_dir)))

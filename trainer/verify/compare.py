@@ -227,7 +227,7 @@ def compare_batch_ids(run_a: str, run_b: str) -> CurveDiff | None:
 
 def newest_checkpoint(run: str) -> str | None:
     """The newest checkpoint under `<run>/checkpoints` that verifies against its manifest, or None."""
-    from trainer.checkpoint.store import list_checkpoints, verify
+    from trainer.checkpoint.manifest import list_checkpoints, verify
 
     for prefix in reversed(list_checkpoints(os.path.join(run, "checkpoints"))):
         if verify(prefix).ok:
@@ -242,8 +242,8 @@ def expected_variables(prefix: str) -> dict[str, str]:
     from omegaconf import OmegaConf
 
     from trainer import build
-    from trainer import data as data_lib
-    from trainer.checkpoint.store import read_manifest
+    from trainer.checkpoint.manifest import read_manifest
+    from trainer.data import memory as data_lib
 
     try:
         cfg = OmegaConf.create(read_manifest(prefix)["config"])
@@ -259,7 +259,7 @@ def compare_checkpoints(prefix_a: str, prefix_b: str, atol: float = 0.0) -> Stat
     import numpy as np
     import tensorflow as tf
 
-    from trainer.checkpoint.store import read_manifest, step_of
+    from trainer.checkpoint.manifest import read_manifest, step_of
     from trainer.state import checkpoint_keys, readable
 
     ra, rb = tf.train.load_checkpoint(prefix_a), tf.train.load_checkpoint(prefix_b)

@@ -43,7 +43,7 @@ def load_config(run_dir: str, prefix: str):
     """The run's full resolved config: from the checkpoint manifest, else `.hydra/config.yaml`."""
     from omegaconf import OmegaConf
 
-    from trainer.checkpoint.store import read_manifest
+    from trainer.checkpoint.manifest import read_manifest
 
     cfg = read_manifest(prefix).get("config")
     if cfg:
@@ -175,10 +175,10 @@ def verify_export(
     import tensorflow as tf
 
     from trainer import build
-    from trainer import data as data_lib
     from trainer.checkpoint.store import CheckpointStore
+    from trainer.data import memory as data_lib
+    from trainer.data.standardize import scaled_loss
     from trainer.losses import build_objective
-    from trainer.standardize import scaled_loss
     from trainer.verify.latency import compare_latency
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     except _ArtifactError as e:
         print(f"FAIL: {e}", file=sys.stderr)
         return EXIT_DIFFERS
-    from trainer.checkpoint.store import write_json_atomic
+    from trainer.checkpoint.manifest import write_json_atomic
 
     out = args.out or report["run"]
     if os.path.isdir(out):

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from trainer.checkpoint.fingerprint import flatten
-from trainer.checkpoint.store import checkpoint_files, list_checkpoints, read_manifest, verify
+from trainer.checkpoint.manifest import checkpoint_files, list_checkpoints, read_manifest, verify
 from trainer.config import UserError
 
 

@@ -186,7 +186,7 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
     run after the first being the resume of the one before (trainer/verify/chaos.py)."""
     import random
 
-    from trainer.checkpoint.store import step_of
+    from trainer.checkpoint.manifest import step_of
     from trainer.verify import chaos as chaos_lib
     from trainer.verify import compare
 
@@ -245,7 +245,7 @@ def _resume_point(v, res_dir: str) -> tuple[int, list[int]]:
     """After the interrupted run(s): the step its newest checkpoint holds (PhaseFailed unless
     there is one, at verify.interrupt_at for stop and sigterm), and the steps it logged past
     that, which the resume will redo."""
-    from trainer.checkpoint.store import step_of
+    from trainer.checkpoint.manifest import step_of
     from trainer.verify import compare
 
     at = int(v.interrupt_at)
@@ -365,7 +365,7 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> di
 
 def run(cfg: DictConfig, out: str, task_overrides: list[str]) -> int:
     """verify_resume from a composed config to an exit code (0 match, 1 differ, 2 bad input)."""
-    from trainer import hydra_callbacks
+    from trainer.sweep import hydra_callbacks
     from trainer.verify.report import format_report
 
     try:

@@ -2,7 +2,7 @@
 random-access source.
 
 `data._target_` names a function (or a class); every key of the `data` group but its own
-(`GROUP_KEYS`) is an argument of it. It returns either arrays `(x, y)`, which trainer/data.py
+(`GROUP_KEYS`) is an argument of it. It returns either arrays `(x, y)`, which trainer/data/memory.py
 treats like an .npz file, or a source: an object with `__len__` and `__getitem__(i) -> (x, y)`
 (files on disk, a database, an API), which `SourceData` reads on demand and never whole.
 
@@ -28,8 +28,8 @@ import tensorflow as tf
 from omegaconf import DictConfig
 
 from trainer import targets
-from trainer.batch_ids import batch_positions, id_terms, split_ids
 from trainer.config import UserError
+from trainer.data.batch_ids import batch_positions, id_terms, split_ids
 
 # the `data` group's own keys; every other key is an argument of `data._target_`
 GROUP_KEYS = ("name", "_target_", "task", "batch_size", "val_fraction", "workers", "standardize")
@@ -68,7 +68,7 @@ def call_custom(cfg: DictConfig):
 
 
 class SourceData:
-    """A random-access source behind the interface of trainer/data.py's `Data`."""
+    """A random-access source behind the interface of trainer/data/memory.py's `Data`."""
 
     opened = False  # one was opened in this process (trainer/__main__.py ends it early)
 

@@ -3,10 +3,10 @@
     python scripts/make_records.py data=csv data.path=houses.csv data.target=price --out data/houses --shards 16
 
 It reads the source the `data` overrides name (the same sources and the same fixed
-train/validation split as in-memory training, trainer/data.py), writes the training rows
+train/validation split as in-memory training, trainer/data/memory.py), writes the training rows
 into `--shards` shards and the validation rows into `--val-shards` shards, each a file of
 tf.train.Example records (`id`: the row in the source, `x`, `y`), and `description.json`
-(trainer/records.py) with each shard's example count, size and CRC-32. The synthetic
+(trainer/data/records.py) with each shard's example count, size and CRC-32. The synthetic
 sources and a user's random-access source (`data=custom`) are read block by block, so a
 dataset larger than memory never is in memory.
 
@@ -120,8 +120,8 @@ class _ShardWriter:
 def _rows(cfg):
     """(task, output units, feature shape), the numbers of train and val rows, and a
     generator of (ids, x, y, split)."""
-    from trainer import source as user_source
-    from trainer.data import STREAMED, read_source, split_ids
+    from trainer.data import source as user_source
+    from trainer.data.memory import STREAMED, read_source, split_ids
 
     if cfg.name in STREAMED:
         n = int(cfg.num_samples)
@@ -165,7 +165,7 @@ def _rows(cfg):
 
 class _Moments:
     """Running sums of the training rows, block by block: their mean and standard deviation
-    per feature (and per target column of a regression), as trainer/standardize.py takes them."""
+    per feature (and per target column of a regression), as trainer/data/standardize.py takes them."""
 
     def __init__(self):
         self.n, self.sx, self.sxx, self.sy, self.syy = 0, 0.0, 0.0, 0.0, 0.0
@@ -213,7 +213,7 @@ def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) 
     from tqdm import tqdm
 
     from trainer.checkpoint.files import fsync_path, write_text_atomic
-    from trainer.record_files import DESCRIPTION, FORMAT, VERSION, dataset_id, file_crc32
+    from trainer.data.record_files import DESCRIPTION, FORMAT, VERSION, dataset_id, file_crc32
 
     (task, units, feature_shape), n_train, n_val, rows = _rows(cfg)
     if n_train < shards:
@@ -262,7 +262,7 @@ def convert(cfg, out: str, shards: int, val_shards: int, progress: bool = True) 
             "examples": {"train": n_train, "val": n_val},
             "source": _source(cfg),
             "shards": shard_list,
-            "standardize": sums.statistics(),  # the training rows' (trainer/standardize.py)
+            "standardize": sums.statistics(),  # the training rows' (trainer/data/standardize.py)
         }
         desc["dataset_id"] = dataset_id(desc)
         write_text_atomic(os.path.join(tmp, DESCRIPTION), json.dumps(desc, indent=1) + "\n")

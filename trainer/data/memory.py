@@ -4,9 +4,9 @@ Three kinds of data, one interface (`load_data` returns any of them):
 - `Data`: a source loaded into memory as numpy arrays (synthetic, digits, npz, csv) and split
   once into train and validation parts. Epoch `e` is a permutation drawn with the stateless
   seed (seed, e), cut into fixed-size batches.
-- `data=records`: sharded TFRecord files streamed from disk (trainer/records.py);
+- `data=records`: sharded TFRecord files streamed from disk (trainer/data/records.py);
 - `data=custom`: the user's function, returning arrays (then a `Data`) or a random-access
-  source read on demand (trainer/source.py).
+  source read on demand (trainer/data/source.py).
 
 Either way the training stream is a pure function of (seed, step), so the position in the
 data is just the step counter: a resumed run rebuilds the stream at its restored step and
@@ -24,10 +24,11 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from trainer import source as user_source
-from trainer.batch_ids import SPLIT_SEED, batch_positions, id_terms, split_ids
 from trainer.config import UserError, check_file
-from trainer.standardize import statistics
+from trainer.data import source as user_source
+from trainer.data.batch_ids import SPLIT_SEED, batch_positions, id_terms, split_ids
+from trainer.data.records import open_records
+from trainer.data.standardize import statistics
 
 __all__ = ["Data", "id_terms", "load_data", "read_source", "split_ids"]
 _SYNTHETIC_SEED = SPLIT_SEED  # the synthetic datasets' identity: the same arrays in every run
@@ -84,7 +85,7 @@ class Data:
         """Any number of input pipelines works: each slices the same global stream."""
 
     def standardize_stats(self) -> dict:
-        """The training split's statistics (trainer/standardize.py)."""
+        """The training split's statistics (trainer/data/standardize.py)."""
         y = self.y_train if self.task == "regression" else None
         return statistics(self.x_train, y)
 
@@ -272,10 +273,8 @@ def read_source(cfg: DictConfig, arrays=None) -> tuple[np.ndarray, np.ndarray, s
 
 def load_data(cfg: DictConfig):
     """The dataset that `cfg` (the `data` group) names: `Data` in memory, split
-    train/validation, or sharded records streamed from disk (trainer/records.py)."""
+    train/validation, or sharded records streamed from disk (trainer/data/records.py)."""
     if cfg.name == "records":
-        from trainer.records import open_records
-
         return open_records(cfg)
     arrays = None
     if cfg.name == "custom":  # the user's function: arrays, or a source read on demand

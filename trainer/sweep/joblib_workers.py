@@ -11,10 +11,10 @@ would end it. In the process that started the sweep, `install` registers under t
   the workers, and the thread that replaces a lost one, inherit the mask). A signal stays
   pending in the worker until its first job installs the sweep's handlers and unblocks them
   (`signals.SweepSignals.install`): then it is handled, and that job does not start;
-- ends the sweep (`sweep.SweepInterrupted`) after a batch in which the sweep was asked to stop,
+- ends the sweep (`signals.SweepInterrupted`) after a batch in which the sweep was asked to stop,
   and before a new batch. The Optuna sweeper then asks for no further trial and not for the
   study's best trial (which raises when none completed); the trials of that batch stay
-  RUNNING in the study and the rerun asks them again (trainer/sweep_optuna.py).
+  RUNNING in the study and the rerun asks them again (trainer/sweep/optuna_study.py).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from joblib import register_parallel_backend
 from joblib.parallel import LokyBackend
 
 from trainer import signals
+from trainer.signals import SweepInterrupted
 
 
 def _stop_if_asked() -> None:
-    from trainer.sweep import SweepInterrupted
 
     stop = signals.pending()
     if stop is not None:

@@ -7,7 +7,7 @@ the rerun of a command continue its study instead:
 - the study lives in the sweep directory, `sqlite:///<sweep dir>/optuna.db`, study `sweep`,
   unless `hydra.sweeper.storage` / `study_name` say otherwise;
 - a trial left RUNNING (the sweep was killed, or stopped by a signal: it ends before the
-  plugin tells the study, trainer/sweep_joblib.py for the joblib launcher) or a failed one
+  plugin tells the study, trainer/sweep/joblib_workers.py for the joblib launcher) or a failed one
   that the previous invocation's records show as interrupted or not started (a job stopped
   by a signal to its worker alone) is closed as failed, listed in the study's
   `sweep_interrupted` attribute, and its parameters are enqueued: the next trial asked is
@@ -24,7 +24,7 @@ import os
 
 from omegaconf import DictConfig, open_dict, read_write
 
-from trainer.sweep_report import Record
+from trainer.sweep.record_store import Record
 
 STUDY_FILE = "optuna.db"
 _STOPPED = ("interrupted", "not_started")

@@ -4,7 +4,7 @@ and whether it is complete, so that a sweep skips a finished job before TensorFl
 `finished(cfg, run_dir)` answers from files only: the newest checkpoint's manifest (its step,
 its files' sizes, its index's SHA-256, its state layout, the structural part of its config
 and, for `data=records`, the data it recorded: the dataset's id and training shards, read as
-a single run reads them, trainer/record_files.py) and the exports. When it cannot tell (a
+a single run reads them, trainer/data/record_files.py) and the exports. When it cannot tell (a
 data file given by path, whose contents only loading can compare; `trainer.resume=never`;
 multi-worker), or the records differ, it returns None and the run takes the usual path
 (Session.open), which decides the same thing with TensorFlow (and refuses other records).
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import record_files
 from trainer.checkpoint.export import missing as missing_exports
 from trainer.checkpoint.files import sha256_file
 from trainer.checkpoint.fingerprint import STATE_LAYOUT, structural, upgraded
+from trainer.data import record_files
 
 METRICS_FILE = "metrics.jsonl"
 _MANIFEST = re.compile(r"ckpt-(\d+)\.manifest\.json$")

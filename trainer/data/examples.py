@@ -12,7 +12,7 @@ import argparse
 
 import numpy as np
 
-from trainer.batch_ids import split_ids
+from trainer.data.batch_ids import split_ids
 
 
 def houses(n: int = 600, seed: int = 7) -> tuple[list[str], np.ndarray]:

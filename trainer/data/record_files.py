@@ -1,9 +1,9 @@
 """`data=records` without TensorFlow: the description, the shards a config names, and what a
 checkpoint records about them (the dataset's id and its set of training shards).
 
-trainer/records.py opens the shards for training with these; a sweep compares a finished
+trainer/data/records.py opens the shards for training with these; a sweep compares a finished
 job's checkpoint with the records its config names before TensorFlow loads
-(trainer/runinfo.py), with the same code, so that it skips a job exactly when a single run
+(trainer/sweep/runinfo.py), with the same code, so that it skips a job exactly when a single run
 would find it complete.
 """
 

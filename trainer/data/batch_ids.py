@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-SPLIT_SEED = 20240601  # the split's seed (also the synthetic datasets' identity, trainer/data.py)
+SPLIT_SEED = (
+    20240601  # the split's seed (also the synthetic datasets' identity, trainer/data/memory.py)
+)
 
 
 def id_terms(ids: tf.Tensor, first_row) -> tf.Tensor:

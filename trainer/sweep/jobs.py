@@ -6,14 +6,14 @@ job per combination, each in `DIR/<its overrides>` (`hydra.sweep.subdir` through
 whatever the order or the other values of the sweep. Rerunning the command then skips a
 complete job (`runinfo.finished`, from its manifest, before TensorFlow loads), resumes an
 interrupted one from its checkpoint and starts a new one. A job's failure never stops the
-sweep: each job's outcome is a record (trainer/sweep_report.py), and the sweep reports them
+sweep: each job's outcome is a record (trainer/sweep/record_store.py), and the sweep reports them
 all at the end (table, sweep.csv, sweep.json, the HPARAMS experiment) with its exit code.
 
 Jobs run one after another in one process with Hydra's basic launcher: each starts from a
 clean slate (build.setup_runtime clears the Keras session and sets every seed), so it trains
 exactly as it would alone. A SIGTERM or Ctrl-C makes the running job save and stop; no
 further job starts (signals.SweepSignals, and the sweep's stop file for the joblib
-launcher's workers, trainer/sweep_joblib.py) and the sweep exits 3.
+launcher's workers, trainer/sweep/joblib_workers.py) and the sweep exits 3.
 
 Nothing here loads TensorFlow: it loads with the first job that trains.
 """
@@ -32,8 +32,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import hydra_callbacks, runinfo, signals, sweep_report
-from trainer.sweep_report import Record
+from trainer import signals
+from trainer.signals import SweepInterrupted
+from trainer.sweep import hydra_callbacks, record_store, runinfo
+from trainer.sweep import report as sweep_report
+from trainer.sweep.record_store import Record
 
 _MAX_NAME = 200  # bytes of a job directory's name (file systems allow 255)
 _sweep_dir: str | None = None  # set in the process that started the sweep
@@ -56,13 +59,6 @@ def job_dirname(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
-
-
-class SweepInterrupted(BaseException):
-    """Ends a sweep that a signal stopped, in the process that started it: once a job of its
-    own was stopped (the basic launcher), or after a batch of the joblib launcher's jobs
-    (trainer/sweep_joblib.py). Past Hydra's per-job `except Exception` and the sweeper, so
-    that no further job starts nor is asked for (`main` reports the sweep and exits 3)."""
 
 
 def _multirun(config: DictConfig) -> bool:
@@ -115,13 +111,13 @@ def run_job(cfg: DictConfig, run_dir: str) -> float | None:
         hparams=runinfo.hparams_of(cfg),
     )
     t0 = time.perf_counter()
-    stop = signals.pending() or sweep_report.stop_requested(sweep_dir)
+    stop = signals.pending() or record_store.stop_requested(sweep_dir)
     if stop is None:
         _execute(cfg, run_dir, record)
     else:  # the sweep was asked to stop before this job began: it does not start
         record.signal = stop
     record.seconds = time.perf_counter() - t0
-    sweep_report.save_record(sweep_dir, record)
+    record_store.save_record(sweep_dir, record)
     if record.status in ("interrupted", "not_started"):
         signals.mark_pending(record.signal or "SIGTERM")
         if _sweep_dir is not None:  # in the sweep's own process: stop the sweeper now
@@ -149,16 +145,16 @@ class SweepCallback(Callback):
         global _sweep_dir, _exit_code
         _sweep_dir, _exit_code = os.path.abspath(str(config.hydra.sweep.dir)), None
         os.makedirs(_sweep_dir, exist_ok=True)
-        previous = sweep_report.start(_sweep_dir)
+        previous = record_store.start(_sweep_dir)
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
-            from trainer import sweep_optuna
+            from trainer.sweep import optuna_study as sweep_optuna
 
             sweep_optuna.resume_study(config, previous)
         if "joblib" in str(config.hydra.launcher.get("_target_", "")):
-            from trainer import sweep_joblib
+            from trainer.sweep import joblib_workers as sweep_joblib
 
             sweep_joblib.install()
-        signals.SweepSignals.install(os.path.join(_sweep_dir, sweep_report.STOP_FILE))
+        signals.SweepSignals.install(os.path.join(_sweep_dir, record_store.STOP_FILE))
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if _multirun(config):
