@@ -51,6 +51,34 @@ def train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.Co
     return run_cli("trainer", *overrides, f"hydra.run.dir={run_dir}", timeout=timeout)
 
 
+def train_in_process(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """What `train(run_dir, *overrides)` does, in this process (TensorFlow is imported once per
+    test worker instead of once per run): the config composed as `python -m trainer` composes
+    it, then trainer.app.run, with what it prints captured. For runs where a fresh process
+    adds nothing; a test about signals, kills, exit codes of the CLI itself, Hydra's run
+    directory or the first screen keeps `train`."""
+    import io
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer import app
+    from trainer.config import CONF_DIR, register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = app.run(cfg, str(run_dir))
+    return subprocess.CompletedProcess(
+        ["trainer", *overrides], code, out.getvalue(), err.getvalue()
+    )
+
+
 def spawn(run_dir: Path, *overrides: str) -> subprocess.Popen:
     """Start `python -m trainer <overrides> hydra.run.dir=<run_dir>` (text pipes), not waiting."""
     return subprocess.Popen(
