@@ -70,7 +70,23 @@ def _event_files(logdir: str) -> list[str]:
 
 
 def _read_records(path: str) -> tuple[list[bytes], int]:
-    """The intact records of a TFRecord file and how many damaged ones were dropped.
+    """The intact records of a TFRecord file and how many damaged ones were dropped: read by
+    TensorFlow's reader (C++), and only when it meets damage before the end, again frame by
+    frame (`_reframe`) so that the records after the damage are kept too."""
+    records = []
+    try:
+        for record in tf.data.TFRecordDataset(path):
+            records.append(record.numpy())
+    except tf.errors.DataLossError:
+        kept, damaged = _reframe(path)
+        if len(kept) == len(records):  # only the last record was torn (a kill mid-flush)
+            return records, 1
+        return kept, damaged
+    return records, 0
+
+
+def _reframe(path: str) -> tuple[list[bytes], int]:
+    """Every record of a TFRecord file whose frame holds, and how many were dropped.
 
     Each record is framed as length (8 bytes), the length's masked CRC32C, data, the data's
     masked CRC32C. A record whose data fails its CRC is skipped by its length; a damaged
@@ -88,8 +104,8 @@ def _read_records(path: str) -> tuple[list[bytes], int]:
             return None
         (length,) = struct.unpack_from("<Q", blob, at)
         (crc,) = struct.unpack_from("<I", blob, at + 8)
-        if masked_crc32c(blob[at : at + 8]) != crc or at + 16 + length > len(blob):
-            return None
+        if at + 16 + length > len(blob) or masked_crc32c(blob[at : at + 8]) != crc:
+            return None  # the cheap test first: a search tries every offset
         return length
 
     while pos < len(blob):
