@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import FAST, REPO, env, run_cli, spawn, start_paused, train
+from conftest import FAST, REPO, env, run_cli, spawn, start_paused, train, train_in_process
 
 
 def _interrupt_after(run_dir, seconds: float, sig, *overrides):
@@ -52,11 +52,11 @@ def test_a_signal_during_start_up_of_a_resume_keeps_its_checkpoints(tmp_path):
     import signal
 
     run = tmp_path / "run"
-    assert train(run, *FAST, "trainer.stop_at=20").returncode == 0
-    code, out, err = _interrupt_after(run, 1.5, signal.SIGINT, *FAST)
+    assert train_in_process(run, *FAST, "trainer.stop_at=20").returncode == 0  # the checkpoints
+    code, out, err = _interrupt_after(run, 1.5, signal.SIGINT, *FAST)  # the real CLI, a signal
     assert "Traceback" not in err and code == 3, (code, err)
     assert "intact" in err and "resume" in err, err
-    again = train(run, *FAST)
+    again = train_in_process(run, *FAST)  # what it left resumes (no fresh process needed)
     assert again.returncode == 0 and "Resuming from step 20" in again.stderr, again.stderr
 
 
@@ -134,7 +134,8 @@ def test_the_readme_csv_example_is_a_regression_that_beats_the_mean(tmp_path):
     r = run_cli("scripts/example_data.py", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
-    r = train(run, "data=csv", f"data.path={tmp_path}/houses.csv", "data.target=price")
+    # the README's command, in-process (what it prints and writes is the point, not the process)
+    r = train_in_process(run, "data=csv", f"data.path={tmp_path}/houses.csv", "data.target=price")
     assert r.returncode == 0, r.stderr
     assert "task: regression (whole-number targets, but 600 distinct values" in r.stderr
     table = np.loadtxt(tmp_path / "houses.csv", delimiter=",", skiprows=1)
@@ -189,7 +190,7 @@ def test_messages_say_what_to_type(tmp_path):
     line = r.stderr.strip().splitlines()[-1]
     assert "To resume it as it was: python -m trainer model=custom_bn" in line, line
     assert line.endswith(f"hydra.run.dir={run}") and "stop_at" not in line, line
-    again = train(run, "model=custom_bn", *FAST)  # what it said to type
+    again = train_in_process(run, "model=custom_bn", *FAST)  # what it said to type
     assert again.returncode == 0 and "Resuming from step 20" in again.stderr, again.stderr
     r = train(tmp_path / "other", "model=custom_dense", "model.width=16")
     assert r.returncode == 2 and "add it with +: +model.width=16" in r.stderr, r.stderr

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, env, get_json, run_cli, spawn, tensorboard_server
+from conftest import REPO, env, get_json, run_cli, tensorboard_server, train_in_process
 
 from trainer.sweep.jobs import job_dirname
 from trainer.verify.compare import metrics_rows
@@ -62,21 +62,12 @@ def run_sweep(sweep: Path, *args: str, timeout: float = 300) -> subprocess.Compl
     return run_cli("trainer", "-m", *args, f"hydra.sweep.dir={sweep}", timeout=timeout)
 
 
-@pytest.fixture
-def solo():
-    """solo(run_dir, *overrides): spawn() a job's run alone, beside a sweep, for comparison;
-    one still running when the test ends (it failed) is killed."""
-    procs: list[subprocess.Popen] = []
-
-    def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
-        procs.append(spawn(run_dir, *overrides))
-        return procs[-1]
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.communicate()
+def alone(run_dir: Path, *overrides: str) -> None:
+    """A job's run alone, for comparison with the sweep's: what `python -m trainer <overrides>`
+    runs, in this process (the sweep is the real CLI; its reference needs no process of its
+    own)."""
+    r = train_in_process(run_dir, *overrides)
+    assert r.returncode == 0, r.stderr
 
 
 def manifests(run: Path) -> list[int]:
@@ -155,12 +146,9 @@ def test_job_directories_are_named_by_overrides_one_component_each():
 
 
 @pytest.mark.slow
-def test_killed_sweep_reruns_skips_resumes_starts_and_compares_in_tensorboard(tmp_path, solo):
+def test_killed_sweep_reruns_skips_resumes_starts_and_compares_in_tensorboard(tmp_path):
     sweep = tmp_path / "sweep"
     dirs = [job_dir(sweep, job_overrides(*job)) for job in JOBS]
-    # every job also runs alone, for comparison: the first two beside the sweep that trains
-    # them, the others beside its rerun
-    alone = {i: solo(tmp_path / f"alone{i}", *job_overrides(*JOBS[i])) for i in (0, 1)}
     proc = start_sweep(sweep, *GRID, *SMALL)
     try:
         wait_for_checkpoints(proc, [dirs[2]])  # the third job has saved: a real SIGKILL now
@@ -172,12 +160,10 @@ def test_killed_sweep_reruns_skips_resumes_starts_and_compares_in_tensorboard(tm
     before = {d: files(d) for d in dirs[:2]}
 
     # The same command again
-    alone |= {i: solo(tmp_path / f"alone{i}", *job_overrides(*JOBS[i])) for i in (2, 3)}
     rerun = run_sweep(sweep, *GRID, *SMALL)
-    for p in alone.values():
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
     assert rerun.returncode == 0, rerun.stderr
+    for i, job in enumerate(JOBS):  # every job also runs alone, for comparison
+        alone(tmp_path / f"alone{i}", *job_overrides(*job))
 
     jobs = jobs_of(sweep)
     status = {d.name: (jobs[d.name]["status"], jobs[d.name]["resumed_from"]) for d in dirs}
@@ -276,9 +262,11 @@ def test_bad_sweep_input_is_one_line_and_exit_2_before_any_job(tmp_path, args, e
 
 
 def make_records(out: Path, *overrides: str) -> str:
-    """scripts/make_records.py as users run it (4 training shards); the dataset's id."""
-    proc = run_cli("scripts/make_records.py", *overrides, "--out", str(out), "--shards", "4")
-    assert proc.returncode == 0, proc.stderr
+    """What scripts/make_records.py runs (4 training shards), in this process (the data a
+    sweep reads; the script's own process adds nothing here); the dataset's id."""
+    from trainer.data.make_records import main
+
+    assert main([*overrides, "--out", str(out), "--shards", "4"]) == 0
     return json.loads((out / "description.json").read_text())["dataset_id"]
 
 
@@ -377,7 +365,7 @@ def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path):
 
 # ---------------------------------------------------------------- parallel jobs, signals
 @pytest.mark.slow
-def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path, solo):
+def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["model=custom_bn,custom_dense", "trainer.max_steps=300", "checkpoint.every=10"]
     args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
@@ -401,14 +389,10 @@ def test_parallel_jobs_all_save_on_sigterm_and_resume_exactly(tmp_path, solo):
         n: ("interrupted", step) for n, step in saved.items()
     }
     assert all(step < 300 for step in saved.values())
-    # each job also runs alone, for comparison, beside the rerun (not beside the first run:
-    # on 2 cores, one job could then finish before the other saved)
-    alone = [solo(tmp_path / f"alone{i}", f"model={m}", *args[1:3]) for i, m in enumerate(models)]
     rerun = run_sweep(sweep, *args)
     assert rerun.returncode == 0, rerun.stderr
-    for p in alone:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    for i, m in enumerate(models):  # each job also runs alone, for comparison
+        alone(tmp_path / f"alone{i}", f"model={m}", *args[1:3])
     jobs = jobs_of(sweep)
     assert {n: (j["status"], j["resumed_from"]) for n, j in jobs.items()} == {
         n: ("resumed", step) for n, step in saved.items()
