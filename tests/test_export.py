@@ -1,8 +1,9 @@
 """Exported artifacts are complete, atomic, and reload without losing anything.
 
-One module-scoped set of short CLI runs (the article's three models and a Dropout one) is
-shared by the tests that need a trained run; those are marked slow, since the set is built by
-training processes. The atomic-export tests run in-process.
+One module-scoped set of short runs (the article's three models and a Dropout one), trained in
+this process as `python -m trainer` trains them (conftest.train_in_process), is shared by the
+tests that need a trained run; those are marked slow. Whatever reloads the artifacts "in a new
+process" does so in a real one, that did not train them. The atomic-export tests run in-process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, env, run_cli, spawn
+from conftest import REPO, env, run_cli, train_in_process
 
 import models
 from trainer.checkpoint import export
@@ -47,13 +48,13 @@ LOOSE_LATENCY_CLI = ["--max-latency-ratio", str(LOOSE_LATENCY)]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Train the article's three models and a Dropout one through the CLI, concurrently."""
+    """Train the article's three models and a Dropout one, in this process (what the CLI
+    runs: one TensorFlow import instead of four); every test reloads them from disk."""
     root = tmp_path_factory.mktemp("export_runs")
-    procs = {m: spawn(root / m, f"model={m}", *SHORT) for m in [*ARTICLE, "dropout_mlp"]}
-    for m, p in procs.items():
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, f"{m}: {err[-3000:]}"
-    return {m: root / m for m in procs}
+    for m in [*ARTICLE, "dropout_mlp"]:
+        r = train_in_process(root / m, f"model={m}", *SHORT)
+        assert r.returncode == 0, f"{m}: {r.stderr[-3000:]}"
+    return {m: root / m for m in [*ARTICLE, "dropout_mlp"]}
 
 
 def _latest_prefix(run) -> str:

@@ -1,29 +1,126 @@
 """scripts/verify_resume.py: interrupted + resumed == uninterrupted, for every model and interruption.
 
-Each verification starts three real `python -m trainer` processes (reference, interrupted,
-resumed) and interrupts with real signals. Runs are short; synthetic_regression has 1638
-training rows, so 51 steps per epoch at batch 32 (synthetic_sequence: 25, digits: 44).
+Every resume is a real `python -m trainer` process, and every run that gets a signal (SIGTERM,
+SIGKILL, chaos) is one too. The CLI test runs the script as users run it (its three runs are
+all processes); elsewhere verify runs in the test's process and trains its uninterrupted
+reference, and a run interrupted by `trainer.stop_at` (no signal), in this process too
+(`in_process_phases`): one TensorFlow import per test instead of one per run. Runs are short;
+synthetic_regression has 1638 training rows, so 51 steps per epoch at batch 32
+(synthetic_sequence: 25, digits: 44).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
 
 import pytest
-from conftest import get_json, run_cli, tensorboard_server
+from conftest import env, get_json, run_cli, tensorboard_server, train_in_process
 
 from trainer.summaries import read_metrics
 from trainer.verify import compare
+from trainer.verify import resume as verify_resume
 from trainer.verify.resume import check, verify
 
 SHORT = ["checkpoint.every=25", "trainer.eval_every=20"]
 
 
+class _InProcess:
+    """A run trained in this process (conftest.train_in_process), shaped like the
+    subprocess.Popen verify waits on. It trains when `run` is called or it is first waited
+    for, its output going to its phase's log."""
+
+    def __init__(self, overrides: list[str], run_dir: str, log: str):
+        self.args, self.log = (run_dir, *overrides), log
+        self.pid, self.returncode = os.getpid(), None
+
+    def run(self) -> None:
+        if self.returncode is None:
+            r = train_in_process(*self.args)
+            with open(self.log, "a") as f:
+                f.write(r.stdout + r.stderr)
+            self.returncode = r.returncode
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self.run()
+        return self.returncode
+
+    def kill(self):  # not trained yet: verify gave up before it
+        if self.returncode is None:
+            self.returncode = -signal.SIGKILL
+
+    def send_signal(self, sig):
+        raise AssertionError("a run that gets a signal must be a real process")
+
+
+@pytest.fixture
+def in_process_phases(monkeypatch):
+    """verify's reference run, and an interrupted run that `trainer.stop_at` ends (no signal),
+    train in this process; every run that gets a signal (pause_at + SIGTERM/SIGKILL, chaos)
+    and every resume stays a fresh `python -m trainer` process (verify's own `start`)."""
+    real_start = verify_resume.start
+    pending: list[_InProcess] = []
+
+    def train_pending():
+        while pending:
+            pending.pop().run()
+
+    def start(name, overrides, run_dir, out):
+        paused = any(o.startswith("trainer.pause_at=") for o in overrides)
+        if name == "reference" or (name == "interrupted" and not paused):
+            os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+            log = os.path.join(out, "logs", f"{name}.log")
+            with open(log, "w") as f:
+                f.write(f"in this process: trainer {' '.join(overrides)} (run dir {run_dir})\n\n")
+            proc = _InProcess(overrides, run_dir, log)
+            if name == "reference":
+                pending.append(proc)  # trains once the next phase has started, or when waited for
+            else:
+                train_pending()
+                proc.run()
+            return verify_resume.Phase(name, log, proc, time.perf_counter())
+        if name.startswith("chaos"):  # it is killed at moments it reaches: nothing else trains
+            train_pending()
+        phase = real_start(name, overrides, run_dir, out)
+        train_pending()  # while that process imports TensorFlow (then waits at pause_at)
+        return phase
+
+    monkeypatch.setattr(verify_resume, "start", start)
+    # the processes verify starts find user models (tests/user_models.py) as the CLI's do
+    monkeypatch.setenv("PYTHONPATH", env()["PYTHONPATH"])
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def verify_in_process(out, args: list[str], capsys) -> tuple[int, str, str]:
+    """What `python scripts/verify_resume.py <args> verify.out=<out>` does, in this process
+    (trainer.verify.resume.run, which the script's main runs, on the config Hydra composes):
+    (exit code, stdout, stderr)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer.config import CONF_DIR, register_schemas
+
+    register_schemas()
+    task = [*args, f"verify.out={out}"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="verify_resume", overrides=task)
+    GlobalHydra.instance().clear()
+    capsys.readouterr()
+    code = verify_resume.run(cfg, str(out), task)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def verified(compose, tmp_path, overrides: list[str]) -> dict:
-    """Run trainer.verify.resume.verify in-process (its three runs are subprocesses)."""
+    """Run trainer.verify.resume.verify in-process (resumes and signalled runs are processes)."""
     cfg = compose([*SHORT, *overrides], config_name="verify_resume")
     out = str(tmp_path / "verify")
     check(cfg, out)
@@ -64,7 +161,9 @@ CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, mode, at, max_steps, resumed_from", CASES)
-def test_resume_is_exact(compose, tmp_path, overrides, mode, at, max_steps, resumed_from):
+def test_resume_is_exact(
+    compose, tmp_path, in_process_phases, overrides, mode, at, max_steps, resumed_from
+):
     log_every = 3 if "trainer.log_every=3" in overrides else 1
     report = verified(
         compose,
@@ -154,23 +253,26 @@ def test_tensorboard_serves_one_clean_curve_per_run(bn_sigkill, tmp_path):
 
 # ---------------------------------------------------------------- a broken restore is caught
 @pytest.mark.slow
-def test_broken_restore_is_caught(tmp_path):
+def test_broken_restore_is_caught(tmp_path, in_process_phases, capsys):
     """checkpoint.restore_rng=false leaves Dropout's SeedGenerator state out of the checkpoint:
-    the resumed run draws other dropout masks from the first step after the resume."""
+    the resumed run (a new process) draws other dropout masks from the first step after the
+    resume."""
     out = tmp_path / "verify"
-    proc = run_cli(
-        "scripts/verify_resume.py",
-        "model=dropout_mlp",
-        "trainer.max_steps=50",
-        "checkpoint.restore_rng=false",
-        *SHORT,
-        "verify.interrupt=stop",
-        "verify.interrupt_at=30",
-        f"verify.out={out}",
+    code, stdout, stderr = verify_in_process(
+        out,
+        [
+            "model=dropout_mlp",
+            "trainer.max_steps=50",
+            "checkpoint.restore_rng=false",
+            *SHORT,
+            "verify.interrupt=stop",
+            "verify.interrupt_at=30",
+        ],
+        capsys,
     )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "first divergent step: 31" in proc.stdout
-    assert "RESULT: DIFFERENT" in proc.stdout
+    assert code == 1, stdout + stderr
+    assert "first divergent step: 31" in stdout
+    assert "RESULT: DIFFERENT" in stdout
     report = json.loads((out / "report.json").read_text())
     assert not report["ok"]
     assert report["curve"]["first_divergent_step"] == 31
@@ -249,33 +351,37 @@ def test_verify_group_is_not_passed_to_the_trainer():
 # ---------------------------------------------------------------- chaos: kills at random moments
 @pytest.mark.slow
 @pytest.mark.parametrize("async_save", ["false", "true"])
-def test_chaos_kills_at_random_moments_resume_exactly(tmp_path, async_save):
+def test_chaos_kills_at_random_moments_resume_exactly(
+    tmp_path, in_process_phases, capsys, async_save
+):
     """Three SIGKILLs (mid-chunk, during a checkpoint write, right after a log write) on a user
     model with BatchNorm and Dropout in a list of tuples, each followed by a resume: the
-    curves (train and eval), every final variable and both exports equal the reference."""
+    curves (train and eval), every final variable and both exports equal the reference.
+    (Every killed run and the final resume are processes; the reference trains in this one.)"""
     out = tmp_path / "chaos"
-    proc = run_cli(
-        "scripts/verify_resume.py",
-        "model=custom",
-        "model._target_=user_models.TupleBlocks",
-        "trainer.max_steps=1200",
-        "trainer.eval_every=200",
-        "checkpoint.every=50",
-        f"checkpoint.async={async_save}",
-        "verify.interrupt=chaos",
-        "verify.kills=3",
-        "verify.seed=3",
-        "verify.window=0.3",
-        f"verify.out={out}",
-        timeout=600,
+    code, stdout, stderr = verify_in_process(
+        out,
+        [
+            "model=custom",
+            "model._target_=user_models.TupleBlocks",
+            "trainer.max_steps=1200",
+            "trainer.eval_every=200",
+            "checkpoint.every=50",
+            f"checkpoint.async={async_save}",
+            "verify.interrupt=chaos",
+            "verify.kills=3",
+            "verify.seed=3",
+            "verify.window=0.3",
+        ],
+        capsys,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert code == 0, stdout + stderr
     report = json.loads((out / "report.json").read_text())
     kills = report["verify"]["kills"]
     assert sorted(k["kind"] for k in kills) == ["checkpoint-write", "log-flush", "mid-chunk"]
     (mid_write,) = [k for k in kills if k["kind"] == "checkpoint-write"]
     assert mid_write["landed"].startswith("half-written checkpoint left"), mid_write
-    assert report["verify"]["seed"] == 3 and "verify.seed=3" in proc.stdout
+    assert report["verify"]["seed"] == 3 and "verify.seed=3" in stdout
     # each kill after the first resumed from the newest checkpoint the previous one left
     assert [k["resumed_from"] for k in kills[1:]] == [k["newest_checkpoint"] for k in kills[:-1]]
     assert report["curve"]["steps_compared"] == 1200 and report["curve"]["max_abs_diff"] == 0
@@ -285,4 +391,4 @@ def test_chaos_kills_at_random_moments_resume_exactly(tmp_path, async_save):
         "b": [],
     }
     assert report["exports"]["ok"] and report["exports"]["keras"]["equal"]
-    assert "RESULT: MATCH (bit for bit)" in proc.stdout
+    assert "RESULT: MATCH (bit for bit)" in stdout
