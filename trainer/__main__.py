@@ -61,7 +61,7 @@ def main() -> None:
     try:
         _main()
     except SystemExit as e:
-        _leave(e.code)
+        _leave(e.code, interrupted=single and e.code in (3, 4))
         raise
     except KeyboardInterrupt as e:  # before Hydra made the run (app.py reports those after)
         if not single:
@@ -73,17 +73,21 @@ def main() -> None:
             run_dir, signals.interrupted_by(e), "Rerun the same command to resume."
         )
         print(f"\n{message}", file=sys.stderr)
+        _leave(code, interrupted=True)
         sys.exit(code)
     _leave(0)
 
 
-def _leave(code) -> None:
+def _leave(code, interrupted: bool = False) -> None:
     """A run that read a data=custom source ends here, not in the interpreter's teardown:
     there, a tf.data thread still prefetching rows through Python (which may no longer run
-    it) holds TensorFlow's clean-up forever (seen: 2 exits in 5 hung after a bad row). Every
-    file of the run is closed by now; the logs are flushed first."""
+    it) holds TensorFlow's clean-up forever (seen: 2 exits in 5 hung after a bad row). A run
+    a signal interrupted ends here too, with the code it reported: a process that had printed
+    "nothing to resume" (exit 4) was seen dying of the SIGINT in the interpreter's teardown
+    (exit -2, 1 run in 5 on a loaded machine). Every file of the run is closed by now; the
+    logs are flushed first."""
     source = sys.modules.get("trainer.data.source")
-    if source is None or not source.SourceData.opened:
+    if not interrupted and (source is None or not source.SourceData.opened):
         return
     import logging
 
