@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, env, losses, train
+from conftest import REPO, env, losses, train_in_process
 
 from trainer.checkpoint.manifest import list_checkpoints, verify
 from trainer.checkpoint.store import CheckpointStore
@@ -304,11 +304,13 @@ def test_async_and_steps_per_execution_resume_exactly(tmp_path):
         "checkpoint.every=10",
     ]
     fast = ["trainer.steps_per_execution=3", "checkpoint.async=true"]
+    # In this process (no signal here); the uninterrupted run goes between the two halves,
+    # so nothing the first half left in memory can carry over into the resume.
     a, b = tmp_path / "uninterrupted", tmp_path / "resumed"
-    assert train(a, *common).returncode == 0
-    first = train(b, *common, *fast, "trainer.stop_at=20")
+    first = train_in_process(b, *common, *fast, "trainer.stop_at=20")
     assert first.returncode == 0, first.stderr[-2000:]
-    second = train(b, *common, *fast)
+    assert train_in_process(a, *common).returncode == 0
+    second = train_in_process(b, *common, *fast)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Resuming from step 20" in second.stderr
     assert losses(a) == losses(b) and len(losses(b)) == 40

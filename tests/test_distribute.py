@@ -1,7 +1,8 @@
 """tf.distribute on CPU: mirrored over 2 logical CPUs, 2 local workers, topology changes, bf16.
 
-Every run here is a real `python -m trainer` process (logical CPU devices must be configured
-before TensorFlow starts, which only a fresh process guarantees).
+Every run with 2 replicas is a real `python -m trainer` process (logical CPU devices must be
+configured before TensorFlow starts, which only a fresh process guarantees), as are the
+workers. Runs with the default strategy (one replica) go in this process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, env, losses, spawn, train
+from conftest import REPO, env, losses, spawn, train, train_in_process
 
 from trainer.checkpoint.manifest import list_checkpoints, step_of, verify
 from trainer.config import UserError
@@ -38,23 +39,27 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return r
 
 
-def train_together(*runs: tuple[Path, list[str]]) -> list[subprocess.CompletedProcess]:
-    """Like conftest.train for several independent runs, side by side (2 cores in CI)."""
-    procs = [spawn(run, *overrides) for run, overrides in runs]
-    done = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
-
-
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Uninterrupted 30-step runs with 2 replicas (mirrored) and 1 (default): (run dir, stderr)."""
     root = tmp_path_factory.mktemp("refs")
-    names = list(TOPOLOGIES)
-    results = train_together(*((root / n, [*BASE, *TOPOLOGIES[n]]) for n in names))
-    return {n: (root / n, ok(r).stderr) for n, r in zip(names, results, strict=True)}
+    mirrored = spawn(root / "mirrored", *BASE, *TOPOLOGIES["mirrored"])
+    try:  # the default strategy's run in this process, meanwhile
+        default = ok(train_in_process(root / "default", *BASE, *TOPOLOGIES["default"]))
+        out, err = mirrored.communicate(timeout=300)
+    finally:
+        if mirrored.poll() is None:
+            mirrored.kill()
+            mirrored.communicate()
+    ok(subprocess.CompletedProcess(mirrored.args, mirrored.returncode, out, err))
+    return {"mirrored": (root / "mirrored", err), "default": (root / "default", default.stderr)}
+
+
+def train_topology(run: Path, topology: str, *overrides: str) -> subprocess.CompletedProcess:
+    """2 replicas: a fresh process (logical CPUs); the default strategy: in this process."""
+    if topology == "default":
+        return train_in_process(run, *BASE, *TOPOLOGIES[topology], *overrides)
+    return train(run, *BASE, *TOPOLOGIES[topology], *overrides)
 
 
 def read_checkpoint(prefix: str) -> dict[str, np.ndarray]:
@@ -195,7 +200,7 @@ def test_topology_change_resumes_weights_optimizer_and_counters(refs, tmp_path, 
     (run / "checkpoints").mkdir(parents=True)
     for f in (src_dir / "checkpoints").glob("ckpt-15.*"):
         shutil.copy(f, run / "checkpoints" / f.name)
-    r = ok(train(run, *BASE, *TOPOLOGIES[dst]))
+    r = ok(train_topology(run, dst))
     assert "Resuming from step 15" in r.stderr
     assert f"{REPLICAS[dst]} replica(s) in sync" in r.stderr
     got, want = losses(run), losses(src_dir)
@@ -213,13 +218,26 @@ def test_topology_change_resumes_weights_optimizer_and_counters(refs, tmp_path, 
         np.testing.assert_allclose(final[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.fixture
+def keeps_dtype_policy():
+    """Runs in this process set Keras' global dtype policy: put back the one before."""
+    import keras
+
+    before = keras.mixed_precision.global_policy().name
+    yield
+    keras.mixed_precision.set_global_policy(before)
+    assert keras.mixed_precision.global_policy().name == before
+
+
 @pytest.mark.slow
-def test_bfloat16_trains_and_resumes_exactly(refs, tmp_path):
+def test_bfloat16_trains_and_resumes_exactly(refs, tmp_path, keeps_dtype_policy):
+    """In this process (default strategy): the uninterrupted run goes between the two halves,
+    so nothing the first half left in memory carries over into the resume."""
     bf16 = [*BASE, "trainer.precision=mixed_bfloat16"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    for r in train_together((full, bf16), (resumed, [*bf16, "trainer.stop_at=15"])):
-        ok(r)
-    r = ok(train(resumed, *bf16))
+    ok(train_in_process(resumed, *bf16, "trainer.stop_at=15"))
+    ok(train_in_process(full, *bf16))
+    r = ok(train_in_process(resumed, *bf16))
     assert "Resuming from step 15" in r.stderr
     assert losses(resumed) == losses(full)
     f32 = losses(refs["default"][0])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, env, train
+from conftest import REPO, env, train, train_in_process
 
 ARGS = [
     "trainer.max_steps=120",
@@ -33,8 +33,9 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
+    """In this process (a fresh one adds nothing): its files are what is compared."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    r = train(run, *ARGS)
+    r = train_in_process(run, *ARGS)
     assert r.returncode == 0, r.stderr
     return run
 
@@ -100,8 +101,9 @@ def tensors(prefix: Path) -> dict:
 
 def assert_resumes_exactly(run: Path, reference: Path, *overrides: str) -> str:
     """Rerun the same command with the faults gone: exit 0, and the whole metrics.jsonl and
-    the final weights equal the uninterrupted run's. Returns the rerun's stderr."""
-    r = train(run, *ARGS, *overrides)
+    the final weights equal the uninterrupted run's. Returns the rerun's stderr. (In this
+    process: the faults are gone, the faulting run was the real process.)"""
+    r = train_in_process(run, *ARGS, *overrides)
     assert r.returncode == 0, r.stderr
     assert records(run) == records(reference)
     final, ref = (
@@ -220,7 +222,7 @@ def test_a_read_only_run_directory_is_refused_before_training(tmp_path, existing
     naming the key and the error, exit 2, nothing changed."""
     base = tmp_path / "base"
     if existing:
-        assert train(base / "run", *ARGS, "trainer.stop_at=10").returncode == 0
+        assert train_in_process(base / "run", *ARGS, "trainer.stop_at=10").returncode == 0
     else:
         base.mkdir()
     before = {p: p.stat().st_mtime_ns for p in base.rglob("*")}
@@ -256,7 +258,11 @@ def test_a_full_disk_at_start_is_refused_before_training(tmp_path):
         assert "hydra.run.dir" in line and "No space left on device" in line, line
         assert not (mnt / "run").exists()
         filler.unlink()
-        r = train(mnt / "run", *ARGS, "trainer.max_steps=20")
+        # the same command, in this process: the CLI's start-up check passes now, and it trains
+        from trainer.preflight import check
+
+        assert check([*ARGS, "trainer.max_steps=20", f"hydra.run.dir={mnt / 'run'}"]) is None
+        r = train_in_process(mnt / "run", *ARGS, "trainer.max_steps=20")
         assert r.returncode == 0, r.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

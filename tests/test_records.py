@@ -9,18 +9,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FAST, run_cli, train
+from conftest import FAST, run_cli, train, train_in_process
 
 from trainer.data.make_records import encode_examples
 
 
 # ---------------------------------------------------------------- helpers
-def make_records(out: Path, *overrides: str, shards: int = 8) -> dict:
-    """scripts/make_records.py as users run it; the description it wrote."""
-    proc = run_cli(
-        "scripts/make_records.py", *overrides, "--out", str(out), "--shards", str(shards), "--quiet"
-    )
-    assert proc.returncode == 0, proc.stderr
+def make_records(out: Path, *overrides: str, shards: int = 8, in_process: bool = True) -> dict:
+    """The description written by scripts/make_records.py: its main() in this process, or
+    (in_process=False) the script as users run it."""
+    args = [*overrides, "--out", str(out), "--shards", str(shards), "--quiet"]
+    if in_process:
+        import contextlib
+        import io
+
+        from trainer.data.make_records import main
+
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main(args)
+        assert code == 0, err.getvalue()
+    else:
+        proc = run_cli("scripts/make_records.py", *args)
+        assert proc.returncode == 0, proc.stderr
     return json.loads((out / "description.json").read_text())
 
 
@@ -40,7 +51,7 @@ def records_args(dataset: Path) -> list[str]:
 def reference(dataset, tmp_path_factory) -> Path:
     """One uninterrupted 60-step run on the records, on one device."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    proc = train(run, *records_args(dataset))
+    proc = train_in_process(run, *records_args(dataset))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run
 
@@ -98,8 +109,13 @@ def test_converter_writes_every_row_once_with_its_split(tmp_path, compose):
     rng = np.random.default_rng(1)
     rows = rng.normal(size=(300, 4)).round(3)
     csv.write_text("a,b,c,price\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
-    desc = make_records(
-        tmp_path / "houses", "data=csv", f"data.path={csv}", "data.target=price", shards=4
+    desc = make_records(  # the script as users run it
+        tmp_path / "houses",
+        "data=csv",
+        f"data.path={csv}",
+        "data.target=price",
+        shards=4,
+        in_process=False,
     )
     assert desc["feature_shape"] == [3] and desc["task"] == "regression"
     train = [s for s in desc["shards"] if s["split"] == "train"]
@@ -219,8 +235,8 @@ def test_training_resumes_exactly_and_records_batch_ids(dataset, reference, tmp_
 
     common = records_args(dataset)
     a = str(reference)  # compare_runs only reads it
-    assert train(tmp_path / "b", *common, "trainer.stop_at=27").returncode == 0
-    assert train(tmp_path / "b", *common).returncode == 0
+    assert train_in_process(tmp_path / "b", *common, "trainer.stop_at=27").returncode == 0
+    assert train_in_process(tmp_path / "b", *common).returncode == 0
     report = compare_runs(a, str(tmp_path / "b"))
     assert report["ok"], report
     assert report["other_tags"]["train/batch_ids_hash"]["steps_compared"] == 60
@@ -301,11 +317,13 @@ def test_a_damaged_shard_is_refused_or_stops_training(dataset, tmp_path):
     shard.write_bytes(bytes(raw))
     run = tmp_path / "run"
     common = ["data=records", f"data.files={d}/train-*.tfrecord", *FAST, "trainer.max_steps=200"]
-    proc = train(run, *common)
+    proc = train_in_process(run, *common)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train-00005-of-00008.tfrecord" in proc.stderr and "checksum" in proc.stderr
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
-    proc = train(run, *common, "data.verify=sizes", "checkpoint.every=5", "data.shuffle_buffer=16")
+    proc = train_in_process(
+        run, *common, "data.verify=sizes", "checkpoint.every=5", "data.shuffle_buffer=16"
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "train-00005-of-00008.tfrecord record" in proc.stderr, proc.stderr
     assert "corrupted record" in proc.stderr
@@ -317,7 +335,9 @@ def test_a_damaged_shard_is_refused_or_stops_training(dataset, tmp_path):
     raw = bytearray(val.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     val.write_bytes(bytes(raw))
-    proc = train(tmp_path / "eval", *common, "data.verify=sizes", "trainer.eval_every=10")
+    proc = train_in_process(
+        tmp_path / "eval", *common, "data.verify=sizes", "trainer.eval_every=10"
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "val-00001-of-00002.tfrecord record" in proc.stderr
 
@@ -395,7 +415,9 @@ def test_sigkills_at_random_moments_across_epochs_resume_exactly(dataset, tmp_pa
     args = [*records_args(dataset), "data.batch_size=64", "trainer.max_steps=100"]
     args += ["trainer.eval_every=25", "checkpoint.every=5"]
     spe, out, run = 25, str(tmp_path), str(tmp_path / "run")
-    reference = start("reference", args, str(tmp_path / "reference"), out)  # alongside
+    # the uninterrupted run: no kill in it, so in this process
+    reference = train_in_process(tmp_path / "reference", *args)
+    assert reference.returncode == 0, reference.stderr[-3000:]
 
     def newest(run_dir: str) -> int | None:
         prefix = newest_checkpoint(run_dir)
@@ -433,7 +455,6 @@ def test_sigkills_at_random_moments_across_epochs_resume_exactly(dataset, tmp_pa
     final = start("final", args, run, out)
     assert final.proc.wait(timeout=300) == 0, Path(final.log).read_text()[-3000:]
     assert f"Resuming from step {last}:" in Path(final.log).read_text()
-    assert reference.proc.wait(timeout=300) == 0, Path(reference.log).read_text()[-3000:]
     ref = str(tmp_path / "reference")
     rows = metrics_rows(run)
     assert rows == metrics_rows(ref), kills

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, env, losses, start_paused, train
+from conftest import REPO, env, losses, start_paused, train_in_process
 
 # Small and frequent checkpoints: kills often land inside a write.
 BASE = [
@@ -64,8 +64,9 @@ def tree(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
+    """In this process (a fresh one adds nothing): the files are what is compared."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    r = train(run, *BASE)
+    r = train_in_process(run, *BASE)
     assert r.returncode == 0, r.stderr
     assert (run / "checkpoints" / "ckpt-40.index").exists()
     return run
@@ -128,7 +129,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, reference):
         mid_write += in_write
         assert "Traceback" not in (tmp_path / f"kill{i}.err").read_text()
     assert mid_write >= 1, "no kill landed inside a checkpoint write"
-    final = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    final = train_in_process(run, *args[:-1])  # the resume: no signal, no new process needed
     assert final.returncode == 0, final.stderr
     assert "Resuming from step" in final.stderr
     assert_same_tensors(ck / "ckpt-40", reference / "checkpoints" / "ckpt-40")
@@ -154,14 +155,11 @@ def test_sigterm_saves_flushes_logs_and_exits_3(tmp_path, reference):
     assert sorted(s for s, _ in tb) == list(range(1, 16))  # TensorBoard flushed too
     resume = out.split("Resume with:\n", 1)[1].strip().split()
     assert resume[:3] == ["python", "-m", "trainer"]
-    r = subprocess.run(
-        [sys.executable, *resume[1:]],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    # the printed command, run in this process: its overrides, into the run dir it names
+    assert resume[-1] == f"hydra.run.dir={run}" and not any(
+        a.startswith("hydra.run.dir=") for a in resume[3:-1]
     )
+    r = train_in_process(run, *resume[3:-1])
     assert r.returncode == 0, r.stderr
     assert_same_tensors(run / "checkpoints" / "ckpt-40", reference / "checkpoints" / "ckpt-40")
     assert losses(run) == losses(reference)
@@ -448,7 +446,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path, compose, async_save)
     variance.assign(np.full(variance.shape, np.inf, np.float32))
     model.save(tmp_path / "inf.keras")
     run = tmp_path / "run"
-    proc = train(
+    proc = train_in_process(
         run,
         "model=custom_bn",
         f"trainer.init_from={tmp_path / 'inf.keras'}",
@@ -467,19 +465,24 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path, compose, async_save)
 
 
 # ---------------------------------------------------------------- scripts/inspect_checkpoints.py
-def test_inspect_checkpoints(tmp_path, reference, capsys):
+def test_inspect_checkpoints(tmp_path, reference, capsys, monkeypatch):
     """The script's three views, in-process (it is a thin main() over trainer/verify/inspection.py)
-    plus one real CLI call for the exit code."""
+    plus one run of the script as `__main__` (its `sys.exit(main())`) for the exit code."""
+    import runpy
+
     sys.path.insert(0, str(REPO / "scripts"))
-    from conftest import run_cli
     from inspect_checkpoints import main
 
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     _truncate(run / "checkpoints" / "ckpt-40.data-00000-of-00001")
-    r = run_cli("scripts/inspect_checkpoints.py", str(run))
-    assert r.returncode == 1, r.stderr  # one checkpoint does not verify
-    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    script = str(REPO / "scripts" / "inspect_checkpoints.py")
+    monkeypatch.setattr(sys, "argv", [script, str(run)])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(script, run_name="__main__")
+    printed = capsys.readouterr()
+    assert exited.value.code == 1, printed.err  # one checkpoint does not verify
+    rows = {line.split()[0]: line for line in printed.out.splitlines()[1:]}
     assert set(rows) == {"38", "40"}
     assert " yes " in rows["38"] and "NO: ckpt-40.data-00000-of-00001 has" in rows["40"]
     size = sum(p.stat().st_size for p in (run / "checkpoints").glob("ckpt-38.[id]*"))

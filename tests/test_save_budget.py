@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
-from conftest import REPO, env, run_cli, train
+from conftest import REPO, env, train_in_process
 
 from trainer.loop import RECENT_COSTS, SaveBudget
 from trainer.rewind import read_scalars
@@ -234,7 +235,7 @@ def test_budgeted_saves_are_spaced_and_logged(tmp_path):
     cost and the running overhead in TensorBoard. max_overhead=0.1 rather than the README's
     0.02: the same logic, and 5-11 budgeted saves in 3-6 s of training (0.02: two or three)."""
     run = tmp_path / "run"
-    r = train(
+    r = train_in_process(  # the budget is the loop's own: no need for a fresh process
         run,
         "trainer.max_steps=8000",
         "trainer.log_every=500",
@@ -254,11 +255,58 @@ def test_budgeted_saves_are_spaced_and_logged(tmp_path):
     assert budget_violations(rows, 0.1, final_step=8000) == []
 
 
+class _Finished:
+    """A run that trained in this process, shaped like the subprocess.Popen verify waits on."""
+
+    def __init__(self, returncode: int):
+        self.returncode, self.pid = returncode, os.getpid()
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    def kill(self):
+        pass
+
+    def send_signal(self, sig):
+        raise AssertionError("a run that gets a signal must be a real process")
+
+
+@pytest.fixture
+def unsignalled_phases_in_process(monkeypatch):
+    """verify's uninterrupted reference run and its final resume (no signal for either) train
+    in this process, their output in their phase's log; every run that is killed (chaos) stays
+    a fresh `python -m trainer` process, so the kills' resumes are real processes too."""
+    from trainer.verify import resume
+
+    real_start = resume.start
+
+    def start(name, overrides, run_dir, out):
+        if name not in ("reference", "resume"):
+            return real_start(name, overrides, run_dir, out)
+        os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+        log = os.path.join(out, "logs", f"{name}.log")
+        t0 = time.perf_counter()
+        r = train_in_process(run_dir, *overrides)
+        with open(log, "w") as f:
+            f.write(r.stdout + r.stderr)
+        return resume.Phase(name, log, _Finished(r.returncode), t0)
+
+    monkeypatch.setattr(resume, "start", start)
+
+
 @pytest.mark.slow
-def test_time_based_saves_resume_exactly_under_random_kills(tmp_path):
+def test_time_based_saves_resume_exactly_under_random_kills(
+    tmp_path, compose, capsys, unsignalled_phases_in_process
+):
+    """scripts/verify_resume.py's work in this process, composed as the script composes it;
+    the runs it kills are real processes."""
+    from trainer.verify import resume
+
     out = tmp_path / "verify"
-    proc = run_cli(
-        "scripts/verify_resume.py",
+    overrides = [
         "model=dropout_mlp",
         "trainer.max_steps=3000",
         "checkpoint.every=100000",
@@ -268,9 +316,10 @@ def test_time_based_saves_resume_exactly_under_random_kills(tmp_path):
         "verify.seed=5",
         "verify.window=1.0",
         f"verify.out={out}",
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ]
+    code = resume.run(compose(overrides, config_name="verify_resume"), str(out), overrides)
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err
     report = json.loads((out / "report.json").read_text())
     assert report["final_state"]["equal"] and report["curve"]["max_abs_diff"] == 0
     assert any(k["newest_checkpoint"] for k in report["verify"]["kills"])  # saved by time

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FAST, train
+from conftest import FAST, train, train_in_process
 from user_models import PATTERNS
 
 from trainer import build
@@ -169,7 +169,9 @@ def test_a_variable_left_out_is_named_before_the_first_save(compose):
 def test_a_variable_created_during_training_stops_the_run_at_its_first_save(tmp_path):
     """LateCounter creates a non-trainable variable at its first training call, after the
     checkpoint was laid out: the first save refuses it in one line, exit 2."""
-    r = train(tmp_path / "run", "model=custom", "model._target_=user_models.LateCounter", *FAST)
+    r = train_in_process(
+        tmp_path / "run", "model=custom", "model._target_=user_models.LateCounter", *FAST
+    )
     assert r.returncode == 2, r.stderr
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "would leave out 1 variable" in err[0] and "seen" in err[0], r.stderr
@@ -180,9 +182,9 @@ def test_a_variable_created_during_training_stops_the_run_at_its_first_save(tmp_
 def test_resume_refuses_a_changed_seed_and_changes_nothing(tmp_path):
     run = tmp_path / "run"
     over = ["model=custom", "model._target_=user_models.TupleBlocks", *FAST]
-    assert train(run, *over, "trainer.stop_at=20").returncode == 0
+    assert train_in_process(run, *over, "trainer.stop_at=20").returncode == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in str(p)}
-    r = train(run, *over, "trainer.seed=1")
+    r = train_in_process(run, *over, "trainer.seed=1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "trainer.seed: checkpoint 0 -> now 1" in err[0], r.stderr
@@ -194,14 +196,15 @@ def test_resume_refuses_a_changed_seed_and_changes_nothing(tmp_path):
 def test_rerun_of_a_completed_user_run_leaves_every_byte(tmp_path):
     run = tmp_path / "run"
     over = ["model=custom", "model._target_=user_models.LayerDict", *FAST]
-    assert train(run, *over).returncode == 0
+    assert train_in_process(run, *over).returncode == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # the rerun as users run it: Hydra's .hydra/ files it writes are taken back too
     again = train(run, *over)
     assert again.returncode == 0 and "Run is complete at step 40; wrote nothing" in again.stdout
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     shutil.rmtree(run / "export" / "saved_model")  # as a run killed during its export leaves it
     keras_bytes = (run / "export" / "model.keras").read_bytes()
-    third = train(run, *over)
+    third = train_in_process(run, *over)
     assert third.returncode == 0 and "wrote saved_model" in third.stdout, third.stdout
     assert (run / "export" / "saved_model" / "saved_model.pb").exists()
     assert (run / "export" / "model.keras").read_bytes() == keras_bytes
@@ -271,15 +274,18 @@ def test_a_checkpoint_of_the_earlier_layout_is_refused_in_one_line(tmp_path):
     from trainer.checkpoint.manifest import read_manifest
 
     run = tmp_path / "run"
-    assert train(run, *FAST, "trainer.stop_at=20").returncode == 0
+    assert train_in_process(run, *FAST, "trainer.stop_at=20").returncode == 0
     prefix = run / "checkpoints" / "ckpt-20"
     manifest = read_manifest(str(prefix))
     del manifest["state_layout"]
     (run / "checkpoints" / "ckpt-20.manifest.json").write_text(json.dumps(manifest))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in str(p)}
     for r, key in (
-        (train(run, *FAST), "resume refused"),
-        (train(tmp_path / "warm", *FAST, f"trainer.init_from={prefix}"), "trainer.init_from"),
+        (train_in_process(run, *FAST), "resume refused"),
+        (
+            train_in_process(tmp_path / "warm", *FAST, f"trainer.init_from={prefix}"),
+            "trainer.init_from",
+        ),
     ):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

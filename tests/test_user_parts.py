@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FAST, run_cli, train
+from conftest import FAST, run_cli, train_in_process
 
 from trainer.config import UserError
 from trainer.loop import fit
@@ -217,14 +217,14 @@ def test_a_row_that_fails_during_training_stops_the_run_naming_it(tmp_path, case
     fault = tmp_path / "store-is-down"
     fault.touch()
     over += [f"+data.{case}={row}", f"+data.fault={fault}"]
-    r = train(run, *over)
+    r = train_in_process(run, *over)
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected.format(row=row) in errors[0], (used_at, r.stderr)
     assert "Traceback" not in r.stderr
     assert (run / "checkpoints" / "ckpt-20.manifest.json").exists()
     fault.unlink()  # the store is back: the same command resumes
-    again = train(run, *over)
+    again = train_in_process(run, *over)
     assert again.returncode == 0 and "Resuming from step" in again.stderr, again.stderr
 
 
@@ -261,9 +261,9 @@ def test_a_source_streamed_into_records_resumes_exactly(tmp_path):
     desc = json.loads((shards / "description.json").read_text())
     assert desc["examples"] == {"train": 560, "val": 140}
     over = ["data=records", f"data.files={shards}/train-*.tfrecord", "data.lanes=2", *FAST]
-    assert train(tmp_path / "ref", *over).returncode == 0
-    assert train(tmp_path / "res", *over, "trainer.stop_at=20").returncode == 0
-    assert train(tmp_path / "res", *over).returncode == 0
+    assert train_in_process(tmp_path / "ref", *over).returncode == 0
+    assert train_in_process(tmp_path / "res", *over, "trainer.stop_at=20").returncode == 0
+    assert train_in_process(tmp_path / "res", *over).returncode == 0
     report = compare_runs(str(tmp_path / "ref"), str(tmp_path / "res"))
     assert report["ok"], format_report(report)
 
@@ -287,8 +287,8 @@ def test_exports_carry_the_users_optimizer_schedule_and_loss(tmp_path):
     scripts/verify_export.py imports them from the run's config and finds each the run's."""
     run = tmp_path / "run"
     over = [*CASES["user optimizer"], *CASES["user schedule"], *CASES["user loss and metrics"]]
-    assert train(run, *over, *FAST).returncode == 0
-    r = run_cli("scripts/verify_export.py", str(run))
+    assert train_in_process(run, *over, *FAST).returncode == 0
+    r = run_cli("scripts/verify_export.py", str(run))  # a fresh process imports the parts
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ScaledSGD, iterations 40" in r.stdout
     assert "schedule StepDecay, loss LossFunctionWrapper" in r.stdout, r.stdout

@@ -84,13 +84,20 @@ def _leave(code, interrupted: bool = False) -> None:
     it) holds TensorFlow's clean-up forever (seen: 2 exits in 5 hung after a bad row). A run
     a signal interrupted ends here too, with the code it reported: a process that had printed
     "nothing to resume" (exit 4) was seen dying of the SIGINT in the interpreter's teardown
-    (exit -2, 1 run in 5 on a loaded machine). Every file of the run is closed by now; the
-    logs are flushed first."""
+    (exit -2, 1 run in 5 on a loaded machine). Every file of the run is closed by now. The
+    atexit handlers still run, with further signals ignored (they remove autograph's
+    generated files and the preemption scratch dir from the temp dir); the logs are flushed
+    last."""
     source = sys.modules.get("trainer.data.source")
     if not interrupted and (source is None or not source.SourceData.opened):
         return
+    import atexit
     import logging
+    import signal
 
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the exit code is decided; a late signal is ignored
+    atexit._run_exitfuncs()  # what os._exit skips: the clean-up others registered
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
