@@ -2,7 +2,8 @@
 
     python scripts/compare_runs.py RUN_A RUN_B [--tag loss] [--atol 0] [--out DIR]
 
-RUN_A / RUN_B: run directories (or TensorBoard log directories). Prints the report of
+RUN_A / RUN_B: run directories (or TensorBoard log directories), or a run's checkpoint.remote URL
+(s3://..., gs://...: copied into a temporary directory first). Prints the report of
 scripts/verify_resume.py and writes report.json and curves.png into --out
 (default outputs/compare/<date>/<time>). Exit 0: they match; 1: they differ; 2: bad input.
 """

@@ -23,7 +23,9 @@ from trainer.verify import inspection  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", metavar="RUN", help="a run directory (hydra.run.dir)")
+    parser.add_argument(
+        "run", metavar="RUN", help="a run directory (hydra.run.dir) or its checkpoint.remote URL"
+    )
     parser.add_argument(
         "--variables", type=int, metavar="STEP", help="list this checkpoint's variables"
     )
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, help="with --diff-config: compare with this checkpoint")
     args = parser.parse_args(argv)
     try:
+        from trainer.remote.download import resolve_run  # a run's URL: copied here first
+
+        args.run = resolve_run(args.run)
         if args.variables is not None:
             for name, shape, dtype in inspection.variable_table(args.run, args.variables):
                 print(f"{name:<70} {str(shape):<14} {dtype}")

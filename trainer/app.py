@@ -20,6 +20,7 @@ from trainer.signals import interrupted_by
 from trainer.sweep import hydra_callbacks, runinfo
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
+EXIT_REMOTE_BEHIND = 5  # trained and saved locally; checkpoint.remote could not be updated
 
 
 def resume_command(run_dir: str) -> str:
@@ -129,7 +130,16 @@ def _execute(cfg: DictConfig, run_dir: str, sweep: bool, log: runlog.RunLog) -> 
             f"Run is complete at step {result.step}; wrote {wrote} (missing exports only); "
             "checkpoints, logs and event files are unchanged."
         )
+    behind = result.remote_problem
+    if behind:
+        print(
+            f"error: {behind}. Nothing local is lost ({run_dir}); rerun the same command "
+            "once the store is back to upload it.",
+            file=sys.stderr,
+        )
     if result.status == "interrupted":
         print(f"Checkpoint saved at step {result.step}. {_resume_hint(run_dir, sweep)}")
         return Outcome(EXIT_INTERRUPTED, result)
+    if behind:
+        return Outcome(EXIT_REMOTE_BEHIND, result, error=behind)
     return Outcome(EXIT_OK, result)

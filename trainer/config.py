@@ -71,6 +71,8 @@ CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
                 "durable": bool,
                 "every_seconds": float | None,
                 "max_overhead": float | None,
+                "remote": str | None,
+                "remote_wait": float,
             },
             "every": 100,
             "max_to_keep": 3,
@@ -80,6 +82,8 @@ CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
             "durable": True,
             "every_seconds": 1800.0,
             "max_overhead": None,
+            "remote": None,
+            "remote_wait": 300.0,
         },
     )
 )

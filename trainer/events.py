@@ -156,6 +156,11 @@ class LoopEvents:
             # the rows before it (sync: after the write, handed to the OS below)
             blocked=lambda s: writers.scalars(writers.train, at, {"checkpoint_save_seconds": s}),
         )
+        if self.uploader is not None:  # checkpoint.remote: how far the store is behind
+            steps, seconds = self.uploader.lag(at)
+            lag = {"remote_lag_steps": steps, "remote_lag_seconds": seconds}
+            writers.scalars(writers.train, at, lag)
+            self.metrics.write({"step": at, **lag})
         if self.store.async_writer is None:
             # The row of a checkpoint that now counts must survive a kill, like those before
             # it (resume keeps it and nothing logs it again): to the OS now, not at the next

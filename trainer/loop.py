@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from trainer import nonfinite
 from trainer.config import validate
 from trainer.nonfinite import NonFiniteLoss
-from trainer.session import RunResult, Session
+from trainer.session import RunResult, Session, finish_remote
 from trainer.signals import StopRequest
 
 __all__ = ["NonFiniteLoss", "RunResult", "fit"]
@@ -211,6 +211,10 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
     except BaseException:  # a failed run (a sweep's job) still closes its writers, log file
         with contextlib.suppress(Exception):  # and temp dirs; the original error is raised
             run.close()
+            if run.uploader is not None:  # the next run uploads what the store misses
+                run.uploader.close()
         raise
     run.close()
+    if run.uploader is not None:  # checkpoint.remote: the end of the run waits for the upload
+        finish_remote(run.uploader, cfg, result)
     return result

@@ -46,6 +46,7 @@ class RunResult:
     eval_step: int | None = None  # the step `eval` was measured at
     exports: dict = field(default_factory=dict)
     signal_name: str | None = None
+    remote_problem: str | None = None  # checkpoint.remote could not be brought up to date
 
 
 def already_complete(step: int, run_dir: str, exports: dict | None = None) -> RunResult:
@@ -63,9 +64,49 @@ def already_complete(step: int, run_dir: str, exports: dict | None = None) -> Ru
     )
 
 
+def _connect_remote(cfg: DictConfig, run_dir: str, chief: bool, sweep: bool):
+    """checkpoint.remote's store, probed, the run brought back from it (None: no remote)."""
+    url = cfg.checkpoint.get("remote")
+    if not url or not chief:
+        return None
+    from trainer.remote.download import connect
+
+    return connect(str(url), run_dir, sweep)
+
+
+def _sync_remote(remote, cfg: DictConfig, latest, result: RunResult) -> RunResult:
+    """A rerun of a completed run: the store gets what it misses (the final checkpoint,
+    the logs, the exports and the config), and the end waits for it like any run's."""
+    if remote is None:
+        return result
+    from trainer.remote.uploader import Uploader, committed_steps
+
+    uploader = Uploader(remote, result.run_dir, int(cfg.checkpoint.max_to_keep))
+    if latest.step not in committed_steps(remote):
+        uploader.committed(latest.prefix, latest.step)
+    finish_remote(uploader, cfg, result)
+    return result
+
+
+def finish_remote(uploader, cfg: DictConfig, result: RunResult) -> None:
+    """The end of a run with checkpoint.remote: wait for the upload; say how long it took,
+    or record why the store is behind (app.py exits 5 then)."""
+    problem, waited = uploader.finish(float(cfg.checkpoint.get("remote_wait", 300)))
+    result.remote_problem = problem
+    if problem is None:
+        held = f"ckpt-{uploader.remote_step}" if uploader.remote_step >= 0 else "the run"
+        print(
+            f"remote: {uploader.store.url} holds {held}, the logs, exports and config "
+            f"(the end of the run waited {waited:.1f} s for the upload)",
+            file=sys.stderr,
+        )
+
+
 class Session(LoopEvents):
     """Everything one run holds between steps (set up by `open`); the loop's events on it are
     LoopEvents' (trainer/events.py)."""
+
+    uploader = None  # checkpoint.remote's Uploader (trainer/remote/uploader.py)
 
     @classmethod
     def open(cls, cfg: DictConfig, run_dir: str, experiment: bool = True) -> Session | RunResult:
@@ -88,6 +129,9 @@ class Session(LoopEvents):
         place = distribute.setup(cfg, run_dir)  # strategy, replicas, chief or not
         data = data_lib.load_data(cfg.data)
         print(f"task: {data.task} ({data.task_reason})", file=sys.stderr)
+        # checkpoint.remote: probed, and the run brought back from it if it holds a newer
+        # checkpoint (a fresh machine); the chief's alone (README, "Object storage")
+        remote = _connect_remote(cfg, run_dir, place.is_chief, sweep=not experiment)
         # Verify the checkpoints, refuse an incompatible config, move bad ones aside: all
         # before the CheckpointManager reads its state file.
         latest = integrity.recover(
@@ -104,7 +148,7 @@ class Session(LoopEvents):
         # (the chief's run_dir on every worker: all take the same branch)
         missing_exports = export.missing(run_dir, latest.step) if complete else None
         if complete and not missing_exports:
-            return already_complete(latest.step, run_dir)
+            return _sync_remote(remote, cfg, latest, already_complete(latest.step, run_dir))
         with place.strategy.scope():
             state = build.build_state(cfg, data)
         store = place.checkpoint_store(
@@ -128,8 +172,14 @@ class Session(LoopEvents):
                 state.model, place.write_dir, data.feature_shape, only=missing_exports, step=step
             )
             place.cleanup()
-            return already_complete(step, run_dir, exports)
-        return cls(cfg, run_dir, place, data, state, store, step, resumed_from, experiment)
+            return _sync_remote(remote, cfg, latest, already_complete(step, run_dir, exports))
+        run = cls(cfg, run_dir, place, data, state, store, step, resumed_from, experiment)
+        if remote is not None:
+            from trainer.remote.uploader import Uploader
+
+            run.uploader = Uploader(remote, run_dir, int(cfg.checkpoint.max_to_keep))
+            store.on_commit = run.uploader.committed
+        return run
 
     def __init__(
         self, cfg, run_dir, place, data, state, store, step: int, resumed_from, experiment=True

@@ -136,6 +136,7 @@ class CheckpointStore:
         if reserved := {"step", "time", "files", "data_checksums"} & manifest_extra.keys():
             raise ValueError(f"manifest_extra may not set {sorted(reserved)}")
         self._deleter: threading.Thread | None = None
+        self.on_commit = None  # on_commit(prefix, step) after each commit (trainer/remote/)
         self._checks: dict = {}  # save()'s finiteness check, per list of checked variables
         # False until a save succeeds: the first save of a process (and the one after a
         # failed save) drops every stale manifest; retention drops the ones it retires
@@ -165,11 +166,12 @@ class CheckpointStore:
     def has_checkpoints(self) -> bool:
         return bool(list_checkpoints(self.directory))
 
-    def latest_good(self, report=sys.stderr) -> Verdict | None:
+    def latest_good(self, report=None) -> Verdict | None:
         """The newest checkpoint that verifies; bad newer ones are reported on `report`.
 
         Raises UserError when checkpoints exist but none verifies (nothing is deleted).
         """
+        report = report or sys.stderr  # looked up now: a sweep's job tees it
         prefixes = list_checkpoints(self.directory)
         bad = []
         for prefix in reversed(prefixes):
@@ -272,6 +274,8 @@ class CheckpointStore:
             self._manager_save(step)
         finally:
             self._start_deleter()
+        if self.on_commit is not None:  # checkpoint.remote: queued for upload (never waited on)
+            self.on_commit(os.path.join(self.directory, f"ckpt-{step}"), step)
 
     def _manager_save(self, step: int) -> None:
         # The manifest is written in a write callback: CheckpointManager runs it after the

@@ -14,6 +14,7 @@ checkpoints is a difference too, not a tensor that neither side happens to hold.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ TIMING_TAGS = (
     "checkpoint_save_seconds",
     "checkpoint_cost_seconds",
     "checkpoint_overhead",
+    "remote_lag_steps",  # (and _seconds) how far checkpoint.remote's upload is behind
+    "remote_lag_seconds",
 )
 
 
@@ -184,8 +187,6 @@ def compare_other_tags(run_a: str, run_b: str, skip: str, atol: float) -> dict[s
 def read_batch_ids(run: str) -> Curve | None:
     """`batch_ids_hash` of every logged step in `run`'s metrics.jsonl (the fingerprint of the
     examples each step trained on), or None if it records none (an older run)."""
-    import json
-
     path = os.path.join(run, "metrics.jsonl")
     points = []
     try:
@@ -206,11 +207,10 @@ def metrics_rows(run: str) -> list[dict]:
     """Every row of `run`'s metrics.jsonl, in order, without the fields that measure
     wall-clock time (TIMING_TAGS): what two runs that trained the same must share, line for
     line and field for field. A line that does not parse is an error, not skipped."""
-    import json
-
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in row.items() if k not in TIMING_TAGS} for row in rows]
+    rows = [{k: v for k, v in row.items() if k not in TIMING_TAGS} for row in rows]
+    return [row for row in rows if set(row) != {"step"}]  # (a row of timings only: none)
 
 
 def compare_batch_ids(run_a: str, run_b: str) -> CurveDiff | None:

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.atol >= 0:
             raise UserError(f"--atol: received {args.atol}; allowed: a number >= 0")
-        report = compare_runs(args.run_a, args.run_b, args.tag, args.atol)
+        from trainer.remote.download import resolve_run  # a run's URL: copied here first
+
+        report = compare_runs(resolve_run(args.run_a), resolve_run(args.run_b), args.tag, args.atol)
         os.makedirs(out, exist_ok=True)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

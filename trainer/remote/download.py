@@ -1,0 +1,162 @@
+"""A run brought back from checkpoint.remote: onto a fresh machine (`bring_back`, before the
+run resumes) and into a local copy for the tools that read runs (`local_copy`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+from trainer.remote.objects import RemoteError, Store, describe
+from trainer.remote.uploader import CKPT, FINAL, LOGS, MANIFEST, committed_steps
+
+
+def local_newest(ckpt_dir: str) -> int:
+    """The step of the newest local checkpoint that has a manifest (-1: none). Verified
+    later, as every checkpoint is before a resume (trainer/checkpoint/integrity.py)."""
+    with contextlib.suppress(FileNotFoundError):
+        steps = [
+            int(n[5 : -len(MANIFEST)])
+            for n in os.listdir(ckpt_dir)
+            if n.startswith("ckpt-") and n.endswith(MANIFEST) and n[5 : -len(MANIFEST)].isdigit()
+        ]
+        return max(steps, default=-1)
+    return -1
+
+
+def _fetch_checkpoint(store: Store, ckpt_dir: str, step: int) -> int:
+    """Download ckpt-`step` (files first, its manifest last) and verify it; bytes fetched."""
+    from trainer.checkpoint.manifest import verify
+
+    name = f"ckpt-{step}{MANIFEST}"
+    manifest = store.read_bytes(f"{CKPT}/{name}")
+    files = json.loads(manifest)["files"]
+    os.makedirs(ckpt_dir, exist_ok=True)
+    size = 0
+    for fname in sorted(files):
+        store.get_file(f"{CKPT}/{fname}", os.path.join(ckpt_dir, fname))
+        size += files[fname]["size"]
+    tmp = os.path.join(ckpt_dir, f"{name}.part-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(manifest)
+    os.replace(tmp, os.path.join(ckpt_dir, name))
+    verdict = verify(os.path.join(ckpt_dir, f"ckpt-{step}"))
+    if not verdict.ok:
+        for fname in [*files, name]:  # never left to count: the next older one is tried
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(ckpt_dir, fname))
+        raise RemoteError(f"ckpt-{step} on {store.url} does not verify: {verdict.reason}")
+    return size
+
+
+def _fetch_tree(store: Store, run_dir: str, names: tuple[str, ...]) -> None:
+    """Replace the local logs (or exports) by the store's."""
+    for name in names:
+        for rel in store.find(name):
+            store.get_file(f"{name}/{rel}", os.path.join(run_dir, name, rel))
+        if "." in name.lstrip(".") and name in store.list(""):  # a file: metrics.jsonl
+            store.get_file(name, os.path.join(run_dir, name))
+
+
+def bring_back(store: Store, run_dir: str, report=None) -> int | None:
+    """If the store holds a committed checkpoint newer than `run_dir`'s newest (or the run
+    directory is empty or missing), download the newest one that verifies, with metrics.jsonl
+    and the TensorBoard logs (cut back to its step on resume, like any resume). Returns its
+    step, or None when the local run is as new as the store's."""
+    report = report or sys.stderr  # (looked up now: a sweep's job tees it to its train.log)
+    ckpt_dir = os.path.join(run_dir, CKPT)
+    have = local_newest(ckpt_dir)
+    newer = [s for s in committed_steps(store) if s > have]
+    for step in reversed(newer):
+        t0 = time.monotonic()
+        try:
+            size = _fetch_checkpoint(store, ckpt_dir, step)
+        except RemoteError as e:
+            print(f"warning: {e}; trying an older one", file=report)
+            continue
+        for name in LOGS:  # whole files: the store's are the run's, up to at least `step`
+            path = os.path.join(run_dir, name)
+            if os.path.isdir(path):
+                import shutil
+
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        _fetch_tree(store, run_dir, LOGS)
+        print(
+            f"remote: brought back ckpt-{step} from {store.url} ({size / 1e6:.1f} MB in "
+            f"{time.monotonic() - t0:.1f} s) with metrics.jsonl and the TensorBoard logs",
+            file=report,
+        )
+        return step
+    return None
+
+
+def local_copy(url: str, into: str | None = None) -> str:
+    """A local directory holding remote run `url`: its committed checkpoints, logs, config
+    and exports (for verify_resume.py, compare_runs.py, inspect_checkpoints.py)."""
+    store = Store(url)
+    into = into or tempfile.mkdtemp(prefix="trainer-remote-")
+    try:
+        steps = committed_steps(store)
+        if not steps and not store.list("") and not store.find(LOGS[1]):
+            raise RemoteError(f"{url}: no run there (no checkpoints, no metrics.jsonl)")
+        for step in steps:
+            _fetch_checkpoint(store, os.path.join(into, CKPT), step)
+        _fetch_tree(store, into, (*LOGS, *FINAL))
+    except RemoteError:
+        raise
+    except Exception as e:
+        raise RemoteError(f"{url}: {describe(e)}") from None
+    return into
+
+
+def connect(url: str | None, run_dir: str, sweep: bool) -> Store | None:
+    """checkpoint.remote at the start of a run: the run's store (a sweep's job: under the
+    sweep's URL by its directory name), probed with a write, a read and a delete, and the run
+    brought back from it when it holds a newer checkpoint. UserError (exit 2, one line)
+    when the URL is refused or the store cannot be used; nothing is trained then."""
+    if not url:
+        return None
+    from trainer.config import UserError
+    from trainer.remote.objects import check_url
+
+    if problem := check_url(url):
+        raise UserError(f"checkpoint.remote: {problem}")
+    try:
+        store = Store(url)
+        if sweep:
+            store = store.child(os.path.basename(os.path.normpath(run_dir)))
+        store.probe()
+        bring_back(store, run_dir)
+    except RemoteError as e:
+        raise UserError(
+            f"checkpoint.remote: cannot use {e} (found by writing, reading and deleting a "
+            "probe object). Check the bucket, the credentials and the endpoint "
+            "(AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST); nothing was trained"
+        ) from None
+    except Exception as e:  # the store failed while bringing the run back
+        raise UserError(
+            f"checkpoint.remote: cannot bring the run back from {store.url} ({describe(e)}); "
+            "nothing was trained"
+        ) from None
+    return store
+
+
+def resolve_run(run: str) -> str:
+    """A tool's RUN argument: a local directory as given, or a remote run's URL (s3://...,
+    gs://...) copied into a temporary directory first. UserError when the store fails."""
+    if "://" not in str(run) or str(run).startswith("file://"):
+        return str(run)[len("file://") :] if str(run).startswith("file://") else str(run)
+    from trainer.config import UserError
+    from trainer.remote.objects import check_url
+
+    if problem := check_url(run):
+        raise UserError(f"RUN: {problem}")
+    try:
+        return local_copy(run)
+    except RemoteError as e:
+        raise UserError(f"RUN: cannot read {e}") from None
