@@ -23,7 +23,7 @@ RATIOS = [
 @pytest.mark.slow
 def test_bench_writes_bench_json_with_the_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_cli("scripts/bench.py", "--smoke", "--out", str(out), timeout=300)
+    proc = run_cli("scripts/bench.py", "--smoke", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for key in RATIOS:
@@ -39,6 +39,9 @@ def test_bench_writes_bench_json_with_the_ratios(tmp_path):
     assert len(result["big_state_loop"]["floor_in_loop_writes"]) == 1
     assert result["budget"]["budget_saves_rounds"][0] >= 1
     assert result["source"]["row_seconds"] == 50e-6 and result["source"]["steps_per_sec"]["source"]
+    # checkpoint.remote: a real upload against a plain put (the loop's cost is not run: too short)
+    assert result["upload_vs_put"] > 0 and result["remote"]["checkpoint_mb"] > 0
+    assert "upload_vs_put" in proc.stdout and "remote_cost_ratio" in proc.stdout
 
 
 def test_cost_per_save_charges_the_windows_after_each_save():

@@ -73,6 +73,7 @@ CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
                 "max_overhead": float | None,
                 "remote": str | None,
                 "remote_wait": float,
+                "remote_every_seconds": float,
             },
             "every": 100,
             "max_to_keep": 3,
@@ -84,6 +85,7 @@ CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
             "max_overhead": None,
             "remote": None,
             "remote_wait": 300.0,
+            "remote_every_seconds": 60.0,
         },
     )
 )

@@ -95,8 +95,10 @@ def finish_remote(uploader, cfg: DictConfig, result: RunResult) -> None:
     result.remote_problem = problem
     if problem is None:
         held = f"ckpt-{uploader.remote_step}" if uploader.remote_step >= 0 else "the run"
+        exports = os.path.isdir(os.path.join(result.run_dir, "export"))
         print(
-            f"remote: {uploader.store.url} holds {held}, the logs, exports and config "
+            f"remote: {uploader.store.url} holds {held}, the logs, "
+            f"{'exports ' if exports else ''}and config "
             f"(the end of the run waited {waited:.1f} s for the upload)",
             file=sys.stderr,
         )
@@ -177,7 +179,8 @@ class Session(LoopEvents):
         if remote is not None:
             from trainer.remote.uploader import Uploader
 
-            run.uploader = Uploader(remote, run_dir, int(cfg.checkpoint.max_to_keep))
+            every = cfg.checkpoint.get("remote_every_seconds", 60.0)
+            run.uploader = Uploader(remote, run_dir, int(cfg.checkpoint.max_to_keep), every)
             store.on_commit = run.uploader.committed
         return run
 

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from trainer.bench import big_state as bench_state
 from trainer.bench import records as bench_records
+from trainer.bench import remote as bench_remote
 from trainer.bench import source as bench_source
 from trainer.bench.loop_rates import SAME_SPE, loop_rate, median, throughput
 from trainer.bench.saves import big_state_async_cost, budget_overhead, checkpoint_cost
@@ -101,6 +102,10 @@ def run(mode: str = "full", out: str | None = "bench.json", log=print) -> dict:
         sv = bench_source.source_vs_memory(m, workdir, log, loop_rate)
         log("data=records: a large set vs a small one (peak RSS), resuming late in an epoch...")
         rl = bench_records.records_large(mode, m, workdir, log)
+        log("checkpoint.remote (moto's S3 server): cost per async save, remote on vs off...")
+        rc = bench_remote.remote_cost(m, workdir, log)
+        log("checkpoint.remote: one checkpoint's upload vs a plain put of its files...")
+        up = bench_remote.upload_vs_put(m, workdir, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result.update(
@@ -115,6 +120,9 @@ def run(mode: str = "full", out: str | None = "bench.json", log=print) -> dict:
         records_rss_ratio=rl.pop("records_rss_ratio"),
         records_resume_late=rl.pop("records_resume_late"),
         source_vs_memory=sv.pop("source_vs_memory"),
+        remote_cost_ratio=rc.pop("remote_cost_ratio"),
+        upload_vs_put=up.pop("upload_vs_put"),
+        remote={**rc, **up},
         records={**rv, **rl},
         source=sv,
         throughput=tp,
@@ -145,6 +153,8 @@ TARGETS = {
     "records_rss_ratio": ("<=", 1.2),
     "records_resume_late": ("<=", 2.0),
     "source_vs_memory": (">=", 0.8),
+    "remote_cost_ratio": ("<=", 1.2),  # None in smoke runs: too short to see a save's cost
+    "upload_vs_put": (">=", 0.8),
 }
 
 
@@ -153,6 +163,9 @@ def table(r: dict) -> str:
     lines = [f"{'ratio':<24}{'value':>9}  target   met", "-" * 46]
     for key, (op, target) in TARGETS.items():
         v = r[key]
+        if v is None:
+            lines.append(f"{key:<24}{'n/a':>9}  {op} {target:<5} -")
+            continue
         ok = v >= target if op == ">=" else v <= target
         lines.append(f"{key:<24}{v:>9.3f}  {op} {target:<5} {'yes' if ok else 'NO'}")
     sps = r["throughput"]["steps_per_sec"]
@@ -208,6 +221,13 @@ def table(r: dict) -> str:
         f"shuffled iterator: {st['tf_data_iterator_bytes'] / 1e3:.1f} kB)",
         "peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items() if k.endswith("_mb")),
         _records_line(r["records"]),
+        f"checkpoint.remote (S3 server on 127.0.0.1): async save cost per round remote/local "
+        f"{_spread(r['remote']['remote_cost_ratio_rounds']['remote'])}; every checkpoint uploaded"
+        f" (remote_every_seconds=0): {_ratio(r['remote']['remote_each_cost_ratio'])} (per round "
+        f"{_spread(r['remote']['remote_cost_ratio_rounds']['remote_each'])}); a "
+        f"{r['remote']['checkpoint_mb']:.1f}"
+        f" MB checkpoint's upload vs plain put, per round "
+        f"{_spread(r['remote']['upload_vs_put_rounds'])}",
         f"data=custom source, rows waiting {r['source']['row_seconds'] * 1e6:.0f} us each: "
         f"steps/s per round (source/memory) {_spread(r['source']['source_vs_memory_rounds'])}"
         f" (source {_spread(r['source']['steps_per_sec']['source'])}, memory "

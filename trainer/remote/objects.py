@@ -57,6 +57,8 @@ def _options(protocol: str) -> dict:
     if protocol == "s3":
         config = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}
         return {"config_kwargs": config}
+    if protocol in ("file", "local"):
+        return {"auto_mkdir": True}  # as an object store does: no directories to make first
     return {}
 
 

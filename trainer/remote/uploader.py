@@ -67,9 +67,19 @@ def whole_prefix(path: str, data: bytes) -> bytes:
 class Uploader:
     """One thread that keeps the store up to date with the run directory's checkpoints."""
 
-    def __init__(self, store: Store, run_dir: str, max_to_keep: int, clock=time.monotonic):
+    def __init__(
+        self,
+        store: Store,
+        run_dir: str,
+        max_to_keep: int,
+        every_seconds: float = 0.0,
+        clock=time.monotonic,
+    ):
         self.store, self.run_dir, self.max_to_keep = store, run_dir, max(1, int(max_to_keep))
+        self.every_seconds = float(every_seconds or 0.0)  # checkpoint.remote_every_seconds
         self.clock = clock
+        self._next_at = 0.0  # no upload starts before this (but the end of the run's)
+        self._files: dict[int, set[str]] = {}  # the store's checkpoints as this run knows them
         self._cond = threading.Condition()
         self._pending: tuple[str, int, float] | None = None  # newest local commit to upload
         self._final = False  # upload the exports and the config too, then stop
@@ -139,6 +149,8 @@ class Uploader:
             with self._cond:
                 while self._pending is None and not self._closed and not self._final:
                     self._cond.wait()
+                while not (self._closed or self._final) and self.clock() < self._next_at:
+                    self._cond.wait(timeout=self._next_at - self.clock())  # newer ones replace it
                 if self._closed:
                     return
                 job, self._pending = self._pending, None
@@ -195,8 +207,9 @@ class Uploader:
             raise _Superseded from None
         files = json.loads(manifest_bytes)["files"]
         name = os.path.basename(prefix) + MANIFEST
-        if name in self.store.list(CKPT):  # the same step again: uncommit it before rewriting
+        if step in self._files:  # the same step again: uncommit it before rewriting it
             self.store.remove([f"{CKPT}/{name}"])
+            self._files.pop(step)
         sent: list[str] = []
         try:
             for fname, meta in sorted(files.items()):
@@ -218,8 +231,10 @@ class Uploader:
         self._upload_logs()
         self.store.put_bytes(f"{CKPT}/{name}", manifest_bytes)  # the commit
         self.remote_step, self.remote_since = step, committed_at
-        self.uploaded += 1
+        self._files[step] = {*files, name}
         self._retire_remote()
+        self.uploaded += 1
+        self._next_at = self.clock() + self.every_seconds
 
     def _upload_logs(self) -> None:
         for rel in _files_under(self.run_dir, LOGS):
@@ -247,21 +262,18 @@ class Uploader:
     def _retire_remote(self) -> None:
         """Keep the newest max_to_keep committed checkpoints on the store: an older one loses
         its manifest first, so that a kill midway never leaves a committed partial one."""
-        found = remote_checkpoints(self.store)
-        committed = sorted(s for s, names in found.items() if f"ckpt-{s}{MANIFEST}" in names)
-        for step in committed[: -self.max_to_keep]:
-            names = found[step]
+        for step in sorted(self._files)[: -self.max_to_keep]:  # (no listing: ~2 requests less)
             manifest = f"ckpt-{step}{MANIFEST}"
             self.store.remove([f"{CKPT}/{manifest}"])
-            self.store.remove(sorted(f"{CKPT}/{n}" for n in names if n != manifest))
+            self.store.remove(sorted(f"{CKPT}/{n}" for n in self._files.pop(step) if n != manifest))
 
     def _clean_leftovers(self) -> None:
         """Remote checkpoint files without a manifest: an upload a killed run left."""
         found = remote_checkpoints(self.store)
-        committed = [s for s, names in found.items() if f"ckpt-{s}{MANIFEST}" in names]
-        self.remote_step = max(committed, default=-1)
+        self._files = {s: n for s, n in found.items() if f"ckpt-{s}{MANIFEST}" in n}
+        self.remote_step = max(self._files, default=-1)
         for step, names in found.items():
-            if f"ckpt-{step}{MANIFEST}" not in names:
+            if step not in self._files:
                 self.store.remove(sorted(f"{CKPT}/{n}" for n in names))
 
 
