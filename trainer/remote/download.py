@@ -114,6 +114,17 @@ def local_copy(url: str, into: str | None = None) -> str:
     return into
 
 
+def unusable(e: RemoteError):
+    """The one line (a UserError: exit 2) for a store that failed its start-up probe."""
+    from trainer.config import UserError
+
+    return UserError(
+        f"checkpoint.remote: cannot use {e} (found by writing, reading and deleting a probe "
+        "object). Check the bucket, the credentials and the endpoint (AWS_ENDPOINT_URL, "
+        "STORAGE_EMULATOR_HOST); nothing was trained"
+    )
+
+
 def connect(url: str | None, run_dir: str, sweep: bool) -> Store | None:
     """checkpoint.remote at the start of a run: the run's store (a sweep's job: under the
     sweep's URL by its directory name), probed with a write, a read and a delete, and the run
@@ -133,11 +144,7 @@ def connect(url: str | None, run_dir: str, sweep: bool) -> Store | None:
         store.probe()
         bring_back(store, run_dir)
     except RemoteError as e:
-        raise UserError(
-            f"checkpoint.remote: cannot use {e} (found by writing, reading and deleting a "
-            "probe object). Check the bucket, the credentials and the endpoint "
-            "(AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST); nothing was trained"
-        ) from None
+        raise unusable(e) from None
     except Exception as e:  # the store failed while bringing the run back
         raise UserError(
             f"checkpoint.remote: cannot bring the run back from {store.url} ({describe(e)}); "
