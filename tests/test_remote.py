@@ -16,6 +16,8 @@ import pytest
 from conftest import FAST, spawn, train, train_in_process
 from stores import GCS, S3, SECRET
 
+from trainer.checkpoint.manifest import list_checkpoints, verify
+from trainer.remote.download import local_copy
 from trainer.verify.compare import compare_runs, metrics_rows
 
 pytestmark = pytest.mark.slow
@@ -162,7 +164,8 @@ def test_a_store_restarted_mid_run_catches_up_and_training_never_stops(reach, tm
         assert proc.returncode == 0, err[-3000:]
         assert "warning: remote: could not upload ckpt-" in err, err[-3000:]
         assert "is reachable again" in err
-        assert s3.committed("r") == [19600, 19800, 20000]  # caught up, retention as usual
+        held = s3.committed("r")  # caught up (the newest at least), retention as usual
+        assert held[-1] == 20000 and len(held) <= 3, held
         rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         lags = [r["remote_lag_steps"] for r in rows if "remote_lag_steps" in r]
         assert max(lags) > 1000  # the outage shows in the logged lag
@@ -201,15 +204,15 @@ def test_sigkills_during_uploads_and_wiped_machines_resume_exactly(servers, reac
     server = reach(servers["s3"])
     rng = random.Random(os.getpid() ^ int(time.time()))
     ref, run = tmp_path / "ref", tmp_path / "run"
-    args = ["trainer.max_steps=1000", "trainer.log_every=1", "trainer.eval_every=500"]
+    args = ["trainer.max_steps=3000", "trainer.log_every=1", "trainer.eval_every=1000"]
     args += ["checkpoint.every=10", "checkpoint.async=true", "checkpoint.remote_every_seconds=0"]
     assert train_in_process(ref, *args).returncode == 0
     url = server.url("chaos")
-    kills, wiped = 0, False
-    for attempt in range(12):
+    kills, held = 0, []
+    for attempt in range(5):  # 4 runs killed at random steps, then a fresh machine
         proc = spawn(run, *args, f"checkpoint.remote={url}")
-        if attempt < 5:  # a kill at a random step of this run's training
-            target = rng.randint(_logged_step(run) + 20, 980)
+        if attempt < 4:
+            target = rng.randint(min(_logged_step(run) + 20, 2980), 2980)
             deadline = time.time() + 120
             while proc.poll() is None and _logged_step(run) < target and time.time() < deadline:
                 time.sleep(0.005)
@@ -217,21 +220,25 @@ def test_sigkills_during_uploads_and_wiped_machines_resume_exactly(servers, reac
                 os.kill(proc.pid, signal.SIGKILL)
                 kills += 1
         out, err = proc.communicate(timeout=300)
-        resumed = _resumed_from(err)
-        if wiped and resumed is not None:  # from a checkpoint the remote had committed
-            assert f"remote: brought back ckpt-{resumed} from {url}" in err, err[-2000:]
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, err[-3000:]
-        wiped = rng.random() < 0.5
-        if wiped:
-            shutil.rmtree(run, ignore_errors=True)  # a fresh machine: the remote alone
+        # every checkpoint the store holds a manifest for restores (downloaded, CRC-checked)
+        copy = local_copy(url, str(tmp_path / f"copy{attempt}"))
+        held = server.committed("chaos")
+        assert [verify(p).ok for p in list_checkpoints(f"{copy}/checkpoints")] == [True] * len(held)
+        if attempt == 3:
+            shutil.rmtree(run)  # the machine is lost: the next run has the store alone
+    assert held, "the store held no checkpoint after the kills"
+    # the fresh machine resumed from the store's newest committed checkpoint
+    assert f"remote: brought back ckpt-{held[-1]} from {url}" in err, err[-2000:]
+    assert _resumed_from(err) == held[-1], err[-2000:]
     assert proc.returncode == 0 and kills >= 3, (kills, err[-2000:])
     assert metrics_rows(run) == metrics_rows(ref)
     assert compare_runs(str(run), str(ref))["ok"]
     names = [o.split("/", 1)[1] for o in server.objects("chaos") if o.startswith("checkpoints/")]
     steps = server.committed("chaos")
-    assert steps[-1] == 1000 and len(steps) <= 3  # retention kept max_to_keep
+    assert steps[-1] == 3000 and len(steps) <= 3  # retention kept max_to_keep
     leftovers = {n.split(".")[0] for n in names} - {f"ckpt-{s}" for s in steps}
     assert not leftovers  # no files of an interrupted upload left behind
 
@@ -291,3 +298,9 @@ def test_a_file_url_is_a_store_too(tmp_path):
     r = train_in_process(run, *long, f"checkpoint.remote={url}")
     assert r.returncode == 0 and "remote: brought back ckpt-40" in r.stderr, r.stderr[-2000:]
     assert metrics_rows(run) == metrics_rows(ref) and compare_runs(str(run), str(ref))["ok"]
+    # trainer.resume=never on a store that holds checkpoints: refused, nothing trained
+    never = train_in_process(
+        tmp_path / "new", *long, "trainer.resume=never", f"checkpoint.remote={url}"
+    )
+    assert never.returncode == 2 and "trainer.resume: received 'never'" in never.stderr
+    assert not (tmp_path / "new" / "checkpoints").exists()

@@ -67,11 +67,16 @@ def already_complete(step: int, run_dir: str, exports: dict | None = None) -> Ru
 def _connect_remote(cfg: DictConfig, run_dir: str, chief: bool, sweep: bool):
     """checkpoint.remote's store, probed, the run brought back from it (None: no remote)."""
     url = cfg.checkpoint.get("remote")
+    if url and cfg.distribute.name == "multi_worker":  # every worker refuses: none waits
+        raise UserError(
+            "checkpoint.remote: not supported with distribute=multi_worker yet (the workers "
+            "would not restore from one brought-back checkpoint together; README, Limits)"
+        )
     if not url or not chief:
         return None
     from trainer.remote.download import connect
 
-    return connect(str(url), run_dir, sweep)
+    return connect(str(url), run_dir, sweep, str(cfg.trainer.resume))
 
 
 def _sync_remote(remote, cfg: DictConfig, latest, result: RunResult) -> RunResult:
@@ -82,16 +87,23 @@ def _sync_remote(remote, cfg: DictConfig, latest, result: RunResult) -> RunResul
     from trainer.remote.uploader import Uploader, committed_steps
 
     uploader = Uploader(remote, result.run_dir, int(cfg.checkpoint.max_to_keep))
-    if latest.step not in committed_steps(remote):
+    try:
+        held = committed_steps(remote)
+    except Exception:  # a store failing now: the upload below retries, the wait decides
+        held = []
+    if latest.step not in held:
         uploader.committed(latest.prefix, latest.step)
-    finish_remote(uploader, cfg, result)
+    # not .hydra/ or train.log: a rerun that changed nothing puts the local ones back as
+    # they were (app.py), and the store keeps those of the run that trained
+    finish_remote(uploader, cfg, result, extras=("export",))
     return result
 
 
-def finish_remote(uploader, cfg: DictConfig, result: RunResult) -> None:
+def finish_remote(uploader, cfg: DictConfig, result: RunResult, extras=None) -> None:
     """The end of a run with checkpoint.remote: wait for the upload; say how long it took,
     or record why the store is behind (app.py exits 5 then)."""
-    problem, waited = uploader.finish(float(cfg.checkpoint.get("remote_wait", 300)))
+    timeout = float(cfg.checkpoint.get("remote_wait", 300))
+    problem, waited = uploader.finish(timeout, *([extras] if extras is not None else []))
     result.remote_problem = problem
     if problem is None:
         held = f"ckpt-{uploader.remote_step}" if uploader.remote_step >= 0 else "the run"

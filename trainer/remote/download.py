@@ -27,33 +27,39 @@ def local_newest(ckpt_dir: str) -> int:
     return -1
 
 
-def _fetch_checkpoint(store: Store, ckpt_dir: str, step: int) -> int:
-    """Download ckpt-`step` (files first, its manifest last) and verify it; bytes fetched."""
+def _fetch_checkpoint(store: Store, ckpt_dir: str, step: int, before_commit=None) -> int:
+    """Download ckpt-`step`: its files, then `before_commit()` (the logs swapped in), then
+    its manifest (fsynced) and a verification of every tensor; bytes fetched. A checkpoint
+    that fails anywhere is removed (never left to count) and RemoteError raised."""
+    from trainer.checkpoint.files import write_bytes_atomic
     from trainer.checkpoint.manifest import verify
 
     name = f"ckpt-{step}{MANIFEST}"
-    manifest = store.read_bytes(f"{CKPT}/{name}")
-    files = json.loads(manifest)["files"]
-    os.makedirs(ckpt_dir, exist_ok=True)
-    size = 0
-    for fname in sorted(files):
-        store.get_file(f"{CKPT}/{fname}", os.path.join(ckpt_dir, fname))
-        size += files[fname]["size"]
-    tmp = os.path.join(ckpt_dir, f"{name}.part-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(manifest)
-    os.replace(tmp, os.path.join(ckpt_dir, name))
-    verdict = verify(os.path.join(ckpt_dir, f"ckpt-{step}"))
-    if not verdict.ok:
-        for fname in [*files, name]:  # never left to count: the next older one is tried
+    files: dict = {}
+    try:
+        manifest = store.read_bytes(f"{CKPT}/{name}")
+        files = json.loads(manifest)["files"]
+        os.makedirs(ckpt_dir, exist_ok=True)
+        for fname in sorted(files):
+            store.get_file(f"{CKPT}/{fname}", os.path.join(ckpt_dir, fname))
+        if before_commit is not None:
+            before_commit()
+        write_bytes_atomic(os.path.join(ckpt_dir, name), manifest)  # the local commit
+        verdict = verify(os.path.join(ckpt_dir, f"ckpt-{step}"))
+        if not verdict.ok:
+            raise RemoteError(f"ckpt-{step} on {store.url} does not verify: {verdict.reason}")
+    except Exception as e:
+        for fname in [name, *files]:  # manifest first: never left to count
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(ckpt_dir, fname))
-        raise RemoteError(f"ckpt-{step} on {store.url} does not verify: {verdict.reason}")
-    return size
+        if isinstance(e, RemoteError):
+            raise
+        raise RemoteError(f"ckpt-{step} on {store.url}: {describe(e)}") from None
+    return sum(meta["size"] for meta in files.values())
 
 
 def _fetch_tree(store: Store, run_dir: str, names: tuple[str, ...]) -> None:
-    """Replace the local logs (or exports) by the store's."""
+    """Download the store's logs (or exports) into `run_dir`."""
     for name in names:
         for rel in store.find(name):
             store.get_file(f"{name}/{rel}", os.path.join(run_dir, name, rel))
@@ -61,11 +67,32 @@ def _fetch_tree(store: Store, run_dir: str, names: tuple[str, ...]) -> None:
             store.get_file(name, os.path.join(run_dir, name))
 
 
+def _swap_logs(store: Store, run_dir: str) -> None:
+    """The store's metrics.jsonl and TensorBoard logs in place of the local ones: fetched
+    into a staging directory first, so that a failed fetch changes nothing local."""
+    import shutil
+
+    staging = os.path.join(run_dir, f".remote-logs-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _fetch_tree(store, staging, LOGS)
+        for name in LOGS:
+            path, new = os.path.join(run_dir, name), os.path.join(staging, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+            if os.path.exists(new):
+                os.replace(new, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def bring_back(store: Store, run_dir: str, report=None) -> int | None:
     """If the store holds a committed checkpoint newer than `run_dir`'s newest (or the run
     directory is empty or missing), download the newest one that verifies, with metrics.jsonl
-    and the TensorBoard logs (cut back to its step on resume, like any resume). Returns its
-    step, or None when the local run is as new as the store's."""
+    and the TensorBoard logs swapped in before its manifest is written (cut back to its step on
+    resume, like any resume). Returns its step, or None when the local run is as new."""
     report = report or sys.stderr  # (looked up now: a sweep's job tees it to its train.log)
     ckpt_dir = os.path.join(run_dir, CKPT)
     have = local_newest(ckpt_dir)
@@ -73,19 +100,10 @@ def bring_back(store: Store, run_dir: str, report=None) -> int | None:
     for step in reversed(newer):
         t0 = time.monotonic()
         try:
-            size = _fetch_checkpoint(store, ckpt_dir, step)
+            size = _fetch_checkpoint(store, ckpt_dir, step, lambda: _swap_logs(store, run_dir))
         except RemoteError as e:
             print(f"warning: {e}; trying an older one", file=report)
             continue
-        for name in LOGS:  # whole files: the store's are the run's, up to at least `step`
-            path = os.path.join(run_dir, name)
-            if os.path.isdir(path):
-                import shutil
-
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-        _fetch_tree(store, run_dir, LOGS)
         print(
             f"remote: brought back ckpt-{step} from {store.url} ({size / 1e6:.1f} MB in "
             f"{time.monotonic() - t0:.1f} s) with metrics.jsonl and the TensorBoard logs",
@@ -125,7 +143,7 @@ def unusable(e: RemoteError):
     )
 
 
-def connect(url: str | None, run_dir: str, sweep: bool) -> Store | None:
+def connect(url: str | None, run_dir: str, sweep: bool, resume: str = "auto") -> Store | None:
     """checkpoint.remote at the start of a run: the run's store (a sweep's job: under the
     sweep's URL by its directory name), probed with a write, a read and a delete, and the run
     brought back from it when it holds a newer checkpoint. UserError (exit 2, one line)
@@ -142,9 +160,16 @@ def connect(url: str | None, run_dir: str, sweep: bool) -> Store | None:
         if sweep:
             store = store.child(os.path.basename(os.path.normpath(run_dir)))
         store.probe()
+        if resume == "never" and committed_steps(store):
+            raise UserError(
+                f"trainer.resume: received 'never' but {store.url} already holds checkpoints; "
+                "use another checkpoint.remote or trainer.resume=auto"
+            )
         bring_back(store, run_dir)
     except RemoteError as e:
         raise unusable(e) from None
+    except UserError:
+        raise
     except Exception as e:  # the store failed while bringing the run back
         raise UserError(
             f"checkpoint.remote: cannot bring the run back from {store.url} ({describe(e)}); "

@@ -4,8 +4,8 @@ library's standard environment and files (AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws/
 STORAGE_EMULATOR_HOST, GOOGLE_APPLICATION_CREDENTIALS...): none is ever read, printed or
 written here, and a URL that carries one is refused.
 
-Every upload is checked against what was sent: the object's size, and its MD5 where the
-store reports one (S3's ETag of a single-part upload, GCS's md5Hash)."""
+Every upload is checked against what was sent: the object's size, and on GCS its md5Hash
+(on S3, botocore sends a CRC32 of each PUT's body, which S3 checks before it stores it)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ def check_url(url: str) -> str | None:
             "received a URL with credentials or options in it; it would be written to the "
             "run's logs and config. Use the provider's environment variables or config files"
         )
-    import fsspec
-
+    try:
+        import fsspec
+    except ImportError:
+        return "needs the remote extra: pip install 'resumable-trainer[remote]'"
     if parts.scheme not in fsspec.available_protocols():
         known = ", ".join(p for p in ("s3", "gs", "file") if p in fsspec.available_protocols())
         return f"received {url!r}; unknown protocol {parts.scheme!r} (e.g. {known})"
@@ -82,6 +84,7 @@ class Store:
         except Exception as e:  # a missing library, a malformed URL
             raise RemoteError(f"{self.url}: {describe(e)}") from None
         self.root = self.root.rstrip("/")
+        self._md5 = protocol in ("gs", "gcs")  # a store that reports an MD5 to check against
 
     def child(self, name: str) -> Store:
         """The store of a sweep's job: `<url>/<name>`."""
@@ -104,7 +107,7 @@ class Store:
             with open(local, "rb") as f:
                 data = f.read()
             self.fs.pipe_file(self.path(rel), data)
-            self._check(rel, len(data), hashlib.md5(data).digest())
+            self._check(rel, len(data), hashlib.md5(data).digest() if self._md5 else None)
         else:
             self.fs.put_file(local, self.path(rel))
             self._check(rel, have, None)
@@ -112,7 +115,7 @@ class Store:
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self.path(rel), data)
-        self._check(rel, len(data), hashlib.md5(data).digest())
+        self._check(rel, len(data), hashlib.md5(data).digest() if self._md5 else None)
 
     def _check(self, rel: str, size: int, md5: bytes | None) -> None:
         with contextlib.suppress(AttributeError):
@@ -188,12 +191,10 @@ class Store:
 
 
 def _stored_md5(info: dict) -> bytes | None:
-    """The MD5 a store reports for an object, when it is one (not a multipart ETag)."""
+    """The MD5 a store reports for an object, where it is one: GCS's md5Hash. Not S3's
+    ETag: under SSE-KMS or SSE-C it is no MD5 of the data; there botocore sends a CRC32 of
+    each PUT's body that S3 checks before it stores the object."""
     if info.get("md5Hash"):  # GCS: base64
         with contextlib.suppress(ValueError):
             return base64.b64decode(info["md5Hash"])
-    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-    if len(etag) == 32 and "-" not in etag:  # S3 single-part upload: hex
-        with contextlib.suppress(ValueError):
-            return bytes.fromhex(etag)
     return None

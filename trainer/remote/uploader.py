@@ -83,6 +83,7 @@ class Uploader:
         self._cond = threading.Condition()
         self._pending: tuple[str, int, float] | None = None  # newest local commit to upload
         self._final = False  # upload the exports and the config too, then stop
+        self._extras: tuple[str, ...] = FINAL
         self._done_final = False
         self._busy = False
         self._closed = False
@@ -113,15 +114,22 @@ class Uploader:
         caught_up = self.remote_step >= self.local_step and self._pending is None
         return steps, 0.0 if caught_up else round(self.clock() - self.remote_since, 3)
 
-    def finish(self, timeout: float) -> tuple[str | None, float]:
-        """End of the run: wait up to `timeout` s for the newest checkpoint, the logs, the
-        exports and the config. Returns (problem or None, seconds waited)."""
-        t0 = self.clock()
+    def finish(self, timeout: float, extras: tuple[str, ...] = FINAL) -> tuple[str | None, float]:
+        """End of the run: wait up to `timeout` s for the newest checkpoint, the logs and
+        `extras` (the exports, the config, train.log). Returns (problem or None, seconds)."""
+        t0, said = self.clock(), False
         with self._cond:
-            self._final = True
+            self._final, self._extras = True, extras
             self._cond.notify_all()
             while not self._done_final and self.clock() - t0 < timeout:
                 self._cond.wait(timeout=min(0.5, max(0.01, timeout - (self.clock() - t0))))
+                if not said and self.clock() - t0 > 2 and not self._done_final:
+                    said = True  # (a preempted machine's grace period may be shorter)
+                    print(
+                        f"remote: waiting up to {timeout:g} s (checkpoint.remote_wait) for the "
+                        f"upload to {self.store.url}",
+                        file=sys.stderr,
+                    )
             done = self._done_final
             self._closed = True
             self._cond.notify_all()
@@ -213,9 +221,7 @@ class Uploader:
         sent: list[str] = []
         try:
             for fname, meta in sorted(files.items()):
-                if self._pending is not None:
-                    raise _Superseded
-                local = os.path.join(directory, fname)
+                local = os.path.join(directory, fname)  # (a newer one waits for this upload)
                 try:
                     if "sha256" in meta:
                         _check_sha256(local, meta["sha256"])
@@ -255,14 +261,17 @@ class Uploader:
         if job is not None:
             self._upload_checkpoint(*job)
         self._upload_logs()
-        for rel in _files_under(self.run_dir, FINAL):
+        for rel in _files_under(self.run_dir, self._extras):
             self.bytes_sent += self.store.put_file(os.path.join(self.run_dir, rel), rel)
         self._clean_leftovers()  # what an upload abandoned midway left (a store that failed)
 
     def _retire_remote(self) -> None:
         """Keep the newest max_to_keep committed checkpoints on the store: an older one loses
         its manifest first, so that a kill midway never leaves a committed partial one."""
-        for step in sorted(self._files)[: -self.max_to_keep]:  # (no listing: ~2 requests less)
+        newest = self.remote_step  # just committed: never retired; steps above it are another
+        stale = [s for s in self._files if s > newest]  # history's (this run resumed below them)
+        kept = sorted(s for s in self._files if s <= newest)[-self.max_to_keep :]
+        for step in stale + [s for s in sorted(self._files) if s <= newest and s not in kept]:
             manifest = f"ckpt-{step}{MANIFEST}"
             self.store.remove([f"{CKPT}/{manifest}"])
             self.store.remove(sorted(f"{CKPT}/{n}" for n in self._files.pop(step) if n != manifest))

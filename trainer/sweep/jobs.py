@@ -67,7 +67,8 @@ def _multirun(config: DictConfig) -> bool:
 
 def _execute(cfg: DictConfig, run_dir: str, record: Record) -> None:
     """Skip, resume or train one job; fill `record` with what happened."""
-    done = runinfo.finished(cfg, run_dir)
+    # (checkpoint.remote: through the run, which brings the store up to date if it is behind)
+    done = None if cfg.checkpoint.get("remote") else runinfo.finished(cfg, run_dir)
     if done is not None:  # read from its manifest: nothing of it is touched
         hydra_callbacks.restore()  # Hydra rewrote its .hydra/ before the job started
         record.status, record.step = "already_complete", done.step
@@ -96,6 +97,8 @@ def _execute(cfg: DictConfig, run_dir: str, record: Record) -> None:
     record.status = result.status
     if result.status == "completed" and result.resumed_from is not None:
         record.status = "resumed"
+    if outcome.code == 5:  # trained, but checkpoint.remote stayed behind: rerun to upload
+        record.status, record.error = "failed", outcome.error
 
 
 def run_job(cfg: DictConfig, run_dir: str) -> float | None:

@@ -109,6 +109,12 @@ def start(name: str, overrides: list[str], run_dir: str, out: str) -> Phase:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     log = os.path.join(out, "logs", f"{name}.log")
+    # checkpoint.remote: each run its own prefix (URL/reference, URL/resumed), as in a sweep
+    leaf = os.path.basename(os.path.normpath(run_dir))
+    overrides = [
+        f"{o.rstrip('/')}/{leaf}" if o.startswith("checkpoint.remote=") and "://" in o else o
+        for o in overrides
+    ]
     cmd = [sys.executable, "-m", "trainer", *overrides, _path_override("hydra.run.dir", run_dir)]
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
