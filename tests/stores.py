@@ -14,15 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import free_port
+
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # as the trainer does
 SECRET = "s3cr3t-Never-Logged-7f3a"  # the S3 secret key: must appear in no file of a run
 BUCKET = "runs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

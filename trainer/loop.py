@@ -209,10 +209,10 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
         if result.status == "completed":
             run.export()
     except BaseException:  # a failed run (a sweep's job) still closes its writers, log file
+        if run.uploader is not None:  # stopped first: the next run uploads what is missing
+            run.uploader.close()
         with contextlib.suppress(Exception):  # and temp dirs; the original error is raised
             run.close()
-            if run.uploader is not None:  # the next run uploads what the store misses
-                run.uploader.close()
         raise
     run.close()
     if run.uploader is not None:  # checkpoint.remote: the end of the run waits for the upload

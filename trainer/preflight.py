@@ -100,8 +100,10 @@ def check_inputs(cfg) -> None:
         path = check_file(data.path)
         if data.name == "csv":
             _check_csv_header(path, str(data.target))
-    if remote := cfg.checkpoint.get("remote"):
-        _check_remote(str(remote))
+    if remote := cfg.checkpoint.get("remote"):  # the URL, and a probe of the store (one line)
+        from trainer.remote.download import probed
+
+        probed(str(remote))
     keys = [*_TARGETS, "data._target_"] + [f"metrics[{i}]" for i in range(len(cfg.metrics))]
     for key in keys:
         value = OmegaConf.select(cfg, key.replace("[", ".").replace("]", ""), default=None)
@@ -115,25 +117,6 @@ def check_inputs(cfg) -> None:
                 f"{key}: received {value!r}; no module {top!r} on PYTHONPATH (add the "
                 "directory that holds it: PYTHONPATH=<dir> python -m trainer ...)"
             )
-
-
-_PROBED: set[str] = set()  # a sweep's jobs share their store: probed once
-
-
-def _check_remote(url: str) -> None:
-    """checkpoint.remote: the URL, and a probe object written, read and deleted (seconds
-    before TensorFlow would load; the run probes its own prefix again)."""
-    from trainer.remote.download import unusable
-    from trainer.remote.objects import RemoteError, Store, check_url
-
-    if problem := check_url(url):
-        raise UserError(f"checkpoint.remote: {problem}")
-    if url not in _PROBED:
-        try:
-            Store(url).probe()
-        except RemoteError as e:
-            raise unusable(e) from None
-        _PROBED.add(url)
 
 
 def _check_parts(cfg) -> None:

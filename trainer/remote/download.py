@@ -17,14 +17,10 @@ from trainer.remote.uploader import CKPT, FINAL, LOGS, MANIFEST, committed_steps
 def local_newest(ckpt_dir: str) -> int:
     """The step of the newest local checkpoint that has a manifest (-1: none). Verified
     later, as every checkpoint is before a resume (trainer/checkpoint/integrity.py)."""
-    with contextlib.suppress(FileNotFoundError):
-        steps = [
-            int(n[5 : -len(MANIFEST)])
-            for n in os.listdir(ckpt_dir)
-            if n.startswith("ckpt-") and n.endswith(MANIFEST) and n[5 : -len(MANIFEST)].isdigit()
-        ]
-        return max(steps, default=-1)
-    return -1
+    from trainer.checkpoint.manifest import MANIFEST_SUFFIX, list_checkpoints, step_of
+
+    have = [p for p in list_checkpoints(ckpt_dir) if os.path.exists(p + MANIFEST_SUFFIX)]
+    return max(map(step_of, have), default=-1)
 
 
 def _fetch_checkpoint(store: Store, ckpt_dir: str, step: int, before_commit=None) -> int:
@@ -143,13 +139,13 @@ def unusable(e: RemoteError):
     )
 
 
-def connect(url: str | None, run_dir: str, sweep: bool, resume: str = "auto") -> Store | None:
-    """checkpoint.remote at the start of a run: the run's store (a sweep's job: under the
-    sweep's URL by its directory name), probed with a write, a read and a delete, and the run
-    brought back from it when it holds a newer checkpoint. UserError (exit 2, one line)
-    when the URL is refused or the store cannot be used; nothing is trained then."""
-    if not url:
-        return None
+_PROBED: set[str] = set()  # stores probed by this process (preflight's, then the run's)
+
+
+def probed(url: str) -> Store:
+    """checkpoint.remote's URL checked and its store probed with a write, a read and a
+    delete, once per process: preflight probes before TensorFlow loads, the run reuses that
+    (a sweep's job probes its own prefix). UserError (exit 2, one line) when refused."""
     from trainer.config import UserError
     from trainer.remote.objects import check_url
 
@@ -157,17 +153,33 @@ def connect(url: str | None, run_dir: str, sweep: bool, resume: str = "auto") ->
         raise UserError(f"checkpoint.remote: {problem}")
     try:
         store = Store(url)
-        if sweep:
-            store = store.child(os.path.basename(os.path.normpath(run_dir)))
-        store.probe()
+        if store.url not in _PROBED:
+            store.probe()
+            _PROBED.add(store.url)
+    except RemoteError as e:
+        raise unusable(e) from None
+    return store
+
+
+def connect(url: str | None, run_dir: str, sweep: bool, resume: str = "auto") -> Store | None:
+    """checkpoint.remote at the start of a run: the run's store (a sweep's job: under the
+    sweep's URL by its directory name), probed (`probed`), and the run brought back from it
+    when it holds a newer checkpoint. UserError (exit 2, one line) when the URL is refused or
+    the store cannot be used; nothing is trained then."""
+    if not url:
+        return None
+    from trainer.config import UserError
+
+    if sweep:
+        url = f"{url.rstrip('/')}/{os.path.basename(os.path.normpath(run_dir))}"
+    store = probed(url)
+    try:
         if resume == "never" and committed_steps(store):
             raise UserError(
                 f"trainer.resume: received 'never' but {store.url} already holds checkpoints; "
                 "use another checkpoint.remote or trainer.resume=auto"
             )
         bring_back(store, run_dir)
-    except RemoteError as e:
-        raise unusable(e) from None
     except UserError:
         raise
     except Exception as e:  # the store failed while bringing the run back

@@ -86,10 +86,6 @@ class Store:
         self.root = self.root.rstrip("/")
         self._md5 = protocol in ("gs", "gcs")  # a store that reports an MD5 to check against
 
-    def child(self, name: str) -> Store:
-        """The store of a sweep's job: `<url>/<name>`."""
-        return Store(f"{self.url}/{name}")
-
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
