@@ -315,6 +315,20 @@ def test_of_two_failing_rows_the_one_trained_first_is_named(compose):
     assert problem is not None and f"reading row {early} of" in str(problem), e.value.message
 
 
+def test_a_read_started_after_a_row_failed_names_that_row(compose):
+    """Reads of 8-batch groups run 4 at once and tf.data reports the earliest group's error:
+    a read of an earlier group that only starts once a later group's row failed must name
+    that row too, not fail on its own (it used to say "source is closed", and the run ended
+    in a traceback)."""
+    from trainer.data.memory import load_data
+
+    data = load_data(compose([*SOURCE, "+data.fail_at=7"]).data)
+    with pytest.raises(UserError, match="reading row 7 of user_parts.make_source failed"):
+        data.read([5, 6, 7])
+    with pytest.raises(UserError, match="reading row 7 of user_parts.make_source failed"):
+        data.read([1, 2])
+
+
 def test_accumulation_logs_the_rate_each_step_trains_with(tmp_path, compose):
     """With gradient_accumulation_steps and a decaying schedule, the logged learning rate of
     each step is the one Keras applies: the schedule at the step counter."""

@@ -90,6 +90,7 @@ class SourceData:
         self._lock = threading.Lock()
         self._executor: _Readers | None = None
         self._closed, self._active = False, 0  # reads refused / reads in flight
+        self._failure: UserError | None = None  # the bad row that ended the reads
         atexit.register(self.close)
         SourceData.opened = True
 
@@ -214,13 +215,17 @@ class SourceData:
         The threads only call `source[i]`: the less Python each holds the GIL for, the more
         reads that wait on I/O overlap."""
         with self._lock:
+            if self._failure is not None:  # a read of an earlier batch, started after a
+                raise UserError(str(self._failure))  # later one failed: tf.data may report
+                # this read's error first (batches in step order), so it names that row too
             if self._closed:  # the run is ending: the stream's prefetching stops here
                 raise RuntimeError(f"data: {self.name} is closed")
             self._active += 1
         try:
             return self._read(ids)
-        except UserError:
-            self._closed = True  # a bad row ends the run: no further reads start
+        except UserError as e:
+            with self._lock:  # a bad row ends the run: no further reads start
+                self._failure = self._failure or e
             raise
         finally:
             with self._lock:
