@@ -9,11 +9,13 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, spawn, train, train_in_process
+from conftest import FAST, REPO, env, spawn, train, train_in_process
 from stores import GCS, S3, SECRET
 
 from trainer.checkpoint.manifest import list_checkpoints, verify
@@ -243,34 +245,159 @@ def test_sigkills_during_uploads_and_wiped_machines_resume_exactly(servers, reac
     assert not leftovers  # no files of an interrupted upload left behind
 
 
-def test_a_sweep_reruns_on_an_empty_machine_from_the_remote(servers, reach, tmp_path):
+def test_a_resumed_run_uploads_the_checkpoint_it_resumed_from(servers, reach, tmp_path):
+    """A run saved locally only (no remote then, or killed before its upload) resumes with a
+    remote: its checkpoint goes up at once, not at the next save, so a kill before that save
+    leaves it on the store."""
     server = reach(servers["s3"])
-    sweep = tmp_path / "sweep"
-    url = server.url("sweep")
-    args = ["-m", "trainer.seed=0,1", *FAST, f"checkpoint.remote={url}", f"hydra.sweep.dir={sweep}"]
+    run, url = tmp_path / "run", server.url("resumed")
+    assert train_in_process(run, *FAST, "trainer.stop_at=20").returncode == 0
+    proc = spawn(run, *FAST, "trainer.pause_at=25", f"checkpoint.remote={url}")
+    try:  # paused at 25: trained on, and saved nothing since it resumed
+        _wait_for("the pause at step 25", lambda: (run / "PAUSED").exists(), 120, proc)
+        _wait_for("ckpt-20 on the store", lambda: server.committed("resumed"), 60, proc)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert server.committed("resumed") == [20]
+
+
+def test_the_verifiers_chaos_mode_with_wiped_machines_matches_bit_for_bit(servers, reach, tmp_path):
+    """scripts/verify_resume.py as users run it: 4 SIGKILLs at random moments of an async
+    run uploading every checkpoint, its run directory wiped before the 2nd and 4th resumes
+    (each of those brings the run back from the store's newest commit, older than the local
+    one when the upload lagged); the end equals the uninterrupted run, bit for bit."""
     from conftest import run_cli
 
-    first = run_cli("trainer", *args)
-    assert first.returncode == 0, first.stderr[-3000:]
-    jobs = sorted(p.name for p in sweep.iterdir() if (p / "checkpoints").is_dir())
-    assert len(jobs) == 2
-    assert {o.split("/")[0] for o in server.objects("sweep")} >= set(jobs)
-    rows = {j: metrics_rows(sweep / j) for j in jobs}
-    shutil.rmtree(sweep)
-    again = run_cli("trainer", *args)
+    server = reach(servers["s3"])
+    url, out = server.url("verify"), tmp_path / "verify"
+    args = ["trainer.max_steps=3000", "trainer.eval_every=1000", "checkpoint.every=50"]
+    args += ["checkpoint.async=true", "checkpoint.remote_every_seconds=0"]
+    args += [f"checkpoint.remote={url}", "verify.interrupt=chaos", "verify.kills=4"]
+    args += ["verify.wipe=true", "verify.seed=5", "verify.window=0.3", f"verify.out={out}"]
+    r = run_cli("scripts/verify_resume.py", *args, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "RESULT: MATCH (bit for bit)" in r.stdout
+    wiped = [ln for ln in r.stdout.splitlines() if "(a fresh machine): the store holds ckpt-" in ln]
+    assert len(wiped) == 2, r.stdout[-3000:]
+    kills = json.loads((out / "report.json").read_text())["verify"]["kills"]
+    for k in (kills[1], kills[3]):  # brought back: resumed from what the store held
+        assert k["resumed_from"] and f"holds ckpt-{k['resumed_from']}" in r.stdout
+    assert server.committed("verify/resumed")[-1] == 3000
+    assert server.committed("verify/reference")[-1] == 3000
+
+
+def test_a_sweep_reruns_on_an_empty_machine_from_the_remote(servers, reach, tmp_path):
+    """A sweep killed in its second job, its machine then lost: the same command brings each
+    job back from the store; the complete one is skipped, the other resumes from its newest
+    upload, and both equal their runs alone."""
+    server = reach(servers["s3"])
+    sweep, url = tmp_path / "sweep", server.url("sweep")
+    long = ["trainer.max_steps=2000", "trainer.log_every=1", "trainer.eval_every=1000"]
+    long += ["checkpoint.every=100", "checkpoint.remote_every_seconds=0"]
+    args = ["-m", "trainer.seed=0,1", *long, f"checkpoint.remote={url}"]
+    cmd = [sys.executable, "-m", "trainer", *args, f"hydra.sweep.dir={sweep}"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, text=True)
+    job = {}  # seed -> the job's directory name (its overrides, sorted)
+
+    def second_job_trains():
+        job.update({s: d.name for s in (0, 1) for d in sweep.glob(f"*trainer.seed={s}*")})
+        return (
+            1 in job and server.committed(f"sweep/{job[1]}") and _logged_step(sweep / job[1]) > 450
+        )
+
+    try:  # the second job has a checkpoint on the store and trains on: a real SIGKILL now
+        _wait_for("the second job's upload", second_job_trains, timeout=240, proc=first)
+    finally:
+        first.kill()
+        first.wait()
+    held = server.committed(f"sweep/{job[1]}")
+    assert server.committed(f"sweep/{job[0]}")[-1] == 2000 and held[-1] < 2000
+    shutil.rmtree(sweep)  # the machine is gone
+
+    from conftest import run_cli
+
+    again = run_cli("trainer", *args, f"hydra.sweep.dir={sweep}", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("remote: brought back ckpt-40") == 2, again.stderr[-3000:]
-    assert "Resuming" not in again.stderr  # complete on the remote: nothing trained again
-    for j in jobs:
-        assert metrics_rows(sweep / j) == rows[j]
+    assert "remote: brought back ckpt-2000" in again.stderr, again.stderr[-3000:]
+    assert f"remote: brought back ckpt-{held[-1]}" in again.stderr, again.stderr[-3000:]
+    assert _resumed_from(again.stderr) == held[-1]  # the first job was not trained again
+    assert again.stdout.count("already complete (skipped)") == 1, again.stdout
+    for seed in (0, 1):
+        alone = tmp_path / f"alone{seed}"
+        assert train_in_process(alone, *long, f"trainer.seed={seed}").returncode == 0
+        assert metrics_rows(sweep / job[seed]) == metrics_rows(alone), seed
 
 
-def test_the_tools_read_a_remote_run(servers, reach, tmp_path):
+def _workers(run: Path, tmp: Path, *overrides: str) -> subprocess.Popen:
+    """Two local MultiWorkerMirrored workers (scripts/launch_local_workers.py) on `run`."""
+    tmp.mkdir(exist_ok=True)
+    cmd = [sys.executable, str(REPO / "scripts" / "launch_local_workers.py"), "2"]
+    cmd += ["--timeout", "200", "--grace", "20", "--", *overrides, f"hydra.run.dir={run}"]
+    e = {**env(), "TMPDIR": str(tmp)}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_multi_worker_resumes_on_a_fresh_machine_from_the_chiefs_uploads(servers, reach, tmp_path):
+    """The chief uploads; on a fresh machine it brings the run back while the other worker
+    waits, and both restore the same checkpoint: the run ends equal to one never moved."""
+    server = reach(servers["s3"])
+    ref, run, url = tmp_path / "ref", tmp_path / "run", server.url("workers")
+    ref_proc = _workers(ref, tmp_path / "tmp-ref", *FAST)  # uninterrupted, side by side
+    first = _workers(run, tmp_path / "tmp", *FAST, "trainer.stop_at=20", f"checkpoint.remote={url}")
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, out[-3000:]
+    assert out.count(f"remote: {url} holds ckpt-20") == 1  # the chief's upload alone
+    assert server.committed("workers") == [20]
+    shutil.rmtree(run)  # the machines are gone
+
+    again = _workers(run, tmp_path / "tmp", *FAST, f"checkpoint.remote={url}")
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert out.count(f"remote: brought back ckpt-20 from {url}") == 1, out[-3000:]
+    assert out.count("Resuming from step 20") == 2, out[-3000:]  # both workers restored it
+    assert ref_proc.wait(timeout=300) == 0
+    assert metrics_rows(run) == metrics_rows(ref)
+    assert compare_runs(str(run), str(ref))["ok"]
+    assert server.committed("workers") == [20, 40]
+    assert list((tmp_path / "tmp").iterdir()) == []  # the other worker's temp dir is gone
+
+
+def test_a_chief_that_cannot_bring_the_run_back_stops_every_worker_in_one_line(
+    servers, reach, tmp_path
+):
+    """trainer.resume=never against a store holding checkpoints: the chief refuses, and the
+    other worker, waiting for the chief's bring-back, stops with the chief's line."""
+    server = reach(servers["s3"])
+    url = server.url("workers-never")
+    assert train(tmp_path / "one", *FAST, f"checkpoint.remote={url}").returncode == 0
+    proc = _workers(
+        tmp_path / "run",
+        tmp_path / "tmp",
+        *FAST,
+        "trainer.resume=never",
+        f"checkpoint.remote={url}",
+    )
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, out[-3000:]
+    errors = [ln for ln in out.splitlines() if "error: trainer.resume: received 'never'" in ln]
+    assert len(errors) == 2 and sum("(on the chief)" in ln for ln in errors) == 1, out[-3000:]
+    assert "Traceback" not in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_tools_read_a_remote_run(servers, reach, tmp_path, monkeypatch):
     server = reach(servers["gs"])
     url = server.url("tools")
     r = train(tmp_path / "run", *FAST, f"checkpoint.remote={url}")
     assert r.returncode == 0, r.stderr[-2000:]
     from conftest import run_cli
+
+    scratch = tmp_path / "scratch"  # where the tools copy the remote run: emptied at their exit
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
 
     same = run_cli("scripts/compare_runs.py", url, str(tmp_path / "run"))
     assert same.returncode == 0 and "MATCH" in same.stdout, same.stdout + same.stderr
@@ -278,6 +405,7 @@ def test_the_tools_read_a_remote_run(servers, reach, tmp_path):
     rows = [ln.split() for ln in table.stdout.splitlines()[1:]]
     assert table.returncode == 0, table.stdout + table.stderr
     assert [(r[0], r[4]) for r in rows] == [("20", "yes"), ("40", "yes")], table.stdout
+    assert list(scratch.iterdir()) == []
 
 
 def test_a_file_url_is_a_store_too(tmp_path):

@@ -301,6 +301,8 @@ def test_broken_restore_is_caught(tmp_path, in_process_phases, capsys):
         (["verify.atol=-1"], "verify.atol: received -1.0"),
         (["trainer.stop_at=5"], "trainer.stop_at: received 5; verify_resume sets it"),
         (["trainer.resume=never"], "trainer.resume: received 'never'"),
+        (["verify.interrupt=chaos", "verify.wipe=true"], "verify.wipe: received true without"),
+        (["verify.wipe=true"], "verify.wipe: received true; allowed: with verify.interrupt=chaos"),
     ],
 )
 def test_bad_verify_config_is_refused(compose, tmp_path, overrides, message):

@@ -212,6 +212,7 @@ class VerifyConfig:
     kills: int = 3
     seed: int = 0
     window: float = 0.5
+    wipe: bool = False
 
 
 @dataclass

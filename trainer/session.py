@@ -64,19 +64,42 @@ def already_complete(step: int, run_dir: str, exports: dict | None = None) -> Ru
     )
 
 
-def _connect_remote(cfg: DictConfig, run_dir: str, chief: bool, sweep: bool):
-    """checkpoint.remote's store, probed, the run brought back from it (None: no remote)."""
+def _connect_remote(cfg: DictConfig, run_dir: str, place, sweep: bool):
+    """checkpoint.remote's store, probed, the run brought back from it (None: no remote, or
+    not the chief). Under multi-worker the chief brings the run back and the others wait for
+    it before they read the run directory, so every worker restores the same checkpoint."""
     url = cfg.checkpoint.get("remote")
-    if url and cfg.distribute.name == "multi_worker":  # every worker refuses: none waits
-        raise UserError(
-            "checkpoint.remote: not supported with distribute=multi_worker yet (the workers "
-            "would not restore from one brought-back checkpoint together; README, Limits)"
-        )
-    if not url or not chief:
+    if not url:
         return None
-    from trainer.remote.download import connect
+    remote, problem = None, None
+    if place.is_chief:
+        from trainer.remote.download import connect
 
-    return connect(str(url), run_dir, sweep, str(cfg.trainer.resume))
+        try:
+            remote = connect(str(url), run_dir, sweep, str(cfg.trainer.resume))
+        except UserError as e:
+            problem = e
+    if place.multi_worker:
+        problem = _agree_on_remote(problem, place.is_chief)
+    if problem is not None:
+        raise problem
+    return remote
+
+
+_REMOTE_READY = "resumable-trainer/remote-ready"  # the coordination service's key
+
+
+def _agree_on_remote(problem: UserError | None, chief: bool) -> UserError | None:
+    """The chief posts the outcome of its bring-back (an empty value: done) on the
+    coordination service tf.distribute runs for MultiWorkerMirroredStrategy; the others
+    block until it is there. A worker whose chief failed stops with the chief's line."""
+    from tensorflow.python.eager import context  # the service's key-value store
+
+    if chief:
+        context.context().set_config_key_value(_REMOTE_READY, str(problem or ""))
+        return problem
+    said = context.context().get_config_key_value(_REMOTE_READY)  # blocks until posted
+    return UserError(f"{said} (on the chief)") if said else None
 
 
 def _sync_remote(remote, cfg: DictConfig, latest, result: RunResult) -> RunResult:
@@ -144,8 +167,9 @@ class Session(LoopEvents):
         data = data_lib.load_data(cfg.data)
         print(f"task: {data.task} ({data.task_reason})", file=sys.stderr)
         # checkpoint.remote: probed, and the run brought back from it if it holds a newer
-        # checkpoint (a fresh machine); the chief's alone (README, "Object storage")
-        remote = _connect_remote(cfg, run_dir, place.is_chief, sweep=not experiment)
+        # checkpoint (a fresh machine), by the chief; the other workers wait for it here
+        # (README, "Object storage")
+        remote = _connect_remote(cfg, run_dir, place, sweep=not experiment)
         # Verify the checkpoints, refuse an incompatible config, move bad ones aside: all
         # before the CheckpointManager reads its state file.
         latest = integrity.recover(
@@ -193,6 +217,8 @@ class Session(LoopEvents):
 
             every = cfg.checkpoint.get("remote_every_seconds", 60.0)
             run.uploader = Uploader(remote, run_dir, int(cfg.checkpoint.max_to_keep), every)
+            if latest is not None:  # the store may lack it (its run was killed before)
+                run.uploader.resumed(latest.prefix, latest.step)
             store.on_commit = run.uploader.committed
         return run
 

@@ -3,9 +3,11 @@ run resumes) and into a local copy for the tools that read runs (`local_copy`)."
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -66,8 +68,6 @@ def _fetch_tree(store: Store, run_dir: str, names: tuple[str, ...]) -> None:
 def _swap_logs(store: Store, run_dir: str) -> None:
     """The store's metrics.jsonl and TensorBoard logs in place of the local ones: fetched
     into a staging directory first, so that a failed fetch changes nothing local."""
-    import shutil
-
     staging = os.path.join(run_dir, f".remote-logs-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -111,9 +111,12 @@ def bring_back(store: Store, run_dir: str, report=None) -> int | None:
 
 def local_copy(url: str, into: str | None = None) -> str:
     """A local directory holding remote run `url`: its committed checkpoints, logs, config
-    and exports (for verify_resume.py, compare_runs.py, inspect_checkpoints.py)."""
+    and exports (for verify_resume.py, compare_runs.py, inspect_checkpoints.py). Without
+    `into`, a temporary directory, deleted when the process exits."""
     store = Store(url)
-    into = into or tempfile.mkdtemp(prefix="trainer-remote-")
+    if into is None:
+        into = tempfile.mkdtemp(prefix="trainer-remote-")
+        atexit.register(shutil.rmtree, into, True)
     try:
         steps = committed_steps(store)
         if not steps and not store.list("") and not store.find(LOGS[1]):

@@ -87,6 +87,7 @@ class Uploader:
         self._done_final = False
         self._busy = False
         self._closed = False
+        self._resume: tuple[str, int] | None = None  # see resumed()
         self._sent: dict[str, int] = {}  # log file -> bytes already on the store
         self.remote_step, self.remote_since = -1, clock()
         self.local_step = -1
@@ -106,6 +107,13 @@ class Uploader:
             self._pending = (prefix, step, self.clock())
             self.local_step = max(self.local_step, step)
             self._cond.notify_all()
+
+    def resumed(self, prefix: str, step: int) -> None:
+        """The local checkpoint this run resumes from: uploaded first if the store lacks it
+        (an earlier run killed before its upload, whose store was down, or had no remote)."""
+        with self._cond:
+            self._resume = (prefix, step)
+            self.local_step = max(self.local_step, step)
 
     def lag(self, step: int) -> tuple[int, float]:
         """(steps, seconds) the store is behind `step`: seconds since it last held the newest
@@ -153,6 +161,9 @@ class Uploader:
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
         self._retry("clean up", self._clean_leftovers)
+        with self._cond:  # (a commit since start is newer: it goes instead)
+            if self._resume and self._resume[1] not in self._files and self._pending is None:
+                self._pending = (*self._resume, self.clock())
         while True:
             with self._cond:
                 while self._pending is None and not self._closed and not self._final:

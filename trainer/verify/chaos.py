@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
+
+from trainer.config import UserError
 
 KINDS = ("mid-chunk", "checkpoint-write", "log-flush")
 _POLL = 0.0005  # seconds between looks at the run directory while a moment is awaited
@@ -34,6 +37,69 @@ class Kill:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def check(cfg) -> None:
+    """The chaos keys of the verify group; UserError if one is out of range."""
+    v = cfg.verify
+    if not v.kills >= 1:
+        raise UserError(f"verify.kills: received {v.kills}; allowed: an integer >= 1")
+    if not v.window >= 0:
+        raise UserError(f"verify.window: received {v.window}; allowed: seconds >= 0")
+    if v.get("wipe") and not cfg.checkpoint.get("remote"):
+        raise UserError(
+            "verify.wipe: received true without checkpoint.remote; allowed: true with a "
+            "store (a wiped run directory comes back from it), else false"
+        )
+
+
+def remote_override(override: str, run_dir: str) -> str:
+    """checkpoint.remote=URL as one of verify_resume's runs gets it: URL/<its directory name>
+    (URL/reference, URL/resumed), so that the two runs keep apart as a sweep's jobs do."""
+    if not (override.startswith("checkpoint.remote=") and "://" in override):
+        return override
+    return f"{override.rstrip('/')}/{os.path.basename(os.path.normpath(run_dir))}"
+
+
+def _store_of(run_dir: str, overrides: list[str]):
+    from trainer.remote.objects import Store
+
+    urls = [remote_override(o, run_dir) for o in overrides if o.startswith("checkpoint.remote=")]
+    return Store(urls[-1].split("=", 1)[1])
+
+
+def store_holds_one(run_dir: str, overrides: list[str], every: float = 0.2):
+    """A check for kill_at_random's `ready`: the run's store holds a committed checkpoint (so
+    that the wipe after this kill tests a bring-back, not a start from scratch); asked of the
+    store at most every `every` seconds."""
+    from trainer.remote.uploader import committed_steps
+
+    store, last = _store_of(run_dir, overrides), [0.0]
+
+    def ready() -> bool:
+        if time.monotonic() - last[0] < every:
+            return False
+        last[0] = time.monotonic()
+        try:
+            return bool(committed_steps(store))
+        except Exception:  # the store failing: not yet
+            return False
+
+    return ready
+
+
+def wipe(run_dir: str, overrides: list[str], say) -> int | None:
+    """verify.wipe: the machine is lost before this resume. `run_dir` is deleted; the step of
+    the store's newest committed checkpoint (the one the next run must bring back), or None."""
+    from trainer.remote.uploader import committed_steps
+
+    shutil.rmtree(run_dir)
+    steps = committed_steps(_store_of(run_dir, overrides))
+    say(
+        f"[2/3] wiped {run_dir} (a fresh machine): the store holds "
+        f"{f'ckpt-{steps[-1]}' if steps else 'no committed checkpoint'}"
+    )
+    return steps[-1] if steps else None
 
 
 def plan(kills: int, seed: int) -> list[str]:
@@ -117,13 +183,15 @@ def kill_at_random(
     need_checkpoint: bool = False,
     log: str | None = None,
     not_before: int = 0,
+    ready=None,
 ) -> Kill | None:
     """Wait for `proc` to train, then a random time in [0, window), then the moment `kind`;
     SIGKILL it. None if the process ended first (nothing left to kill). `need_checkpoint`:
     first wait until the run has a good checkpoint (the last kill: so that the final run
     resumes from one, rather than start over). `log`: the file the process's output goes to
     (where it says it has dropped an earlier process's logs). `not_before`: nor before the
-    process has logged a step past this one (a kill in a chosen part of the run)."""
+    process has logged a step past this one (a kill in a chosen part of the run). `ready`:
+    nor before it returns True (verify.wipe: the store holds a committed checkpoint)."""
     resumed_at = newest_step(run_dir) or 0
     metrics = os.path.join(run_dir, "metrics.jsonl")
     # Logs an earlier process left past `resumed_at` are dropped by this one as it starts,
@@ -131,7 +199,8 @@ def kill_at_random(
     # they are gone: only after that line is a logged step past `resumed_at` this process's
     # own. (Two looks at the file, its last step and its mtime, are not one moment: on a
     # loaded machine the truncation fell between them and a kill landed before the resume.)
-    stale = resumed_at > 0 or (last_logged_step(run_dir) or 0) > 0
+    # (`not_before`: a run directory just wiped, brought back from the store as it starts)
+    stale = resumed_at > 0 or not_before > 0 or (last_logged_step(run_dir) or 0) > 0
     while True:  # this process trains: it logged a step past its checkpoint (after truncating)
         if proc.poll() is not None or time.monotonic() > deadline:
             return None
@@ -139,7 +208,7 @@ def kill_at_random(
             stale = not _said(log, ("Resuming from step", "Starting from step 0"))
         step = last_logged_step(run_dir)
         if not stale and step is not None and step > max(resumed_at, not_before):
-            if not need_checkpoint or _has_checkpoint(run_dir):
+            if (not need_checkpoint or _has_checkpoint(run_dir)) and (ready is None or ready()):
                 break
         time.sleep(0.002)
     delay = rng.uniform(0.0, window)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from trainer.config import UserError, validate
+from trainer.verify import chaos as chaos_lib
 
 MODES = ("stop", "sigterm", "sigkill", "chaos")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,10 +55,9 @@ def check(cfg: DictConfig, out: str) -> None:
         raise UserError(f"verify.interrupt: received {v.interrupt!r}; allowed: {' | '.join(MODES)}")
     validate(cfg)
     if v.interrupt == "chaos":
-        if not v.kills >= 1:
-            raise UserError(f"verify.kills: received {v.kills}; allowed: an integer >= 1")
-        if not v.window >= 0:
-            raise UserError(f"verify.window: received {v.window}; allowed: seconds >= 0")
+        chaos_lib.check(cfg)
+    elif v.get("wipe"):
+        raise UserError("verify.wipe: received true; allowed: with verify.interrupt=chaos only")
     elif not 0 < v.interrupt_at < tc.max_steps:
         raise UserError(
             f"verify.interrupt_at: received {v.interrupt_at}; allowed: a step in "
@@ -109,12 +109,7 @@ def start(name: str, overrides: list[str], run_dir: str, out: str) -> Phase:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     log = os.path.join(out, "logs", f"{name}.log")
-    # checkpoint.remote: each run its own prefix (URL/reference, URL/resumed), as in a sweep
-    leaf = os.path.basename(os.path.normpath(run_dir))
-    overrides = [
-        f"{o.rstrip('/')}/{leaf}" if o.startswith("checkpoint.remote=") and "://" in o else o
-        for o in overrides
-    ]
+    overrides = [chaos_lib.remote_override(o, run_dir) for o in overrides]  # URL/<run>
     cmd = [sys.executable, "-m", "trainer", *overrides, _path_override("hydra.run.dir", run_dir)]
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
@@ -193,7 +188,6 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
     import random
 
     from trainer.checkpoint.manifest import step_of
-    from trainer.verify import chaos as chaos_lib
     from trainer.verify import compare
 
     v = cfg.verify
@@ -207,7 +201,10 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
 
     for i, kind in enumerate(chaos_lib.plan(int(v.kills), int(v.seed))):
         before = newest(run_dir)
+        if v.get("wipe") and i % 2:  # every other resume on a fresh machine, from the store
+            before = chaos_lib.wipe(run_dir, overrides, say)
         phase = start(f"chaos-{i + 1}", overrides, run_dir, out)
+        wipe_next = v.get("wipe") and i % 2 == 0 and i + 1 < int(v.kills)
         try:
             kill = chaos_lib.kill_at_random(
                 phase.proc,
@@ -219,6 +216,9 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
                 newest,
                 need_checkpoint=i == int(v.kills) - 1,
                 log=phase.log,
+                not_before=before or 0,
+                # the kill before a wipe waits for the store to hold a checkpoint
+                ready=chaos_lib.store_holds_one(run_dir, overrides) if wipe_next else None,
             )
             if kill is None:
                 finish(phase, timeout, expect=())  # ended before the kill: report how
