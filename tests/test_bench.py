@@ -42,6 +42,8 @@ def test_bench_writes_bench_json_with_the_ratios(tmp_path):
     # checkpoint.remote: a real upload against a plain put (the loop's cost is not run: too short)
     assert result["upload_vs_put"] > 0 and result["remote"]["checkpoint_mb"] > 0
     assert "upload_vs_put" in proc.stdout and "remote_cost_ratio" in proc.stdout
+    # the headline: too short a run for a save's cost in smoke mode, but named, with the step
+    assert "save_cost_ms" in proc.stdout and result["checkpoints"]["step_ms"] > 0
 
 
 def test_cost_per_save_charges_the_windows_after_each_save():
