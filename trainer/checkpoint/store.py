@@ -33,6 +33,7 @@ import tensorflow as tf
 from trainer import nonfinite
 from trainer.checkpoint.async_save import AsyncCheckpointWriter, refuse_nonfinite
 from trainer.checkpoint.files import fsync_path, sha256_file, write_text_atomic
+from trainer.checkpoint.manager import SIZES, Manager
 from trainer.checkpoint.manifest import (
     MANIFEST_SUFFIX,
     Verdict,
@@ -44,54 +45,6 @@ from trainer.config import UserError
 
 TRASH_DIR = ".deleting"  # checkpoints/.deleting/: retention's deletions, finished in the background
 DEFER_BYTES = 32 << 20  # retention deletes smaller checkpoints in place
-
-
-class _Manager(tf.train.CheckpointManager):
-    """tf.train.CheckpointManager, with two of its save's costs cut.
-
-    Profiled on an asynchronous write of the default model, where the writer's thread competes
-    with training for the CPU: together ~0.8 ms of a ~3 ms write.
-    - TensorFlow writes the state file twice per save: before its retention sweep (so that
-      a preemption during the sweep finds the new checkpoint listed) and after. Here it is
-      written after only. Resume does not go by the state file to find checkpoints (the
-      manifests decide which are good), and integrity.recover rewrites it when it misses
-      the newest good one, before the manager reads it; a kill between retention and the
-      write is tested in tests/test_checkpoints.py.
-    - The sweep hands each retired checkpoint to `retire(prefix)` (CheckpointStore._retire),
-      which finds its files with one directory listing, where TensorFlow globs each pattern.
-
-    Which checkpoints the sweep retires, and which keep_checkpoint_every_n_hours preserves, is
-    TensorFlow's `_sweep` logic, copied from TF 2.21 (tested with a clock that the test
-    sets).
-    """
-
-    def __init__(self, *args, retire, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._retire = retire
-        self._swept = True  # False from the start of a save until its sweep
-
-    def save(self, checkpoint_number=None, check_interval=True, options=None):
-        self._swept = False
-        try:
-            return super().save(checkpoint_number, check_interval, options)
-        finally:
-            self._swept = True
-
-    def _record_state(self):
-        if self._swept:  # the call before the sweep is skipped (see the class docstring)
-            super()._record_state()
-
-    def _sweep(self):
-        self._swept = True
-        if not self._max_to_keep:
-            return
-        while len(self._maybe_delete) > self._max_to_keep:
-            prefix, timestamp = self._maybe_delete.popitem(last=False)
-            hours = self._keep_checkpoint_every_n_hours
-            if hours and timestamp - hours * 3600.0 >= self._last_preserved_timestamp:
-                self._last_preserved_timestamp = timestamp
-                continue
-            self._retire(prefix)
 
 
 def _empty_trash(trash: str) -> None:
@@ -144,7 +97,7 @@ class CheckpointStore:
         # checkpoint.async: snapshot in save(), write on a background thread (async_save.py)
         self.async_writer = AsyncCheckpointWriter(checkpoint) if async_write else None
         self.manager = (
-            _Manager(
+            Manager(
                 checkpoint,
                 directory,
                 max_to_keep=max_to_keep,
@@ -256,15 +209,29 @@ class CheckpointStore:
         if self.async_writer is not None:
             self.async_writer.wait()
         self._join_deleter()
+        self._flush_state()
 
     @contextlib.contextmanager
     def pending_writes(self):
-        """A context manager that, on exit, waits for the last background write and deletion."""
+        """A context manager that, on exit, waits for the last background write and deletion
+        (and brings the state file up to date)."""
         try:
             with self.async_writer.pending() if self.async_writer else contextlib.nullcontext():
                 yield self
         finally:
             self._join_deleter()
+            self._flush_state()
+
+    def _flush_state(self) -> None:
+        if self.manager is not None:
+            try:
+                self.manager.flush_state()
+            except (OSError, tf.errors.OpError) as e:  # resume does not need it: say so, go on
+                print(
+                    f"warning: could not write {self.directory}/checkpoint ({e}); "
+                    "TensorFlow's tools may not see the newest checkpoint until the next run",
+                    file=sys.stderr,
+                )
 
     def _write(self, step: int, before_write=None) -> None:
         self._join_deleter()
@@ -364,10 +331,8 @@ class CheckpointStore:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(prefix + MANIFEST_SUFFIX)
             raise
-        verdict = verify(prefix, hashes=False)  # sizes re-read from disk: a cheap read-back
-        if not verdict.ok:
-            os.remove(prefix + MANIFEST_SUFFIX)  # not a good checkpoint: leave it "incomplete"
-            raise OSError(f"{prefix} failed verification right after writing: {verdict.reason}")
+        # (no read-back: the sizes above were read from disk after the files were synced)
+        SIZES[prefix] = sum(f["size"] for f in files.values())
 
     def _sweep_manifests(self) -> None:
         """Drop every manifest whose checkpoint has no index: what a run killed during
