@@ -57,6 +57,8 @@ def one_run(code: str, overrides: list[str], steps: int, every: int, workdir: st
         *overrides,
     ]
     env = {**os.environ, "PYTHONPATH": code}
+    env.update(o[4:].split("=", 1) for o in args if o.startswith("env:"))  # env:NAME=VALUE
+    args = [o for o in args if not o.startswith("env:")]
     cmd = [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -86,7 +88,8 @@ def main() -> None:
         action="append",
         required=True,
         metavar=("NAME REV", "OVERRIDE"),
-        help="a name, a git revision, then `python -m trainer` overrides",
+        help="a name, a git revision, then `python -m trainer` overrides (env:NAME=VALUE: an "
+        "environment variable of that run)",
     )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=16_000)

@@ -4,6 +4,7 @@ holds it with its optimizer (trainer/optim.py) and metrics (trainer/losses.py)."
 from __future__ import annotations
 
 import inspect
+import sys
 
 import keras
 import tensorflow as tf
@@ -22,10 +23,28 @@ def setup_runtime(cfg: DictConfig) -> None:
     same variable paths (the checkpoint's keys) in every process, and in every run of one
     process (tests, sweeps): `dense`, not `dense_7`.
     """
+    _set_threads(int(cfg.trainer.get("inter_op_threads", 0)))
     keras.utils.clear_session(free_memory=False)
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
+
+
+def _set_threads(inter_op: int) -> None:
+    """trainer.inter_op_threads, before TensorFlow's runtime starts (its first op). A process
+    that already ran one (tests, sweeps in one process) keeps the pools it has, and says so
+    when they differ."""
+    if tf.config.threading.get_inter_op_parallelism_threads() == inter_op:
+        return
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:  # "... cannot be modified after initialization"
+        print(
+            f"warning: trainer.inter_op_threads={inter_op} not applied: TensorFlow's runtime "
+            "already started in this process with "
+            f"{tf.config.threading.get_inter_op_parallelism_threads()}",
+            file=sys.stderr,
+        )
 
 
 def _import_class(path: str):

@@ -53,6 +53,8 @@ class TrainerConfig:
     precision: str = "float32"
     on_nonfinite: str = "stop"
     max_rollbacks: int = 3
+    inter_op_threads: int = 0
+    jit_compile: bool = False
 
 
 # `async` is a Python keyword, so this schema cannot be written as a `class` body; the
@@ -311,6 +313,12 @@ def validate(cfg: DictConfig) -> None:
             raise _bad(key, value, "an integer > 0")
     if cfg.trainer.get("max_rollbacks", 0) < 0:
         raise _bad("trainer.max_rollbacks", cfg.trainer.max_rollbacks, "an integer >= 0")
+    if cfg.trainer.get("inter_op_threads", 0) < 0:
+        raise _bad(
+            "trainer.inter_op_threads",
+            cfg.trainer.inter_op_threads,
+            "0 (TensorFlow's choice) or more",
+        )
     lr = cfg.optimizer.get("learning_rate")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
         raise _bad("optimizer.learning_rate", lr, "a finite number > 0")

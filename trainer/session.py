@@ -243,6 +243,7 @@ class Session(LoopEvents):
             self.batch,
             metrics=objective.train_metrics,
             log_every=self.log_every,
+            jit_compile=bool(cfg.trainer.get("jit_compile", False)),
         )
         try:  # traced here, before the first step: the parts meet for the first time
             self._chunk = self._new_chunk()

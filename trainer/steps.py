@@ -11,7 +11,15 @@ from trainer.tfcall import flat_caller
 
 
 def make_chunk_fn(
-    strategy, model, optimizer, loss_fn, metric_fn, global_batch: int, metrics=(), log_every=1
+    strategy,
+    model,
+    optimizer,
+    loss_fn,
+    metric_fn,
+    global_batch: int,
+    metrics=(),
+    log_every=1,
+    jit_compile=False,
 ):
     """`for_iterator(iterator)` -> `chunk(k)` (a traced tf.function, called through its concrete
     function: `k` must be an int32 scalar tensor) running `k` train steps on batches
@@ -19,7 +27,8 @@ def make_chunk_fn(
     norm, metric and learning rate, then each of `metrics` (Keras metrics, their result since
     the last step that was a multiple of `log_every`: they are reset after such a step); and
     a [k] float64 tensor: per step the `batch_ids_hash` of its global batch (the sum of its
-    rows' id terms, trainer/data/memory.py). No eager ops.
+    rows' id terms, trainer/data/memory.py). No eager ops. `jit_compile`: the step (model,
+    gradients, optimizer update) compiled by XLA.
 
     The iterator is captured, not passed: an iterator argument is bound again on every call
     (its type spec hashed), ~0.1 ms of the ~2 ms a 10-step chunk takes (profiled). A new
@@ -46,6 +55,9 @@ def make_chunk_fn(
             tf.reduce_sum(metric_fn(y, pred)) / global_batch,
             tf.reduce_sum(id_terms),
         )
+
+    if jit_compile:  # trainer.jit_compile: each step one XLA cluster (the loop around it is not)
+        step_fn = tf.function(step_fn, jit_compile=True, autograph=False)
 
     def for_iterator(iterator):
         # called through its concrete function: tf.function's per-call dispatch was ~0.1 ms
