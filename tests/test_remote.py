@@ -264,7 +264,7 @@ def test_a_resumed_run_uploads_the_checkpoint_it_resumed_from(servers, reach, tm
 
 def test_the_verifiers_chaos_mode_with_wiped_machines_matches_bit_for_bit(servers, reach, tmp_path):
     """scripts/verify_resume.py as users run it: 4 SIGKILLs at random moments of an async
-    run uploading every checkpoint, its run directory wiped before the 2nd and 4th resumes
+    run uploading every checkpoint, its run directory wiped before the 1st and 3rd resumes
     (each of those brings the run back from the store's newest commit, older than the local
     one when the upload lagged); the end equals the uninterrupted run, bit for bit."""
     from conftest import run_cli

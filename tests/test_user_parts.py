@@ -317,16 +317,19 @@ def test_of_two_failing_rows_the_one_trained_first_is_named(compose):
 
 def test_a_read_started_after_a_row_failed_names_that_row(compose):
     """Reads of 8-batch groups run 4 at once and tf.data reports the earliest group's error:
-    a read of an earlier group that only starts once a later group's row failed must name
-    that row too, not fail on its own (it used to say "source is closed", and the run ended
-    in a traceback)."""
+    a read of an earlier group that only starts once a later group's row failed names that
+    row, or its own bad row if it has one (it used to say "source is closed", and the run
+    ended in a traceback)."""
     from trainer.data.memory import load_data
 
-    data = load_data(compose([*SOURCE, "+data.fail_at=7"]).data)
+    data = load_data(compose([*SOURCE, "+data.fail_at=[7,9]"]).data)
     with pytest.raises(UserError, match="reading row 7 of user_parts.make_source failed"):
         data.read([5, 6, 7])
     with pytest.raises(UserError, match="reading row 7 of user_parts.make_source failed"):
         data.read([1, 2])
+    # a read whose own rows fail names its own row (its group may be the earlier one)
+    with pytest.raises(UserError, match="reading row 9 of user_parts.make_source failed"):
+        data.read([8, 9])
 
 
 def test_accumulation_logs_the_rate_each_step_trains_with(tmp_path, compose):

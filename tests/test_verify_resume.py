@@ -303,6 +303,15 @@ def test_broken_restore_is_caught(tmp_path, in_process_phases, capsys):
         (["trainer.resume=never"], "trainer.resume: received 'never'"),
         (["verify.interrupt=chaos", "verify.wipe=true"], "verify.wipe: received true without"),
         (["verify.wipe=true"], "verify.wipe: received true; allowed: with verify.interrupt=chaos"),
+        (
+            [
+                "verify.interrupt=chaos",
+                "verify.wipe=true",
+                "verify.kills=1",
+                "checkpoint.remote=file:///tmp/store",
+            ],
+            "verify.wipe: received true with verify.kills=1",
+        ),
     ],
 )
 def test_bad_verify_config_is_refused(compose, tmp_path, overrides, message):

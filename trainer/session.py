@@ -6,6 +6,7 @@ happens on them is trainer/events.py; when it happens, trainer/loop.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -80,26 +81,45 @@ def _connect_remote(cfg: DictConfig, run_dir: str, place, sweep: bool):
         except UserError as e:
             problem = e
     if place.multi_worker:
-        problem = _agree_on_remote(problem, place.is_chief)
+        problem = _agree_on_remote(problem, place.is_chief, run_dir)
     if problem is not None:
         raise problem
     return remote
 
 
-_REMOTE_READY = "resumable-trainer/remote-ready"  # the coordination service's key
-
-
-def _agree_on_remote(problem: UserError | None, chief: bool) -> UserError | None:
+def _agree_on_remote(problem: UserError | None, chief: bool, run_dir: str) -> UserError | None:
     """The chief posts the outcome of its bring-back (an empty value: done) on the
-    coordination service tf.distribute runs for MultiWorkerMirroredStrategy; the others
-    block until it is there. A worker whose chief failed stops with the chief's line."""
-    from tensorflow.python.eager import context  # the service's key-value store
+    coordination service tf.distribute runs for MultiWorkerMirroredStrategy; the others wait
+    for it (polling, so that a signal still gets through). Then all meet at a barrier before
+    the chief goes on or stops, so that no worker asks a service that has gone. A worker whose
+    chief refused stops with the chief's line; one whose chief died, with its own."""
+    from tensorflow.python.eager import context  # the service's key-value store and barriers
 
+    ctx = context.context()
+    key = f"resumable-trainer/remote-ready/{os.path.abspath(run_dir)}"  # one per run
     if chief:
-        context.context().set_config_key_value(_REMOTE_READY, str(problem or ""))
-        return problem
-    said = context.context().get_config_key_value(_REMOTE_READY)  # blocks until posted
-    return UserError(f"{said} (on the chief)") if said else None
+        ctx.set_config_key_value(key, str(problem or ""))
+    else:
+        said = None
+        while said is None:
+            try:
+                said = ctx.get_config_key_value(key, timeout_in_ms=1000)
+            except tf.errors.DeadlineExceededError:
+                continue  # not posted yet: the chief is still bringing the run back
+            except tf.errors.OpError as e:
+                raise UserError(
+                    "checkpoint.remote: the chief stopped before it brought the run back "
+                    f"({type(e).__name__}); see its output"
+                ) from None
+        problem = UserError(f"{said} (on the chief)") if said else None
+    try:
+        ctx.wait_at_barrier(f"{key}/read", 120_000)
+    except tf.errors.OpError:  # a worker gone: the launcher ends the others
+        pass
+    if chief:
+        with contextlib.suppress(tf.errors.OpError):
+            ctx.delete_config_key_value(key)
+    return problem
 
 
 def _sync_remote(remote, cfg: DictConfig, latest, result: RunResult) -> RunResult:
@@ -216,9 +236,9 @@ class Session(LoopEvents):
             from trainer.remote.uploader import Uploader
 
             every = cfg.checkpoint.get("remote_every_seconds", 60.0)
-            run.uploader = Uploader(remote, run_dir, int(cfg.checkpoint.max_to_keep), every)
-            if latest is not None:  # the store may lack it (its run was killed before)
-                run.uploader.resumed(latest.prefix, latest.step)
+            resumed = (latest.prefix, latest.step) if latest is not None else None
+            keep = int(cfg.checkpoint.max_to_keep)
+            run.uploader = Uploader(remote, run_dir, keep, every, resumed=resumed)
             store.on_commit = run.uploader.committed
         return run
 

@@ -215,16 +215,17 @@ class SourceData:
         The threads only call `source[i]`: the less Python each holds the GIL for, the more
         reads that wait on I/O overlap."""
         with self._lock:
-            if self._failure is not None:  # a read of an earlier batch, started after a
-                raise UserError(str(self._failure))  # later one failed: tf.data may report
-                # this read's error first (batches in step order), so it names that row too
             if self._closed:  # the run is ending: the stream's prefetching stops here
                 raise RuntimeError(f"data: {self.name} is closed")
+            failed = self._failure
             self._active += 1
         try:
-            return self._read(ids)
+            rows = self._read(ids)
+            if failed is not None:  # another group's row failed before this read started:
+                raise UserError(str(failed))  # tf.data reports the error of the earliest
+            return rows  # group in step order, this one's maybe: it names that row too
         except UserError as e:
-            with self._lock:  # a bad row ends the run: no further reads start
+            with self._lock:  # the first bad row: reads that start after it name it too
                 self._failure = self._failure or e
             raise
         finally:

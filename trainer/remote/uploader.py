@@ -74,7 +74,11 @@ class Uploader:
         max_to_keep: int,
         every_seconds: float = 0.0,
         clock=time.monotonic,
+        resumed: tuple[str, int] | None = None,
     ):
+        """`resumed`: (prefix, step) of the local checkpoint this run resumes from, uploaded
+        first if the store lacks it and holds nothing newer (an earlier run killed before
+        its upload, or whose store was down, or run without the remote)."""
         self.store, self.run_dir, self.max_to_keep = store, run_dir, max(1, int(max_to_keep))
         self.every_seconds = float(every_seconds or 0.0)  # checkpoint.remote_every_seconds
         self.clock = clock
@@ -87,10 +91,10 @@ class Uploader:
         self._done_final = False
         self._busy = False
         self._closed = False
-        self._resume: tuple[str, int] | None = None  # see resumed()
+        self._resume = resumed
         self._sent: dict[str, int] = {}  # log file -> bytes already on the store
         self.remote_step, self.remote_since = -1, clock()
-        self.local_step = -1
+        self.local_step = resumed[1] if resumed else -1
         self.outage: str | None = None  # the store's current problem, if any
         self.skipped = 0  # intermediate checkpoints never uploaded (the store was slower)
         self.uploaded = 0
@@ -107,13 +111,6 @@ class Uploader:
             self._pending = (prefix, step, self.clock())
             self.local_step = max(self.local_step, step)
             self._cond.notify_all()
-
-    def resumed(self, prefix: str, step: int) -> None:
-        """The local checkpoint this run resumes from: uploaded first if the store lacks it
-        (an earlier run killed before its upload, whose store was down, or had no remote)."""
-        with self._cond:
-            self._resume = (prefix, step)
-            self.local_step = max(self.local_step, step)
 
     def lag(self, step: int) -> tuple[int, float]:
         """(steps, seconds) the store is behind `step`: seconds since it last held the newest
@@ -162,8 +159,9 @@ class Uploader:
     def _run(self) -> None:
         self._retry("clean up", self._clean_leftovers)
         with self._cond:  # (a commit since start is newer: it goes instead)
-            if self._resume and self._resume[1] not in self._files and self._pending is None:
-                self._pending = (*self._resume, self.clock())
+            if self._resume and self._resume[1] > max(self._files, default=-1):
+                if self._pending is None:  # (a newer store's steps would be retired as
+                    self._pending = (*self._resume, self.clock())  # another history's)
         while True:
             with self._cond:
                 while self._pending is None and not self._closed and not self._final:

@@ -51,6 +51,19 @@ def check(cfg) -> None:
             "verify.wipe: received true without checkpoint.remote; allowed: true with a "
             "store (a wiped run directory comes back from it), else false"
         )
+    if v.get("wipe") and v.kills < 2:
+        raise UserError(
+            f"verify.wipe: received true with verify.kills={v.kills}; allowed: with 2 or more "
+            "kills (the first resume is the first one on a wiped machine)"
+        )
+
+
+def with_remote(overrides: list[str], cfg) -> list[str]:
+    """The runs' overrides with checkpoint.remote as one plain `checkpoint.remote=URL` (it may
+    come from a config file or a `+`/`++` override): each run gets its own prefix from it."""
+    url = cfg.checkpoint.get("remote")
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "checkpoint.remote"]
+    return [*kept, f"checkpoint.remote={url}"] if url else kept
 
 
 def remote_override(override: str, run_dir: str) -> str:
@@ -94,7 +107,13 @@ def wipe(run_dir: str, overrides: list[str], say) -> int | None:
     from trainer.remote.uploader import committed_steps
 
     shutil.rmtree(run_dir)
-    steps = committed_steps(_store_of(run_dir, overrides))
+    store = _store_of(run_dir, overrides)
+    try:
+        steps = committed_steps(store)
+    except Exception as e:  # the store failing: the verification cannot go on
+        from trainer.remote.objects import describe
+
+        raise UserError(f"verify.wipe: cannot list {store.url} ({describe(e)})") from None
     say(
         f"[2/3] wiped {run_dir} (a fresh machine): the store holds "
         f"{f'ckpt-{steps[-1]}' if steps else 'no committed checkpoint'}"

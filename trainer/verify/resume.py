@@ -329,7 +329,7 @@ def verify(cfg: DictConfig, task_overrides: list[str], out: str, say=_say) -> di
 
     v, max_steps = cfg.verify, int(cfg.trainer.max_steps)
     at = int(v.interrupt_at)
-    overrides = trainer_overrides(task_overrides)
+    overrides = chaos_lib.with_remote(trainer_overrides(task_overrides), cfg)
     ref_dir, res_dir = os.path.join(out, "reference"), os.path.join(out, "resumed")
     what = (
         f"{v.kills} SIGKILLs at random moments"
