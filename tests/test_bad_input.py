@@ -29,6 +29,10 @@ CLI_CASES = {
         ["trainer.on_nonfinite=maybe"],
         ["trainer.on_nonfinite: received 'maybe'", "stop | rollback"],
     ),
+    "negative thread pool": (
+        ["trainer.inter_op_threads=-1"],
+        ["trainer.inter_op_threads: received -1", "0 (TensorFlow's choice) or more"],
+    ),
 }
 
 

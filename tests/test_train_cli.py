@@ -234,3 +234,29 @@ def test_holding_back_keeps_every_other_line(capfd):
     err = capfd.readouterr().err
     assert "oneDNN" not in err and "cuInit" not in err
     assert "UserWarning: a line of the user's own" in err
+
+
+@pytest.mark.slow
+def test_an_xla_compiled_step_and_one_thread_pool_resume_exactly(tmp_path):
+    """trainer.jit_compile=true (the GRU's step takes about half the time under XLA here,
+    BENCHMARKS.md) and trainer.inter_op_threads=1, each in fresh processes as users run them:
+    stopped at step 20 and resumed, every row of metrics.jsonl equals the uninterrupted run's,
+    and XLA really compiled the step (its losses differ from the plain step's)."""
+    from trainer.verify.compare import metrics_rows
+
+    gru = ["model=gru", "data=synthetic_sequence", *FAST]
+    rows = {}
+    for name, extra in {
+        "plain": [],
+        "xla": ["trainer.jit_compile=true"],
+        "one_pool": ["trainer.inter_op_threads=1"],
+    }.items():
+        full, part = tmp_path / f"{name}-full", tmp_path / f"{name}-part"
+        assert train(full, *gru, *extra).returncode == 0
+        assert train(part, *gru, *extra, "trainer.stop_at=20").returncode == 0
+        again = train(part, *gru, *extra)
+        assert again.returncode == 0 and "Resuming from step 20" in again.stderr, again.stderr
+        assert metrics_rows(part) == metrics_rows(full), name
+        rows[name] = metrics_rows(full)
+    assert rows["one_pool"] == rows["plain"]  # the inter-op pool only schedules ops
+    assert [r.get("loss") for r in rows["xla"]] != [r.get("loss") for r in rows["plain"]]
