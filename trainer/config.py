@@ -276,6 +276,12 @@ def _bad(key: str, value: Any, allowed: str) -> UserError:
     return UserError(f"{key}: received {value!r}; allowed: {allowed}")
 
 
+_AT_LEAST_0 = {
+    "max_rollbacks": "an integer >= 0",
+    "inter_op_threads": "0 (TensorFlow's choice) or more",
+}
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values the schema's types cannot; raise UserError naming key, value, what is allowed."""
     groups = ("model", "optimizer", "schedule", "loss", "data", "trainer", "checkpoint")
@@ -311,14 +317,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=1)  # (data.workers: data=custom only)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise _bad(key, value, "an integer > 0")
-    if cfg.trainer.get("max_rollbacks", 0) < 0:
-        raise _bad("trainer.max_rollbacks", cfg.trainer.max_rollbacks, "an integer >= 0")
-    if cfg.trainer.get("inter_op_threads", 0) < 0:
-        raise _bad(
-            "trainer.inter_op_threads",
-            cfg.trainer.inter_op_threads,
-            "0 (TensorFlow's choice) or more",
-        )
+    for key, allowed in _AT_LEAST_0.items():
+        if cfg.trainer.get(key, 0) < 0:
+            raise _bad(f"trainer.{key}", cfg.trainer[key], allowed)
     lr = cfg.optimizer.get("learning_rate")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
         raise _bad("optimizer.learning_rate", lr, "a finite number > 0")

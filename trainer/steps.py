@@ -10,25 +10,15 @@ from trainer.optim import learning_rate_fn, step_counter
 from trainer.tfcall import flat_caller
 
 
-def make_chunk_fn(
-    strategy,
-    model,
-    optimizer,
-    loss_fn,
-    metric_fn,
-    global_batch: int,
-    metrics=(),
-    log_every=1,
-    jit_compile=False,
-):
+def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch, **options):
     """`for_iterator(iterator)` -> `chunk(k)` (a traced tf.function, called through its concrete
     function: `k` must be an int32 scalar tensor) running `k` train steps on batches
     from `iterator`; it returns one [4 + len(metrics), k] tensor: per step the loss, grad
     norm, metric and learning rate, then each of `metrics` (Keras metrics, their result since
     the last step that was a multiple of `log_every`: they are reset after such a step); and
     a [k] float64 tensor: per step the `batch_ids_hash` of its global batch (the sum of its
-    rows' id terms, trainer/data/memory.py). No eager ops. `jit_compile`: the step (model,
-    gradients, optimizer update) compiled by XLA.
+    rows' id terms, trainer/data/memory.py). No eager ops. Options: metrics, log_every,
+    jit_compile (the step compiled by XLA).
 
     The iterator is captured, not passed: an iterator argument is bound again on every call
     (its type spec hashed), ~0.1 ms of the ~2 ms a 10-step chunk takes (profiled). A new
@@ -36,6 +26,7 @@ def make_chunk_fn(
     """
     replicas = strategy.num_replicas_in_sync
     learning_rate = learning_rate_fn(optimizer)
+    metrics, log_every = options.get("metrics", ()), options.get("log_every", 1)
 
     def step_fn(x, y, id_terms):
         with tf.GradientTape() as tape:
@@ -56,7 +47,7 @@ def make_chunk_fn(
             tf.reduce_sum(id_terms),
         )
 
-    if jit_compile:  # trainer.jit_compile: each step one XLA cluster (the loop around it is not)
+    if options.get("jit_compile"):  # each step one XLA cluster (not the loop around it)
         step_fn = tf.function(step_fn, jit_compile=True, autograph=False)
 
     def for_iterator(iterator):
