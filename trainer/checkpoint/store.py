@@ -214,13 +214,17 @@ class CheckpointStore:
     @contextlib.contextmanager
     def pending_writes(self):
         """A context manager that, on exit, waits for the last background write and deletion
-        (and brings the state file up to date)."""
+        (and, unless the block failed, brings the state file up to date: after a failure the
+        next run's recover() rewrites it)."""
+        failed = True
         try:
             with self.async_writer.pending() if self.async_writer else contextlib.nullcontext():
                 yield self
+            failed = False
         finally:
             self._join_deleter()
-            self._flush_state()
+            if not failed:
+                self._flush_state()
 
     def _flush_state(self) -> None:
         if self.manager is not None:
