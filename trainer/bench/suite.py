@@ -187,7 +187,8 @@ def table(r: dict) -> str:
         f" sync {_ms(r['checkpoints']['save_cost_ms_sync'])} "
         f"({_spread(r['checkpoints']['cost_per_save_ms_rounds']['sync'])}); a step "
         f"{r['checkpoints']['step_ms']:.3f} ms",
-        f"ckpt every {r['checkpoints']['checkpoint_every']} (information only): overhead sync "
+        f"checkpoint_overhead (information only), a save every "
+        f"{r['checkpoints']['checkpoint_every']} steps: sync "
         f"{r['checkpoints']['checkpoint_overhead_sync']:.3f}, async {r['checkpoint_overhead']:.3f}"
         f" (per round, async: {_spread(r['checkpoints']['checkpoint_overhead_rounds']['async'])};"
         f" median block steps/s: none {cps['none']:.0f}, sync {cps['sync']:.0f}, "

@@ -203,6 +203,7 @@ def kill_at_random(
     log: str | None = None,
     not_before: int = 0,
     ready=None,
+    brought_back: bool = False,
 ) -> Kill | None:
     """Wait for `proc` to train, then a random time in [0, window), then the moment `kind`;
     SIGKILL it. None if the process ended first (nothing left to kill). `need_checkpoint`:
@@ -210,7 +211,9 @@ def kill_at_random(
     resumes from one, rather than start over). `log`: the file the process's output goes to
     (where it says it has dropped an earlier process's logs). `not_before`: nor before the
     process has logged a step past this one (a kill in a chosen part of the run). `ready`:
-    nor before it returns True (verify.wipe: the store holds a committed checkpoint)."""
+    nor before it returns True (verify.wipe: the store holds a committed checkpoint).
+    `brought_back`: the run directory was wiped and the process brings a checkpoint back
+    from the store: its logs count only after it says it resumed."""
     resumed_at = newest_step(run_dir) or 0
     metrics = os.path.join(run_dir, "metrics.jsonl")
     # Logs an earlier process left past `resumed_at` are dropped by this one as it starts,
@@ -218,8 +221,8 @@ def kill_at_random(
     # they are gone: only after that line is a logged step past `resumed_at` this process's
     # own. (Two looks at the file, its last step and its mtime, are not one moment: on a
     # loaded machine the truncation fell between them and a kill landed before the resume.)
-    # (`not_before`: a run directory just wiped, brought back from the store as it starts)
-    stale = resumed_at > 0 or not_before > 0 or (last_logged_step(run_dir) or 0) > 0
+    # (`brought_back`: a run directory just wiped, brought back from the store as it starts)
+    stale = resumed_at > 0 or brought_back or (last_logged_step(run_dir) or 0) > 0
     while True:  # this process trains: it logged a step past its checkpoint (after truncating)
         if proc.poll() is not None or time.monotonic() > deadline:
             return None

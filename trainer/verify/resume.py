@@ -216,7 +216,7 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
                 newest,
                 need_checkpoint=i == int(v.kills) - 1,
                 log=phase.log,
-                not_before=before or 0,
+                brought_back=bool(v.get("wipe") and i % 2 and before),
                 # the kill before a wipe waits for the store to hold a checkpoint
                 ready=chaos_lib.store_holds_one(run_dir, overrides) if wipe_next else None,
             )
