@@ -56,10 +56,6 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
 def _spread(xs: list[float]) -> str:
     return f"{min(xs):.3f}..{max(xs):.3f}" if xs else "-"
 
@@ -183,8 +179,8 @@ def table(r: dict) -> str:
         f"loop(K={SAME_SPE}) {sps['loop_same_spe']:.0f}  fit(spe={SAME_SPE}) {sps['fit_same_spe']:.0f}"
         f"  loop(K=1) {sps['loop_k1']:.0f}",
         f"a save's cost to the loop, ms (median of runs; rounds): async "
-        f"{_ms(r['save_cost_ms'])} ({_spread(r['checkpoints']['cost_per_save_ms_rounds']['async'])}),"
-        f" sync {_ms(r['checkpoints']['save_cost_ms_sync'])} "
+        f"{_ratio(r['save_cost_ms'])} ({_spread(r['checkpoints']['cost_per_save_ms_rounds']['async'])}),"
+        f" sync {_ratio(r['checkpoints']['save_cost_ms_sync'])} "
         f"({_spread(r['checkpoints']['cost_per_save_ms_rounds']['sync'])}); a step "
         f"{r['checkpoints']['step_ms']:.3f} ms",
         f"checkpoint_overhead (information only), a save every "

@@ -164,6 +164,12 @@ def probed(url: str) -> Store:
     return store
 
 
+def run_url(url: str, run_dir: str) -> str:
+    """Where one of several runs sharing checkpoint.remote keeps its files: URL/<the name of
+    its run directory> (a sweep's jobs; verify_resume's reference and resumed runs)."""
+    return f"{url.rstrip('/')}/{os.path.basename(os.path.normpath(run_dir))}"
+
+
 def connect(url: str | None, run_dir: str, sweep: bool, resume: str = "auto") -> Store | None:
     """checkpoint.remote at the start of a run: the run's store (a sweep's job: under the
     sweep's URL by its directory name), probed (`probed`), and the run brought back from it
@@ -174,7 +180,7 @@ def connect(url: str | None, run_dir: str, sweep: bool, resume: str = "auto") ->
     from trainer.config import UserError
 
     if sweep:
-        url = f"{url.rstrip('/')}/{os.path.basename(os.path.normpath(run_dir))}"
+        url = run_url(url, run_dir)
     store = probed(url)
     try:
         if resume == "never" and committed_steps(store):

@@ -71,7 +71,9 @@ def remote_override(override: str, run_dir: str) -> str:
     (URL/reference, URL/resumed), so that the two runs keep apart as a sweep's jobs do."""
     if not (override.startswith("checkpoint.remote=") and "://" in override):
         return override
-    return f"{override.rstrip('/')}/{os.path.basename(os.path.normpath(run_dir))}"
+    from trainer.remote.download import run_url
+
+    return run_url(override, run_dir)
 
 
 def _store_of(run_dir: str, overrides: list[str]):

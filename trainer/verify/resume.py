@@ -201,7 +201,8 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
 
     for i, kind in enumerate(chaos_lib.plan(int(v.kills), int(v.seed))):
         before = newest(run_dir)
-        if v.get("wipe") and i % 2:  # every other resume on a fresh machine, from the store
+        wiped = bool(v.get("wipe") and i % 2)  # every other resume on a fresh machine
+        if wiped:  # (its checkpoint comes from the store)
             before = chaos_lib.wipe(run_dir, overrides, say)
         phase = start(f"chaos-{i + 1}", overrides, run_dir, out)
         wipe_next = v.get("wipe") and i % 2 == 0 and i + 1 < int(v.kills)
@@ -216,7 +217,7 @@ def chaos(cfg: DictConfig, overrides: list[str], run_dir: str, out: str, say) ->
                 newest,
                 need_checkpoint=i == int(v.kills) - 1,
                 log=phase.log,
-                brought_back=bool(v.get("wipe") and i % 2 and before),
+                brought_back=wiped and before is not None,
                 # the kill before a wipe waits for the store to hold a checkpoint
                 ready=chaos_lib.store_holds_one(run_dir, overrides) if wipe_next else None,
             )
