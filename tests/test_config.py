@@ -87,6 +87,7 @@ def test_schema_rejects_at_compose_time(compose, override, fragment):
         ("trainer.resume=sometimes", "trainer.resume"),
         ("data.val_fraction=1.5", "data.val_fraction"),
         ("trainer.stop_at=5000", "trainer.stop_at"),
+        ("trainer.executor=threads", "trainer.executor"),
     ],
 )
 def test_validate_names_key_value_and_allowed(compose, override, key):

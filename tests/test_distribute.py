@@ -307,3 +307,52 @@ def test_multi_worker_sigterm_saves_on_all_and_resumes(refs, tmp_path):
     assert {p.name for p in run.iterdir()} <= allowed
     assert (run / "export" / "model.keras").exists()
     assert list(tmpdir.iterdir()) == []
+
+
+def test_resume_keeps_the_executor_its_checkpoints_were_written_with(compose, tmp_path, capsys):
+    """A run begun before trainer.executor existed ran on TensorFlow's default executor: its
+    resume keeps it (bit-exact), where a new run's `auto` may choose the single-threaded one.
+    A run resumed under another setting than its own is told so."""
+    from trainer.distribute.placement import check_resume
+
+    _fake_checkpoint(tmp_path, {"trainer": {"precision": "float32"}, "distribute": {}})
+    cfg = compose([])
+    check_resume(cfg, str(tmp_path))
+    assert cfg.trainer.executor == "default"
+    (tmp_path / "checkpoints" / "ckpt-10.manifest.json").write_text(
+        '{"config": {"trainer": {"executor": "auto"}, "distribute": {}}}'
+    )
+    cfg = compose([])
+    check_resume(cfg, str(tmp_path))
+    assert cfg.trainer.executor == "auto" and "executor" not in capsys.readouterr().err
+    check_resume(compose(["trainer.executor=default"]), str(tmp_path))
+    assert "written with trainer.executor=auto under default" in capsys.readouterr().err
+
+
+def test_auto_runs_small_steps_on_the_single_threaded_executor_and_large_ones_not():
+    """trainer.executor=auto: by the forward pass's flops on one batch (the counts of
+    BENCHMARKS.md's table: 24 thousand for the default model, 68 million for a 1024-unit
+    MLP), on one device only; the explicit settings are taken as they are."""
+    import numpy as np
+    import tensorflow as tf
+
+    from models import DropoutMLP, MySubclassedModel
+    from trainer.executor import AUTO_MAX_FLOPS, SINGLE_THREADED, choose, forward_flops
+
+    small = MySubclassedModel(num_units=32, activation="relu", output_units=1)
+    large = DropoutMLP(units=1024, depth=2, rate=0.2, activation="relu", output_units=1)
+    spec = tf.TensorSpec([None, 10], tf.float32)  # the batch dimension as tf.data leaves it
+    one = tf.distribute.get_strategy()
+    for model in (small, large):
+        model(np.zeros((32, 10), np.float32))
+    flops = {m: forward_flops(m, tf.TensorSpec([32, 10], tf.float32)) for m in (small, large)}
+    assert flops[small] < AUTO_MAX_FLOPS < flops[large], flops
+    assert choose("auto", one, small, spec, 32) == SINGLE_THREADED
+    assert choose("auto", one, large, spec, 32) == ""
+    assert choose("single_threaded", one, large, spec, 32) == SINGLE_THREADED
+    assert choose("default", one, small, spec, 32) == ""
+    # a batch whose size varies is not counted: the default executor
+    assert choose("auto", one, small, tf.TensorSpec([32, None], tf.float32), 32) == ""
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        mirrored = tf.distribute.get_strategy()
+    assert choose("single_threaded", mirrored, small, spec, 32) == ""  # all-reduces need it

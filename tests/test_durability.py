@@ -18,6 +18,10 @@ pytestmark = pytest.mark.slow
 _CALL = re.compile(
     r"^(?:\[pid\s+\d+\]\s*)?(\d+\s+)?(?P<name>\w+)\((?P<args>.*)\)\s+=\s+(?P<ret>-?\d+)"
 )
+_UNFINISHED = re.compile(
+    r"^(?:\[pid\s+)?(?P<pid>\d+)\]?\s+(?P<call>\w+\(.*?)\s*<unfinished \.\.\.>$"
+)
+_RESUMED = re.compile(r"^(?:\[pid\s+)?(?P<pid>\d+)\]?\s+<\.\.\. \w+ resumed>(?P<rest>.*)$")
 _FD = re.compile(r"^\d+<(?P<path>[^>]*)>")
 # a path argument, with the directory fd before it when there is one (the *at calls: with -y,
 # `unlinkat(8</run/checkpoints/.deleting>, "ckpt-10.index", 0)`, as shutil.rmtree calls it)
@@ -27,11 +31,19 @@ _SYNC = ("fsync", "fdatasync")
 
 
 def parse(trace: str) -> list[tuple[str, list[str]]]:
-    """[(syscall, [paths])] in the order strace recorded them (completed calls, return >= 0);
-    a relative path of an *at call is joined to its directory fd's path."""
-    out = []
+    """[(syscall, [paths])] in the order the calls returned (completed calls, return >= 0);
+    a relative path of an *at call is joined to its directory fd's path. A call that another
+    thread's call interrupted in the trace (`fsync(5</f> <unfinished ...>`, later
+    `<... fsync resumed>) = 0`: the fsyncs a save makes at once) is placed where it returned."""
+    out, pending = [], {}
     for line in trace.splitlines():
-        m = _CALL.match(line.strip())
+        line = line.strip()
+        if m := _UNFINISHED.match(line):
+            pending[m.group("pid")] = m.group("call")
+            continue
+        if (m := _RESUMED.match(line)) and m.group("pid") in pending:
+            line = pending.pop(m.group("pid")) + m.group("rest")
+        m = _CALL.match(line)
         if not m or int(m.group("ret")) < 0:
             continue
         name, args = m.group("name"), m.group("args")
@@ -323,6 +335,25 @@ def test_the_order_check_fails_on_a_trace_breaking_one_rule_naming_it(rule):
     assert order_violations(trace, D, [10])[0] == [violation]
     with pytest.raises(AssertionError, match=re.escape(violation)):
         check_order(trace, D, [10])
+
+
+def test_the_trace_parser_places_an_interrupted_call_where_it_returned():
+    trace = "\n".join(
+        [
+            f"12 fsync(8<{D}/ckpt-10.index> <unfinished ...>",
+            f"14 fsync(9<{D}> <unfinished ...>",
+            f"13 fsync(7<{D}/ckpt-10.data-00000-of-00001>) = 0",
+            "14 <... fsync resumed>) = 0",
+            "12 <... fsync resumed>) = 0",
+            f"15 fsync(6<{D}/x> <unfinished ...>",
+            "15 <... fsync resumed>) = -1 EIO (Input/output error)",
+        ]
+    )
+    assert parse(trace) == [
+        ("fsync", [f"{D}/ckpt-10.data-00000-of-00001"]),
+        ("fsync", [D]),
+        ("fsync", [f"{D}/ckpt-10.index"]),
+    ]
 
 
 def test_the_trace_parser_reads_paths_relative_to_a_directory_fd():

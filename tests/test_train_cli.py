@@ -237,6 +237,38 @@ def test_holding_back_keeps_every_other_line(capfd):
 
 
 @pytest.mark.slow
+def test_both_executors_resume_exactly_and_the_setting_takes_effect(tmp_path):
+    """trainer.executor: the default model's `auto` (the single-threaded executor) and
+    TensorFlow's default one, each in fresh processes as users run them: stopped at step 20
+    and resumed, every row of metrics.jsonl equals the uninterrupted run's; and the two
+    executors' runs differ in last bits (TensorFlow optimizes the step's graph differently
+    for each), so the setting reached the step."""
+    from trainer.verify.compare import metrics_rows
+
+    rows = {}
+    for name in ("auto", "default"):
+        full, part = tmp_path / f"{name}-full", tmp_path / f"{name}-part"
+        extra = [*FAST, "trainer.max_steps=60", f"trainer.executor={name}"]
+        assert train(full, *extra).returncode == 0
+        assert train(part, *extra, "trainer.stop_at=20").returncode == 0
+        again = train(part, *extra)
+        assert again.returncode == 0 and "Resuming from step 20" in again.stderr, again.stderr
+        assert metrics_rows(part) == metrics_rows(full), name
+        rows[name] = metrics_rows(full)
+    assert rows["auto"] != rows["default"]
+
+
+def test_a_step_with_control_flow_runs_on_the_default_executor_even_when_forced(tmp_path):
+    """mixed_float16's loss scaling puts a tf.cond in the step; on TensorFlow's single-threaded
+    executor that step hung, deaf to signals. Forced there, it runs on the default executor
+    instead, completes, and the run says why."""
+    run = tmp_path / "run"
+    r = train(run, *FAST, "trainer.precision=mixed_float16", "trainer.executor=single_threaded")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the train step holds control flow (If" in r.stderr
+    assert "runs on the default executor" in r.stderr
+
+
 def test_an_xla_compiled_step_and_one_thread_pool_resume_exactly(tmp_path):
     """trainer.jit_compile=true (the GRU's step takes about half the time under XLA here,
     BENCHMARKS.md) and trainer.inter_op_threads=1, each in fresh processes as users run them:

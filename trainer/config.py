@@ -55,6 +55,7 @@ class TrainerConfig:
     max_rollbacks: int = 3
     inter_op_threads: int = 0
     jit_compile: bool = False
+    executor: str = "auto"
 
 
 # `async` is a Python keyword, so this schema cannot be written as a `class` body; the
@@ -269,6 +270,7 @@ _CHOICES = {
     "distribute.name": ("default", "mirrored", "multi_worker"),
     "distribute.communication": ("auto", "ring", "nccl"),
     "trainer.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
+    "trainer.executor": ("auto", "single_threaded", "default"),
 }
 
 

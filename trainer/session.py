@@ -264,6 +264,7 @@ class Session(LoopEvents):
             metrics=objective.train_metrics,
             log_every=self.log_every,
             jit_compile=bool(cfg.trainer.get("jit_compile", False)),
+            executor=str(cfg.trainer.get("executor", "auto")),
         )
         try:  # traced here, before the first step: the parts meet for the first time
             self._chunk = self._new_chunk()

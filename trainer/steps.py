@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from trainer import executor
 from trainer.distribute import precision
 from trainer.optim import learning_rate_fn, step_counter
 from trainer.tfcall import flat_caller
@@ -18,12 +19,14 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch, 
     the last step that was a multiple of `log_every`: they are reset after such a step); and
     a [k] float64 tensor: per step the `batch_ids_hash` of its global batch (the sum of its
     rows' id terms, trainer/data/memory.py). No eager ops. Options: metrics, log_every,
-    jit_compile (the step compiled by XLA).
+    jit_compile (the step compiled by XLA), executor (trainer.executor: trainer/executor.py).
 
     The iterator is captured, not passed: an iterator argument is bound again on every call
     (its type spec hashed), ~0.1 ms of the ~2 ms a 10-step chunk takes (profiled). A new
     iterator (after a rollback) gets a new function, traced once.
     """
+    if unknown := set(options) - {"metrics", "log_every", "jit_compile", "executor"}:
+        raise TypeError(f"make_chunk_fn: unknown options {sorted(unknown)}")
     replicas = strategy.num_replicas_in_sync
     learning_rate = learning_rate_fn(optimizer)
     metrics, log_every = options.get("metrics", ()), options.get("log_every", 1)
@@ -49,11 +52,34 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch, 
 
     if options.get("jit_compile"):  # each step one XLA cluster (not the loop around it)
         step_fn = tf.function(step_fn, jit_compile=True, autograph=False)
+    chosen = []  # the executor, chosen at the first trace (trainer/executor.py)
 
     def for_iterator(iterator):
-        # called through its concrete function: tf.function's per-call dispatch was ~0.1 ms
-        # of a ~2 ms chunk (profiled)
-        return flat_caller(tf.function(lambda k: chunk(iterator, k)), tf.constant(1))
+        def trace():
+            with executor.running_on(chosen[0]):
+                # called through its concrete function: tf.function's per-call dispatch was
+                # ~0.1 ms of a ~2 ms chunk (profiled)
+                return flat_caller(tf.function(lambda k: chunk(iterator, k)), tf.constant(1))
+
+        if not chosen:
+            inputs = iterator.element_spec[0]
+            setting = options.get("executor", "default")
+            chosen.append(executor.choose(setting, strategy, model, inputs, global_batch))
+            call = trace()
+            if chosen[0] and executor.refuses(call.graph, setting):
+                chosen[0] = ""
+                call = trace()  # again, on the default executor
+        else:
+            call = trace()
+        if not chosen[0]:
+            return call
+
+        def run(k):
+            with executor.running_on(chosen[0]):
+                return call(k)
+
+        run.variables, run.executor = call.variables, chosen[0]
+        return run
 
     def chunk(iterator, k):
         losses = tf.TensorArray(tf.float32, size=k)

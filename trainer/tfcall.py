@@ -22,4 +22,5 @@ def flat_caller(fn, *example):
         return call_flat(tf.nest.flatten(args), concrete.captured_inputs)
 
     call.variables = concrete.variables  # what the traced function reads and writes
+    call.graph = concrete.graph
     return call

@@ -44,7 +44,7 @@ MODES = {
                  big_steps=160, big_warmup=40, big_rounds=3, records_all=True),
     "quick": dict(steps=2000, warmup=400, rounds=3, ckpt_rounds=5, ckpt_steps=16_000, units=25_000,
                   features=1000, state_rounds=3, rss_steps=300, rss_big_state=False,
-                  big_steps=160, big_warmup=40, big_rounds=2, records_all=True),
+                  big_steps=160, big_warmup=40, big_rounds=4, records_all=True),
     "smoke": dict(steps=400, warmup=200, rounds=1, ckpt_rounds=1, ckpt_steps=200, units=256,
                   features=16, state_rounds=1, rss_steps=20, rss_big_state=False,
                   big_steps=40, big_warmup=10, big_rounds=1, records_all=False),

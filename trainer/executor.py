@@ -1,0 +1,100 @@
+"""Which TensorFlow executor runs the train step (`trainer.executor`, README "Performance").
+
+TensorFlow runs a traced function's ops on an executor. Its default one hands every op that
+becomes ready to the inter-op thread pool, so independent ops (a layer's weight gradient and
+its input gradient, say) run side by side; each hand-off costs microseconds. Its single-
+threaded executor runs every op in turn on the calling thread (an op still splits its own
+work over the intra-op pool). Measured on 2 cores, step time single-threaded / default
+(BENCHMARKS.md, "A faster step"): 0.49-0.77x for the small shipped models, whose ops take
+microseconds, and 1.15-1.34x for a conv net and a 256-unit MLP, whose ops are large enough
+that running two at once pays.
+
+`auto` picks by the size of the step: single-threaded when the model's forward pass on one
+batch counts fewer than AUTO_MAX_FLOPS floating-point operations (TensorFlow's own op
+statistics, on a trace of the forward pass with the batch's shapes), on one device, and when
+the step holds no control flow (CONTROL_FLOW). The count depends on the model and the batch
+shape only, never on timing, so a run and its resumes choose the same executor (the two
+executors differ in the last bit of some results: TensorFlow optimizes the step's graph
+differently for each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+import tensorflow as tf
+from tensorflow.python.eager import context
+
+SINGLE_THREADED = "SINGLE_THREADED_EXECUTOR"  # TensorFlow's name for it
+# Ops running other functions by a condition: a step holding one stays on the default executor
+# (mixed_float16's loss scaling with gradient accumulation hung on the single-threaded one, in
+# TensorFlow's C++, deaf to signals; tests/test_user_parts.py)
+CONTROL_FLOW = frozenset({"If", "StatelessIf", "Case", "StatelessCase", "While", "StatelessWhile"})
+AUTO_MAX_FLOPS = 2_000_000  # forward-pass flops per batch below which auto is single-threaded
+
+
+@contextlib.contextmanager
+def running_on(executor: str):
+    """Functions traced and called on this thread inside the block use `executor` ("" is
+    TensorFlow's default). The setting is TensorFlow's per-thread function-call option."""
+    options = context.context().function_call_options
+    before = options.executor_type
+    options.executor_type = executor
+    try:
+        yield
+    finally:
+        options.executor_type = before
+
+
+def choose(setting: str, strategy, model, inputs: tf.TensorSpec, batch: int) -> str:
+    """The executor for `trainer.executor=setting` ("" for TensorFlow's default): `inputs`
+    is the spec of the model's input batch, `batch` its size where the spec leaves it open."""
+    if setting == "default":
+        return ""
+    # Ops that wait for another device or worker (all-reduces, sends) need the default one.
+    if type(strategy).__name__ != "_DefaultDistributionStrategy":
+        return ""
+    if setting == "single_threaded":
+        return SINGLE_THREADED
+    shape = [batch if d is None else d for d in inputs.shape.as_list()[:1]]
+    shape += inputs.shape.as_list()[1:]
+    if None in shape:  # a dimension that varies from batch to batch: no count, the default
+        return ""
+    flops = forward_flops(model, tf.TensorSpec(shape, inputs.dtype))
+    return SINGLE_THREADED if flops < AUTO_MAX_FLOPS else ""
+
+
+def refuses(graph, setting: str) -> bool:
+    """Whether the train chunk traced as `graph` must leave the single-threaded executor: its
+    step (the functions its loop runs) holds control flow. A `single_threaded` setting is told
+    so on stderr."""
+    library = graph.as_graph_def().library.function
+    found = sorted({node.op for f in library for node in f.node_def} & CONTROL_FLOW)
+    if found and setting == "single_threaded":
+        print(
+            f"note: trainer.executor=single_threaded: the train step holds control flow "
+            f"({', '.join(found)}), which can hang TensorFlow's single-threaded executor; it "
+            "runs on the default executor",
+            file=sys.stderr,
+        )
+    return bool(found)
+
+
+def forward_flops(model, spec: tf.TensorSpec) -> int:
+    """Floating-point operations of `model`'s forward pass (training=True) on a batch of
+    `spec`, as TensorFlow's op statistics count them on a trace (a trace only: nothing runs,
+    no variable changes). Ops inside a loop count once."""
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(spec).graph
+    builder = option_builder.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    quiet = logging.getLogger("tensorflow")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the TF1 profiler's deprecation notes
+    try:
+        return int(model_analyzer.profile(graph, options=options).total_float_ops)
+    finally:
+        quiet.setLevel(level)
