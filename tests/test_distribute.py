@@ -353,6 +353,22 @@ def test_auto_runs_small_steps_on_the_single_threaded_executor_and_large_ones_no
     assert choose("default", one, small, spec, 32) == ""
     # a batch whose size varies is not counted: the default executor
     assert choose("auto", one, small, tf.TensorSpec([32, None], tf.float32), 32) == ""
+
+    # a model of two named inputs (a dict batch) is counted too; a ragged one is not
+    class TwoInputs(tf.keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = tf.keras.layers.Dense(4), tf.keras.layers.Dense(4)
+
+        def call(self, x, training=False):
+            return self.a(x["num"]) + self.b(x["cat"])
+
+    two = TwoInputs()
+    two({"num": np.zeros((32, 3), np.float32), "cat": np.zeros((32, 5), np.float32)})
+    specs = {"num": tf.TensorSpec([None, 3]), "cat": tf.TensorSpec([None, 5])}
+    assert choose("auto", one, two, specs, 32) == SINGLE_THREADED
+    ragged = tf.RaggedTensorSpec([None, None], tf.float32)
+    assert choose("auto", one, small, ragged, 32) == ""
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
         mirrored = tf.distribute.get_strategy()
     assert choose("single_threaded", mirrored, small, spec, 32) == ""  # all-reduces need it

@@ -48,9 +48,10 @@ def running_on(executor: str):
         options.executor_type = before
 
 
-def choose(setting: str, strategy, model, inputs: tf.TensorSpec, batch: int) -> str:
+def choose(setting: str, strategy, model, inputs, batch: int) -> str:
     """The executor for `trainer.executor=setting` ("" for TensorFlow's default): `inputs`
-    is the spec of the model's input batch, `batch` its size where the spec leaves it open."""
+    is the spec (or nest of specs) of the model's input batch, `batch` its size where a spec
+    leaves it open."""
     if setting == "default":
         return ""
     # Ops that wait for another device or worker (all-reduces, sends) need the default one.
@@ -58,11 +59,24 @@ def choose(setting: str, strategy, model, inputs: tf.TensorSpec, batch: int) -> 
         return ""
     if setting == "single_threaded":
         return SINGLE_THREADED
-    shape = [batch if d is None else d for d in inputs.shape.as_list()[:1]]
-    shape += inputs.shape.as_list()[1:]
-    if None in shape:  # a dimension that varies from batch to batch: no count, the default
+    specs = tf.nest.flatten(inputs)
+    if not all(type(s) is tf.TensorSpec and s.shape.rank is not None for s in specs):
+        return ""  # ragged, sparse or of unknown rank: not counted, the default
+
+    def sized(spec: tf.TensorSpec) -> tf.TensorSpec:
+        shape = spec.shape.as_list()
+        return tf.TensorSpec(
+            [batch if shape and d is None and i == 0 else d for i, d in enumerate(shape)],
+            spec.dtype,
+        )
+
+    sized_inputs = tf.nest.map_structure(sized, inputs)
+    if any(None in spec.shape.as_list() for spec in tf.nest.flatten(sized_inputs)):
+        return ""  # a dimension that varies from batch to batch: no count, the default
+    try:
+        flops = forward_flops(model, sized_inputs)
+    except Exception:  # noqa: BLE001 (a model TensorFlow cannot count: the default executor)
         return ""
-    flops = forward_flops(model, tf.TensorSpec(shape, inputs.dtype))
     return SINGLE_THREADED if flops < AUTO_MAX_FLOPS else ""
 
 
@@ -82,7 +96,7 @@ def refuses(graph, setting: str) -> bool:
     return bool(found)
 
 
-def forward_flops(model, spec: tf.TensorSpec) -> int:
+def forward_flops(model, spec) -> int:
     """Floating-point operations of `model`'s forward pass (training=True) on a batch of
     `spec`, as TensorFlow's op statistics count them on a trace (a trace only: nothing runs,
     no variable changes). Ops inside a loop count once."""
