@@ -48,6 +48,35 @@ def running_on(executor: str):
         options.executor_type = before
 
 
+def traced(trace, chosen: list, setting: str, **how):
+    """The train chunk `trace()` builds (a flat_caller), traced and called on the executor in
+    `chosen[0]`. The first call chooses it (choose(setting, **how); a step that refuses()
+    the single-threaded executor is traced again on the default one) and keeps it in
+    `chosen`, so that a chunk traced later (after a rollback) runs where the first did."""
+    if not chosen:
+        chosen.append(choose(setting, **how))
+        call = _trace_on(trace, chosen[0])
+        if chosen[0] and refuses(call.graph, setting):
+            chosen[0] = ""
+            call = _trace_on(trace, "")  # again, on the default executor
+    else:
+        call = _trace_on(trace, chosen[0])
+    if not chosen[0]:
+        return call
+
+    def run(*args):
+        with running_on(chosen[0]):
+            return call(*args)
+
+    run.variables, run.executor = call.variables, chosen[0]
+    return run
+
+
+def _trace_on(trace, executor: str):
+    with running_on(executor):
+        return trace()
+
+
 def choose(setting: str, strategy, model, inputs, batch: int) -> str:
     """The executor for `trainer.executor=setting` ("" for TensorFlow's default): `inputs`
     is the spec (or nest of specs) of the model's input batch, `batch` its size where a spec

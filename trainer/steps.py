@@ -25,8 +25,7 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch, 
     (its type spec hashed), ~0.1 ms of the ~2 ms a 10-step chunk takes (profiled). A new
     iterator (after a rollback) gets a new function, traced once.
     """
-    if unknown := set(options) - {"metrics", "log_every", "jit_compile", "executor"}:
-        raise TypeError(f"make_chunk_fn: unknown options {sorted(unknown)}")
+    _known(options, "metrics", "log_every", "jit_compile", "executor")
     replicas = strategy.num_replicas_in_sync
     learning_rate = learning_rate_fn(optimizer)
     metrics, log_every = options.get("metrics", ()), options.get("log_every", 1)
@@ -54,32 +53,12 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch, 
         step_fn = tf.function(step_fn, jit_compile=True, autograph=False)
     chosen = []  # the executor, chosen at the first trace (trainer/executor.py)
 
-    def for_iterator(iterator):
-        def trace():
-            with executor.running_on(chosen[0]):
-                # called through its concrete function: tf.function's per-call dispatch was
-                # ~0.1 ms of a ~2 ms chunk (profiled)
-                return flat_caller(tf.function(lambda k: chunk(iterator, k)), tf.constant(1))
-
-        if not chosen:
-            inputs = iterator.element_spec[0]
-            setting = options.get("executor", "default")
-            chosen.append(executor.choose(setting, strategy, model, inputs, global_batch))
-            call = trace()
-            if chosen[0] and executor.refuses(call.graph, setting):
-                chosen[0] = ""
-                call = trace()  # again, on the default executor
-        else:
-            call = trace()
-        if not chosen[0]:
-            return call
-
-        def run(k):
-            with executor.running_on(chosen[0]):
-                return call(k)
-
-        run.variables, run.executor = call.variables, chosen[0]
-        return run
+    def for_iterator(iterator):  # through its concrete function: tf.function's dispatch
+        # was ~0.1 ms of a ~2 ms chunk (profiled)
+        trace = lambda: flat_caller(tf.function(lambda k: chunk(iterator, k)), tf.constant(1))  # noqa: E731
+        how = dict(strategy=strategy, model=model, inputs=iterator.element_spec[0])
+        setting = options.get("executor", "default")
+        return executor.traced(trace, chosen, setting, batch=global_batch, **how)
 
     def chunk(iterator, k):
         losses = tf.TensorArray(tf.float32, size=k)
@@ -111,6 +90,11 @@ def make_chunk_fn(strategy, model, optimizer, loss_fn, metric_fn, global_batch, 
         return stats, hashes.stack()
 
     return for_iterator
+
+
+def _known(options: dict, *names: str) -> None:
+    if unknown := set(options) - set(names):
+        raise TypeError(f"unknown options {sorted(unknown)}; allowed: {', '.join(names)}")
 
 
 def make_eval_fn(model, loss_fn, metric_fn, metrics=()):
