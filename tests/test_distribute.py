@@ -310,23 +310,31 @@ def test_multi_worker_sigterm_saves_on_all_and_resumes(refs, tmp_path):
 
 
 def test_resume_keeps_the_executor_its_checkpoints_were_written_with(compose, tmp_path, capsys):
-    """A run begun before trainer.executor existed ran on TensorFlow's default executor: its
-    resume keeps it (bit-exact), where a new run's `auto` may choose the single-threaded one.
-    A run resumed under another setting than its own is told so."""
+    """A resumed run keeps its checkpoints' trainer.executor unless another is named: a run
+    begun before the key existed ("default"), resumed twice, stays on the default executor
+    (its second resume reads the key the first one's checkpoints recorded). A named other
+    setting is let through with a note."""
+    import json
+
     from trainer.distribute.placement import check_resume
 
+    manifest = tmp_path / "checkpoints" / "ckpt-10.manifest.json"
     _fake_checkpoint(tmp_path, {"trainer": {"precision": "float32"}, "distribute": {}})
-    cfg = compose([])
+    for _ in range(2):  # before the key existed; then as the first resume recorded it
+        cfg = compose([])
+        check_resume(cfg, str(tmp_path))
+        assert cfg.trainer.executor == "default"
+        written = {"trainer": {"executor": cfg.trainer.executor}, "distribute": {}}
+        manifest.write_text(json.dumps({"config": written}))
+    assert "executor" not in capsys.readouterr().err
+    cfg = compose(["trainer.executor=single_threaded"])
     check_resume(cfg, str(tmp_path))
-    assert cfg.trainer.executor == "default"
-    (tmp_path / "checkpoints" / "ckpt-10.manifest.json").write_text(
-        '{"config": {"trainer": {"executor": "auto"}, "distribute": {}}}'
-    )
+    assert cfg.trainer.executor == "single_threaded"
+    assert "written with trainer.executor=default under single_threaded" in capsys.readouterr().err
+    manifest.write_text(json.dumps({"config": {"trainer": {"executor": "auto"}, "distribute": {}}}))
     cfg = compose([])
     check_resume(cfg, str(tmp_path))
     assert cfg.trainer.executor == "auto" and "executor" not in capsys.readouterr().err
-    check_resume(compose(["trainer.executor=default"]), str(tmp_path))
-    assert "written with trainer.executor=auto under default" in capsys.readouterr().err
 
 
 def test_auto_runs_small_steps_on_the_single_threaded_executor_and_large_ones_not():
@@ -351,7 +359,7 @@ def test_auto_runs_small_steps_on_the_single_threaded_executor_and_large_ones_no
     assert choose("auto", one, large, spec, 32) == ""
     assert choose("single_threaded", one, large, spec, 32) == SINGLE_THREADED
     assert choose("default", one, small, spec, 32) == ""
-    # a batch whose size varies is not counted: the default executor
+    # a feature dimension that varies from batch to batch is not counted: the default one
     assert choose("auto", one, small, tf.TensorSpec([32, None], tf.float32), 32) == ""
 
     # a model of two named inputs (a dict batch) is counted too; a ragged one is not

@@ -11,11 +11,12 @@ that running two at once pays.
 
 `auto` picks by the size of the step: single-threaded when the model's forward pass on one
 batch counts fewer than AUTO_MAX_FLOPS floating-point operations (TensorFlow's own op
-statistics, on a trace of the forward pass with the batch's shapes), on one device, and when
-the step holds no control flow (CONTROL_FLOW). The count depends on the model and the batch
-shape only, never on timing, so a run and its resumes choose the same executor (the two
-executors differ in the last bit of some results: TensorFlow optimizes the step's graph
-differently for each).
+statistics, on a trace of the forward pass with the batch's shapes, and at least two per
+weight and example), on one CPU device, and when the step holds no control flow
+(CONTROL_FLOW). The choice depends on the model, the batch shape, the step's ops and the
+devices, never on timing, so a run and its resumes on the same machine choose the same
+executor (the two executors differ in the last bit of some results: TensorFlow optimizes
+the step's graph differently for each).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import contextlib
 import logging
 import sys
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context
 
 SINGLE_THREADED = "SINGLE_THREADED_EXECUTOR"  # TensorFlow's name for it
-# Ops running other functions by a condition: a step holding one stays on the default executor
-# (mixed_float16's loss scaling with gradient accumulation hung on the single-threaded one, in
-# TensorFlow's C++, deaf to signals; tests/test_user_parts.py)
+# Control-flow ops: a step holding one stays on the default executor (mixed_float16's
+# step, whose loss scaling is a tf.cond, hung on the single-threaded one inside TensorFlow, deaf
+# to signals; README "Performance")
 CONTROL_FLOW = frozenset({"If", "StatelessIf", "Case", "StatelessCase", "While", "StatelessWhile"})
 AUTO_MAX_FLOPS = 2_000_000  # forward-pass flops per batch below which auto is single-threaded
 
@@ -83,8 +85,9 @@ def choose(setting: str, strategy, model, inputs, batch: int) -> str:
     leaves it open."""
     if setting == "default":
         return ""
-    # Ops that wait for another device or worker (all-reduces, sends) need the default one.
-    if type(strategy).__name__ != "_DefaultDistributionStrategy":
+    # Ops that wait for another device or worker (all-reduces, sends: a GPU's graph has
+    # them too) need the default one.
+    if type(strategy).__name__ != "_DefaultDistributionStrategy" or _accelerators():
         return ""
     if setting == "single_threaded":
         return SINGLE_THREADED
@@ -106,7 +109,15 @@ def choose(setting: str, strategy, model, inputs, batch: int) -> str:
         flops = forward_flops(model, sized_inputs)
     except Exception:  # noqa: BLE001 (a model TensorFlow cannot count: the default executor)
         return ""
-    return SINGLE_THREADED if flops < AUTO_MAX_FLOPS else ""
+    # TensorFlow's statistics skip ops they have no count for (an einsum, a custom op, a
+    # nested tf.function): at least a multiply-add per weight and example is counted
+    weights = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    examples = tf.nest.flatten(sized_inputs)[0].shape[0] or batch
+    return SINGLE_THREADED if max(flops, 2 * weights * examples) < AUTO_MAX_FLOPS else ""
+
+
+def _accelerators() -> bool:
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
 def refuses(graph, setting: str) -> bool:

@@ -144,7 +144,7 @@ def run(mode: str = "full", out: str | None = "bench.json", log=print) -> dict:
 
 TARGETS = {
     "save_cost_ms": ("<=", 2.5),  # one async save of the default model, ms (the headline)
-    "loop_vs_fit": (">=", 4.0),  # issue 29: the single-threaded executor (trainer.executor)
+    "loop_vs_fit": (">=", 4.0),  # with trainer.executor (README, "Performance")
     "loop_vs_fit_same_spe": (">=", 1.25),
     "big_state_async_cost": ("<=", 0.35),
     "async_cost_vs_floor": ("<=", 1.5),  # an aim, not a promise (issue 14)

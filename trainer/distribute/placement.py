@@ -259,7 +259,7 @@ def _latest_manifest_config(run_dir: str) -> dict | None:
 
 def check_resume(cfg: DictConfig, run_dir: str) -> None:
     """Before resuming: refuse a loss-scaling change, say so when the topology or the executor
-    changed (a run written before trainer.executor existed keeps TensorFlow's default one)."""
+    changed (_keep_executor)."""
     then = _latest_manifest_config(run_dir)
     if then is None or cfg.trainer.resume == "never":
         return
@@ -271,24 +271,28 @@ def check_resume(cfg: DictConfig, run_dir: str) -> None:
             f"{was!r}; mixed_float16 adds loss-scale state to the optimizer, so it cannot be "
             "switched on or off across a resume (float32 <-> mixed_bfloat16 can)"
         )
-    executor = (then.get("trainer") or {}).get("executor")
-    if executor is None and cfg.trainer.get("executor", "auto") == "auto":
-        # written before trainer.executor existed, on TensorFlow's default executor: kept, so
-        # that the resumed run goes on bit for bit (the executors differ in last bits)
-        cfg.trainer.executor = "default"
-    elif executor is not None and executor != cfg.trainer.get("executor", "auto"):
-        print(
-            f"note: resuming a checkpoint written with trainer.executor={executor} under "
-            f"{cfg.trainer.executor}: the state carries over, but the loss curve is bit-exact "
-            "only on the same executor",
-            file=sys.stderr,
-        )
+    _keep_executor(cfg, (then.get("trainer") or {}).get("executor", "default"))
     old = {k: v for k, v in (then.get("distribute") or {}).items() if v is not None}
     new = {k: v for k, v in OmegaConf.to_container(cfg.distribute).items() if v is not None}
     if old != new:
         print(
             f"note: resuming a checkpoint written with distribute {old} under {new}: the state "
             "carries over, but the loss curve is bit-exact only on the same topology",
+            file=sys.stderr,
+        )
+
+
+def _keep_executor(cfg: DictConfig, then: str) -> None:
+    """A resumed run keeps the trainer.executor its checkpoints were written with ("default"
+    before the key existed) unless another one is named (`auto`, the default, names none):
+    the executors differ in last bits. A named other one is let through with a note."""
+    now = cfg.trainer.get("executor", "auto")
+    if now == "auto":
+        cfg.trainer.executor = then
+    elif now != then:
+        print(
+            f"note: resuming a checkpoint written with trainer.executor={then} under {now}: "
+            "the state carries over, but the loss curve is bit-exact only on the same executor",
             file=sys.stderr,
         )
 
