@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from trainer.bench.common import NO_EVAL  # noqa: E402
-from trainer.bench.loop_rates import median, rotated  # noqa: E402
+from trainer.bench.loop_rates import median, rotated, windows_of  # noqa: E402
 from trainer.bench.saves import BASELINE_FROM, cost_per_save  # noqa: E402
 
 
@@ -63,12 +63,10 @@ def one_run(code: str, overrides: list[str], steps: int, every: int, workdir: st
     proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    points = read_scalars(os.path.join(run_dir, "tensorboard", "train"), "steps_per_sec")
+    windows = windows_of(
+        read_scalars(os.path.join(run_dir, "tensorboard", "train"), "steps_per_sec")
+    )
     shutil.rmtree(run_dir, ignore_errors=True)
-    windows, prev = [], 0
-    for step, rate in points:
-        windows.append((step, step - prev, (step - prev) / rate))
-        prev = step
     warmup = min(every + 100, steps // 3) if every else steps // 5
     period = every or NO_EVAL
     far = [

@@ -70,7 +70,7 @@ def traced(trace, chosen: list, setting: str, **how):
         with running_on(chosen[0]):
             return call(*args)
 
-    run.variables, run.executor = call.variables, chosen[0]
+    run.variables = call.variables
     return run
 
 
@@ -98,7 +98,7 @@ def choose(setting: str, strategy, model, inputs, batch: int) -> str:
     def sized(spec: tf.TensorSpec) -> tf.TensorSpec:
         shape = spec.shape.as_list()
         return tf.TensorSpec(
-            [batch if shape and d is None and i == 0 else d for i, d in enumerate(shape)],
+            [batch if d is None and i == 0 else d for i, d in enumerate(shape)],
             spec.dtype,
         )
 

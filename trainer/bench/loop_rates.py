@@ -59,10 +59,15 @@ def loop_windows(
         with during(run_dir) if during is not None else contextlib.nullcontext():
             fit(compose(args), run_dir)
     logdir = os.path.join(run_dir, "tensorboard", "train")
-    points = read_scalars(logdir, "steps_per_sec")
+    out = windows_of(read_scalars(logdir, "steps_per_sec"))
     for tag in scalars or {}:
         scalars[tag] = read_scalars(logdir, tag)
     shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+def windows_of(points: list[tuple[int, float]]) -> list[tuple[int, int, float]]:
+    """A run's log windows (end step, steps, seconds) from its `steps_per_sec` points."""
     out, prev = [], 0
     for step, rate in points:
         out.append((step, step - prev, (step - prev) / rate))
