@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, env, losses, train_in_process
 
+from trainer import executor
 from trainer.checkpoint.manifest import list_checkpoints, verify
 from trainer.checkpoint.store import CheckpointStore
 from trainer.config import UserError
@@ -111,7 +112,8 @@ def test_async_save_writes_the_values_of_the_save_step_while_training_goes_on(tm
 
 def test_async_files_equal_a_synchronous_save_bit_for_bit(tmp_path):
     """The async write's traced save (async_save._compiled_save) writes exactly what TF's
-    eager save writes: the first save (traced) and the next ones (cached)."""
+    eager save writes: the first save (traced) and the next ones (cached), the snapshot and
+    the save on TensorFlow's single-threaded executor (on this one-CPU machine)."""
     state, step = _state()
     sync = _store(tmp_path / "sync", state, async_write=False)
     fast = _store(tmp_path / "async", state)
@@ -126,6 +128,23 @@ def test_async_files_equal_a_synchronous_save_bit_for_bit(tmp_path):
             assert (tmp_path / "sync" / name).read_bytes() == (
                 tmp_path / "async" / name
             ).read_bytes()
+    writer = fast.async_writer
+    assert [on for _, on in writer._savers.values()] == [executor.SINGLE_THREADED]
+    assert [plan.executor for plan in writer._plans.values()] == [executor.SINGLE_THREADED]
+
+
+def test_checkpoint_functions_leave_the_single_threaded_executor_when_it_cannot_run_them():
+    """executor.for_checkpoint: single-threaded for one CPU device and no control flow;
+    tensors on two devices (a send between them), or a tf.cond, take the default one."""
+    plain = tf.function(lambda x: x * 2.0).get_concrete_function(tf.TensorSpec([], tf.float32))
+    branchy = tf.function(lambda x: tf.cond(x > 0, lambda: x, lambda: -x)).get_concrete_function(
+        tf.TensorSpec([], tf.float32)
+    )
+    cpu0, cpu1 = "/job:localhost/replica:0/task:0/device:CPU:0", "/device:CPU:1"
+    assert executor.for_checkpoint([cpu0, cpu0], plain.graph) == executor.SINGLE_THREADED
+    assert executor.for_checkpoint([cpu0, cpu1], plain.graph) == ""
+    assert executor.for_checkpoint(["/device:GPU:0"], plain.graph) == ""
+    assert executor.for_checkpoint([cpu0], branchy.graph) == ""
 
 
 def test_a_failed_background_write_surfaces_and_leaves_no_good_checkpoint(tmp_path):

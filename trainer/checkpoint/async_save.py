@@ -49,7 +49,7 @@ from tensorflow.python.trackable import python_state
 from tensorflow.python.training.saving import saveable_object, saveable_object_util
 from tensorflow.python.util import object_identity
 
-from trainer import nonfinite
+from trainer import executor, nonfinite
 from trainer.config import UserError
 from trainer.tfcall import flat_caller
 
@@ -159,7 +159,8 @@ def snapshot(
     if key not in plans:
         plans[key] = _Plan(checkpoint, objects, assigned, check)
     plan = plans[key]
-    values, finite = plan.read(*plan.inputs([value for _, value in assign]))
+    with executor.running_on(plan.executor):
+        values, finite = plan.read(*plan.inputs([value for _, value in assign]))
     frozen = [
         (obj, {trackable_base.VARIABLE_VALUE_KEY: value})
         for obj, value in zip(plan.plain, values, strict=True)
@@ -219,6 +220,8 @@ class _Plan:
 
         example = self.inputs([np.zeros((), d.as_numpy_dtype) for d in [v.dtype for v in assigned]])
         self.read = flat_caller(read, *example)
+        devices = [v.device for v in [*variables, *assigned, *checked]]
+        self.executor = executor.for_checkpoint(devices, self.read.graph)
 
     def inputs(self, values: list) -> list[tf.Tensor]:
         """`values` (one per assigned variable) as the read function's vectors."""
@@ -234,7 +237,8 @@ def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict):
     TF's eager save builds the object graph proto, a MultiDeviceSaver and the save ops in
     Python on every call: ~6 ms of GIL-holding CPU per save for the default model, against
     ~2 ms (mostly TF's C++, the GIL released) for the same code traced once into a
-    tf.function with the snapshot's tensors as inputs (profiled). The traced save builds
+    tf.function with the snapshot's tensors as inputs (profiled). It runs on TensorFlow's
+    single-threaded executor where it can (executor.for_checkpoint). The traced save builds
     the same ops, so it writes the same files, bit for bit; the save counter is read inside
     it, after the CheckpointManager incremented it. Cached in `cache` per object graph: the
     cached function holds the objects, so their ids stay theirs.
@@ -266,12 +270,18 @@ def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict):
             finally:
                 saver._object_map = None
 
-        cache[key] = flat_caller(save, tf.constant(""), flat)
-    fn = cache[key]
+        fn = flat_caller(save, tf.constant(""), flat)
+        # on the writer's thread, one op after the other (executor.for_checkpoint)
+        cache[key] = (
+            fn,
+            executor.for_checkpoint([*devices, checkpoint.save_counter.device], fn.graph),
+        )
+    fn, on = cache[key]
 
     def save_snapshot(file_prefix: str, options=None):
         os.makedirs(os.path.dirname(file_prefix), exist_ok=True)  # as TF's eager save does
-        return fn(tf.constant(file_prefix), flat)
+        with executor.running_on(on):
+            return fn(tf.constant(file_prefix), flat)
 
     return save_snapshot
 
