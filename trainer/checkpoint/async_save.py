@@ -4,20 +4,15 @@ TF 2.21's own `CheckpointOptions(enable_async=True)` fails on the second save wi
 variables (README, "Performance"): it copies variables inside a tf.function, and Keras' copy creates a new
 tf.Variable on every call. This module does the same job without that copy:
 
-1. Snapshot (loop thread, ~0.5 ms for small models): read every saveable value into an
+1. Snapshot (loop thread, ~0.5 ms for small models): every saveable value read into an
    immutable tensor, in one tf.function call that also makes the caller's assignments (the
    loop's counters) and checks finiteness. The object graph is walked at the first save
-   only (as TF's own async checkpoint does); each write walks it again on the writer
-   thread and refuses to write if it changed. Reads share the variable's buffer;
-   TensorFlow copies a buffer before an in-place update when a read still holds it
-   (copy-on-write), so the snapshot keeps the values of this step while training continues,
-   and the copy of each variable is paid by the first update that touches it.
-2. Write (one background thread): the caller's ordinary synchronous write (CheckpointManager
-   save, then manifest) runs with the checkpoint's saver writing the snapshot, so the
-   files, the object graph and the checkpoint keys are those of a synchronous save. The
-   saver's own work runs as one traced tf.function (`_compiled_save`): TF's eager save
-   rebuilds the object graph and its savers in Python each time, which on this thread
-   competes with the loop for the GIL.
+   (as TF's own async checkpoint does); each write walks it again and refuses to write if
+   it changed. Reads share the variable's buffer; TensorFlow copies it before an in-place
+   update while a read holds it (copy-on-write), paid by the first update after a save.
+2. Write (one background thread): the caller's synchronous write (CheckpointManager save,
+   then manifest) with the saver writing the snapshot, so the files, object graph and keys
+   are a synchronous save's. The saver runs as one traced tf.function (`_compiled_save`).
 
 Guarantees (those of synchronous saves, but that a checkpoint whose objects changed since the
 first save is refused where a synchronous save would write it): the manifest is written only
@@ -61,14 +56,10 @@ def lower_thread_priority() -> None:
     """Run the calling thread (the writer) WRITER_NICE nice levels below the loop's priority,
     on Linux (nice is per thread there).
 
-    TensorFlow's inter-op threads keep both cores looking busy during training (most likely
-    spinning while they wait for work); at equal priority the scheduler took the writer's CPU
-    from the thread on the train step's critical path. Timed per train chunk (default model,
-    K=10, a save every 500 steps), a save cost the loop 3.0-3.5 ms at nice 0, 2.2-2.7 ms at
-    nice 10 (2.5 at 5, 2.9 at 19); with another process spinning on one core, 3.5-5.8 ms at 0
-    and 2.4-3.4 ms at 10 (BENCHMARKS.md, section 7). Raising the nice value needs no
-    privileges. The write takes longer in wall time (the next save waits for it if it is
-    still running).
+    On the default executor, TensorFlow's inter-op threads keep both cores busy during
+    training; at equal priority the scheduler took the writer's CPU from the train step's
+    critical path. A save cost the loop 3.0-3.5 ms at nice 0, 2.2-2.7 ms at nice 10
+    (BENCHMARKS.md, section 7). No privileges needed; the write takes longer in wall time.
     """
     if sys.platform.startswith("linux"):
         tid = threading.get_native_id()
