@@ -51,7 +51,7 @@ def nonfinite_variables(variables):
 
     One cached tf.function computes a flag per floating variable: ~0.2 ms per save for the
     default model, against ~1 ms for eager per-variable checks (profiled). (Async saves
-    compute the same flags inside their snapshot's call: async_save.snapshot.)
+    compute the same flags inside their snapshot's call: checkpoint/snapshot.py.)
     """
     floats = floating(variables)
     finite = tf.function(lambda: finite_flags(floats))

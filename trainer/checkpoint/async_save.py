@@ -4,12 +4,12 @@ TF 2.21's own `CheckpointOptions(enable_async=True)` fails on the second save wi
 variables (README, "Performance"): it copies variables inside a tf.function, and Keras' copy creates a new
 tf.Variable on every call. This module does the same job without that copy:
 
-1. Snapshot (loop thread, ~0.5 ms for small models): every saveable value read into an
-   immutable tensor, in one tf.function call that also makes the caller's assignments (the
-   loop's counters) and checks finiteness. The object graph is walked at the first save
-   (as TF's own async checkpoint does); each write walks it again and refuses to write if
-   it changed. Reads share the variable's buffer; TensorFlow copies it before an in-place
-   update while a read holds it (copy-on-write), paid by the first update after a save.
+1. Snapshot (loop thread, ~0.5 ms for small models; snapshot.py): every saveable value read
+   into an immutable tensor, in one tf.function call that also makes the caller's
+   assignments (the loop's counters) and checks finiteness. The object graph is walked at
+   the first save (as TF's own async checkpoint does); each write walks it again and
+   refuses to write if it changed. Small variables' reads share their buffers (copy-on-
+   write keeps them intact); large ones are copied into buffers kept between saves.
 2. Write (one background thread): the caller's synchronous write (CheckpointManager save,
    then manifest) with the saver writing the snapshot, so the files, object graph and keys
    are a synchronous save's. The saver runs as one traced tf.function (`_compiled_save`).
@@ -33,18 +33,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import keras
-import numpy as np
 import tensorflow as tf
 from tensorflow.python.checkpoint import graph_view
 from tensorflow.python.checkpoint import util as checkpoint_util
-from tensorflow.python.ops import resource_variable_ops
 from tensorflow.python.trackable import base as trackable_base
-from tensorflow.python.trackable import python_state
-from tensorflow.python.training.saving import saveable_object, saveable_object_util
 from tensorflow.python.util import object_identity
 
-from trainer import executor, nonfinite
+from trainer import executor
+from trainer.checkpoint.snapshot import snapshot
 from trainer.config import UserError
 from trainer.tfcall import flat_caller
 
@@ -82,30 +78,6 @@ class _Frozen(trackable_base.Trackable):
         return self._tensors
 
 
-def _materialize(value):
-    """A concrete, immutable tensor for one `_serialize_to_tensors` entry."""
-    if isinstance(value, dict):  # sliced values: {slice_spec: tensor}
-        return {k: _materialize(v) for k, v in value.items()}
-    if isinstance(value, saveable_object.SaveSpec):  # e.g. a variable's deferred read
-        value = value.tensor
-    if value is None:
-        raise ValueError("checkpoint.async: an uninitialized variable cannot be snapshotted")
-    return tf.identity(value)
-
-
-def _plain_variable(obj) -> tf.Variable | None:
-    """The local tf.Variable whose value is `obj`'s whole checkpoint entry, if it is one
-    (a TF resource variable, or a Keras 3 variable wrapping one); None otherwise."""
-    inner = obj.value if isinstance(obj, keras.Variable) else obj
-    return inner if type(inner) is resource_variable_ops.ResourceVariable else None
-
-
-def _inner(var):
-    """The tf.Variable holding `var`'s value (itself if it is one)."""
-    plain = _plain_variable(var)
-    return var if plain is None else plain
-
-
 def object_graph(checkpoint: tf.train.Checkpoint) -> tuple:
     """The objects of `checkpoint`, as TensorFlow's saver walks them (breadth first)."""
     checkpoint.save_counter  # noqa: B018 (created if missing, as the manager's first save does)
@@ -124,102 +96,6 @@ def _children_walk(root) -> list[int]:
                 seen.add(id(child))
                 queue.append(child)
     return [id(obj) for obj in queue]
-
-
-def snapshot(
-    checkpoint: tf.train.Checkpoint,
-    plans: dict,
-    objects: tuple,
-    assign: Sequence[tuple[tf.Variable, object]] = (),
-    check: Sequence[tf.Variable] = (),
-) -> tuple[list[tuple[object, dict]], list[tf.Variable]]:
-    """(frozen, nonfinite): `frozen` is [(trackable, {checkpoint key: frozen tensor})] for every
-    saveable object among `objects` (`object_graph(checkpoint)`) but the save counter, which
-    the CheckpointManager increments as part of the write; `nonfinite` lists the floating
-    variables of `check` that hold a NaN or Inf.
-
-    `assign` (variable, value) pairs are written first, in the same call: a save's counters.
-    Which objects are plain variables is worked out once per object graph (cached in
-    `plans`); the assignments, the reads of those and the finiteness of `check` are one
-    tf.function call: ~0.3 ms, against ~1 ms for eager assigns, a separate check and the
-    reads (profiled). The reads alias the variables' buffers; copy-on-write keeps them
-    intact when training updates the variables.
-    """
-    assigned = tuple(var for var, _ in assign)
-    key = tuple(map(id, objects)), tuple(map(id, assigned)), tuple(map(id, check))
-    if key not in plans:
-        plans[key] = _Plan(checkpoint, objects, assigned, check)
-    plan = plans[key]
-    with executor.running_on(plan.executor):
-        values, finite = plan.read(*plan.inputs([value for _, value in assign]))
-    frozen = [
-        (obj, {trackable_base.VARIABLE_VALUE_KEY: value})
-        for obj, value in zip(plan.plain, values, strict=True)
-    ]
-    for obj in plan.others:
-        tensors = obj._serialize_to_tensors()  # the Trackable protocol
-        frozen.append((obj, {k: _materialize(v) for k, v in tensors.items()}))
-    flags = finite.numpy()[: len(plan.checked)]  # (one True stands in for an empty check)
-    nonfinite = [var for var, ok in zip(plan.checked, flags, strict=True) if not ok]
-    return frozen, nonfinite
-
-
-class _Plan:
-    """How to snapshot one object graph: its plain variables (read in one tf.function, which
-    also makes the assignments and checks finiteness), and its other saveables. It holds every
-    object of the graph, so the ids in its cache key stay theirs."""
-
-    def __init__(self, checkpoint, objects, assigned, check):
-        self.objects = objects
-        self.plain, variables, self.others = [], [], []
-        for obj in objects:
-            if obj is checkpoint.save_counter:
-                continue
-            if isinstance(obj, python_state.PythonState) or getattr(obj, "get_slot_names", None):
-                raise NotImplementedError(
-                    f"checkpoint.async: {type(obj).__name__} is not supported; "
-                    "use checkpoint.async=false"
-                )
-            if (var := _plain_variable(obj)) is not None:
-                self.plain.append(obj)
-                variables.append(var)
-            elif saveable_object_util.trackable_has_serialize_to_tensor(obj):
-                self.others.append(obj)
-            elif obj._gather_saveables_for_checkpoint():
-                raise NotImplementedError(
-                    f"checkpoint.async: {type(obj).__name__} uses legacy SaveableObjects; "
-                    "use checkpoint.async=false"
-                )
-        self.assigned = [_inner(v) for v in assigned]
-        self.dtypes = sorted({tf.as_dtype(v.dtype) for v in self.assigned}, key=str)
-        # the assigned values travel as one vector per dtype
-        self.groups = [
-            [i for i, v in enumerate(self.assigned) if v.dtype == d] for d in self.dtypes
-        ]
-        self.checked = nonfinite.floating(check)
-        checked = [_inner(v) for v in self.checked]
-        assigned, groups = self.assigned, self.groups
-
-        @tf.function(autograph=False)
-        def read(*vectors):
-            for group, vector in zip(groups, vectors, strict=True):
-                for i, value in zip(group, tf.unstack(vector, num=len(group)), strict=True):
-                    assigned[i].assign(value, read_value=False)
-            values = [v.read_value() for v in variables]  # after the assignments (TF orders
-            # a variable's stateful ops as written)
-            return values, nonfinite.finite_flags([v.read_value() for v in checked])
-
-        example = self.inputs([np.zeros((), d.as_numpy_dtype) for d in [v.dtype for v in assigned]])
-        self.read = flat_caller(read, *example)
-        devices = [v.device for v in [*variables, *assigned, *checked]]
-        self.executor = executor.for_checkpoint(devices, self.read.graph)
-
-    def inputs(self, values: list) -> list[tf.Tensor]:
-        """`values` (one per assigned variable) as the read function's vectors."""
-        return [
-            tf.constant([values[i] for i in group], dtype)
-            for group, dtype in zip(self.groups, self.dtypes, strict=True)
-        ]
 
 
 def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict):
