@@ -15,7 +15,6 @@ import tensorflow as tf
 from conftest import REPO, env, losses, train_in_process
 
 from trainer import executor
-from trainer.checkpoint import snapshot as snapshot_module
 from trainer.checkpoint.manifest import list_checkpoints, verify
 from trainer.checkpoint.store import CheckpointStore
 from trainer.config import UserError
@@ -80,14 +79,7 @@ def _store(directory, state, **kw) -> CheckpointStore:
     )
 
 
-@pytest.mark.parametrize("kept_buffers", [False, True])
-def test_async_save_writes_the_values_of_the_save_step_while_training_goes_on(
-    tmp_path, monkeypatch, kept_buffers
-):
-    """Small variables snapshotted by sharing their buffers (copy-on-write), and (with the
-    size threshold lowered) every variable copied into a buffer kept between saves."""
-    if kept_buffers:
-        monkeypatch.setattr(snapshot_module, "SHADOW_BYTES", 1)
+def test_async_save_writes_the_values_of_the_save_step_while_training_goes_on(tmp_path):
     state, step = _state()
     store = _store(tmp_path, state)
     release = threading.Event()
@@ -116,44 +108,6 @@ def test_async_save_writes_the_values_of_the_save_step_while_training_goes_on(
         assert fresh.after_restore() == at
         for a, b in zip(values, _values(fresh), strict=True):
             np.testing.assert_array_equal(a, b)
-
-
-def test_a_large_variable_is_snapshotted_into_one_buffer_kept_from_save_to_save(
-    tmp_path, monkeypatch
-):
-    """A variable of SHADOW_BYTES or more is copied into a buffer that every later save
-    reuses (the same memory: no fresh allocation per save), while small ones have none."""
-    monkeypatch.setattr(
-        snapshot_module, "SHADOW_BYTES", 256
-    )  # Dense(16)'s 4x16 kernel, not its bias
-    state, step = _state()
-    store = _store(tmp_path, state)
-    addresses = []
-    for at in (1, 2, 3):
-        step()
-        store.save(at, assign=state.assignments(at, 0))
-        store.wait()
-        (plan,) = store.async_writer._plans.values()
-        kept = [s for s in plan.shadows if s is not None]
-        addresses.append([s.read_value().numpy().__array_interface__["data"][0] for s in kept])
-    shadow = {id(v): s for v, s in zip(plan.plain, plan.shadows, strict=True)}
-    kernel = state.model.layers[0].kernel
-    slots = [v for v in state.optimizer.variables if v.shape == kernel.shape]
-    assert {id(v) for v in plan.plain if shadow[id(v)] is not None} == {
-        id(v) for v in [kernel, *slots]
-    }  # the kernel and its two Adam slots; biases, BN statistics, counters not
-    assert addresses[0] == addresses[1] == addresses[2]
-    np.testing.assert_array_equal(shadow[id(kernel)].numpy(), kernel.numpy())  # the last copy
-    # a buffer something still reads (a write in flight, say) is never overwritten: the next
-    # copy goes to a fresh one
-    held = shadow[id(kernel)].read_value()
-    before = held.numpy().copy()
-    step()
-    store.save(4, assign=state.assignments(4, 0))
-    store.wait()
-    np.testing.assert_array_equal(held.numpy(), before)
-    np.testing.assert_array_equal(shadow[id(kernel)].numpy(), kernel.numpy())
-    assert not np.array_equal(before, kernel.numpy())
 
 
 def test_async_files_equal_a_synchronous_save_bit_for_bit(tmp_path):

@@ -68,3 +68,26 @@ def test_cost_per_save_charges_the_windows_after_each_save():
         windows.append((end, 10, t))
     assert abs(cost_per_save(windows, warmup=14_000, every=500) - 0.004) < 1e-9
     assert cost_per_save(windows[:100], warmup=600, every=500) is None  # no save after warm-up
+
+
+def test_save_ab_splits_a_runs_saves_into_the_variant_and_the_code_as_is():
+    """scripts/save_ab.py's halves: the saves after steps 500, 1500, ... ran the variant,
+    the others the code as is; each half's cost against the run's one baseline. Built by
+    hand: odd saves add 2 ms to their first window, even ones 5 ms (then 1 ms more)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("save_ab", f"{REPO}/scripts/save_ab.py")
+    save_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(save_ab)
+    windows = []
+    for end in range(10, 20_001, 10):
+        since = (end - 1) % 500 + 1
+        odd = ((end - since) // 500) % 2 == 1
+        t = 0.002 + ({10: 0.002} if odd else {10: 0.005, 20: 0.001}).get(since, 0.0)
+        if end - since < 1100 and since <= 20:
+            t += 0.05  # the warm-up's saves: not counted
+        windows.append((end, 10, t))
+    even, odd = save_ab.halves(windows)
+    assert abs(even - 6.0) < 1e-6 and abs(odd - 2.0) < 1e-6

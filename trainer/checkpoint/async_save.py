@@ -8,8 +8,8 @@ tf.Variable on every call. This module does the same job without that copy:
    into an immutable tensor, in one tf.function call that also makes the caller's
    assignments (the loop's counters) and checks finiteness. The object graph is walked at
    the first save (as TF's own async checkpoint does); each write walks it again and
-   refuses to write if it changed. Small variables' reads share their buffers (copy-on-
-   write keeps them intact); large ones are copied into buffers kept between saves.
+   refuses to write if it changed. The reads share the variables' buffers (copy-on-write
+   keeps them intact while training goes on).
 2. Write (one background thread): the caller's synchronous write (CheckpointManager save,
    then manifest) with the saver writing the snapshot, so the files, object graph and keys
    are a synchronous save's. The saver runs as one traced tf.function (`_compiled_save`).

@@ -1,8 +1,7 @@
 """An async checkpoint's snapshot (trainer/checkpoint/async_save.py): every saveable value of
 the checkpoint read on the loop's thread, in one tf.function call that also makes a save's
-assignments and checks finiteness. Small variables' reads share their buffers (copy-on-write
-keeps them intact while training goes on); large ones are copied into buffers kept between
-saves (_shadow)."""
+assignments and checks finiteness. The reads share the variables' buffers (copy-on-write
+keeps them intact while training goes on)."""
 
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ from tensorflow.python.training.saving import saveable_object, saveable_object_u
 
 from trainer import executor, nonfinite
 from trainer.tfcall import flat_caller
-
-SHADOW_BYTES = 1 << 20  # a variable this large is snapshotted into a kept buffer (_shadow)
 
 
 def _materialize(value):
@@ -46,25 +43,6 @@ def _inner(var):
     return var if plain is None else plain
 
 
-def _shadow(var: tf.Variable) -> tf.Variable | None:
-    """For a variable of SHADOW_BYTES or more (outside a tf.distribute strategy): a variable of
-    its shape the snapshot copies it into, and the write reads from, save after save.
-
-    A snapshot that only reads a variable shares its buffer, and the train step's next
-    update copies it (copy-on-write) into a fresh allocation: for the 300 MB state, 300 MB
-    of new pages every save, each faulted in on the loop's thread (and slower still where
-    the host has reclaimed idle memory: BENCHMARKS.md). The copy into a kept buffer reuses
-    pages already mapped (TensorFlow's assign copies into a variable's buffer when nothing
-    else holds it: the last write's tensors are gone by the next save). The cost: the
-    buffers stay allocated between saves (a copy-on-write needed the same memory during
-    each write)."""
-    count = var.shape.num_elements()
-    if count is None or count * var.dtype.size < SHADOW_BYTES or tf.distribute.has_strategy():
-        return None
-    with tf.init_scope(), tf.device(var.device):
-        return tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False)
-
-
 def snapshot(
     checkpoint: tf.train.Checkpoint,
     plans: dict,
@@ -81,8 +59,9 @@ def snapshot(
     Which objects are plain variables is worked out once per object graph (cached in
     `plans`); the assignments, the reads of those and the finiteness of `check` are one
     tf.function call: ~0.3 ms, against ~1 ms for eager assigns, a separate check and the
-    reads (profiled). The reads alias the variables' buffers (copy-on-write keeps them
-    intact when training updates the variables), large ones' kept copies (_shadow).
+    reads (profiled). The reads alias the variables' buffers; copy-on-write keeps them
+    intact when training updates the variables (for the 300 MB state that copy cost the
+    loop 6-26 ms a save, measured: a small part of its async save's cost, BENCHMARKS.md).
     """
     assigned = tuple(var for var, _ in assign)
     key = tuple(map(id, objects)), tuple(map(id, assigned)), tuple(map(id, check))
@@ -138,18 +117,14 @@ class _Plan:
         self.checked = nonfinite.floating(check)
         checked = [_inner(v) for v in self.checked]
         assigned, groups = self.assigned, self.groups
-        self.shadows = shadows = [_shadow(v) for v in variables]
 
         @tf.function(autograph=False)
         def read(*vectors):
             for group, vector in zip(groups, vectors, strict=True):
                 for i, value in zip(group, tf.unstack(vector, num=len(group)), strict=True):
                     assigned[i].assign(value, read_value=False)
-            values = []  # after the assignments (TF orders a variable's ops as written)
-            for v, shadow in zip(variables, shadows, strict=True):
-                if shadow is not None:  # copied into the buffer the last save read from
-                    shadow.assign(v.read_value(), read_value=False)
-                values.append((v if shadow is None else shadow).read_value())
+            values = [v.read_value() for v in variables]  # after the assignments (TF orders
+            # a variable's stateful ops as written)
             return values, nonfinite.finite_flags([v.read_value() for v in checked])
 
         example = self.inputs([np.zeros((), d.as_numpy_dtype) for d in [v.dtype for v in assigned]])

@@ -1,0 +1,169 @@
+"""A part of an async save, taken out or swapped on every other save of one run: what that
+part costs the loop, with the run's own noise cancelled. How BENCHMARKS.md's "Saves measured
+within one run" was measured.
+
+    python scripts/save_ab.py no-write default-executor no-fsync no-log-sync [--rounds 4]
+
+Each round is one fresh `python -m trainer` of the default model (`--steps` steps, an async
+save every 500, no evaluation) in which the saves after steps 500, 1500, 2500, ... run the
+variant and the others run the code as it is. A save's cost is its 20 log windows against
+the median window far from any save of the same run (trainer/bench/saves.py,
+cost_per_save), taken over each half of the saves; the difference of the halves is the
+variant's effect. Between-run comparisons (scripts/bench_ab.py) see the machine's drift
+from run to run, 1-3 ms on this VM, larger than most parts of a save; alternating within a
+run does not.
+
+Variants (each swaps one part, on odd saves only):
+  no-write          the snapshot only: nothing is written (the write's whole cost)
+  default-executor  the snapshot and the save on TensorFlow's default executor
+                    (trainer/executor.py, for_checkpoint)
+  no-fsync          the checkpoint's fsyncs skipped (as checkpoint.durable=false)
+  no-log-sync       the TensorBoard rows and metrics.jsonl not synced before the write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+EVERY = 500
+AFTER_SAVE, BASELINE_FROM, WARMUP = 20, 25, 1100
+VARIANTS = ("no-write", "default-executor", "no-fsync", "no-log-sync")
+
+
+def _odd(step: int) -> bool:
+    return (step // EVERY) % 2 == 1
+
+
+def patch(variant: str) -> None:
+    """Swap `variant`'s part on odd saves, in this (the trainer's) process."""
+    import types
+
+    from trainer import executor
+    from trainer.checkpoint import async_save, snapshot, store
+
+    odd = [False]
+    submit, run = async_save.AsyncCheckpointWriter.submit, async_save.AsyncCheckpointWriter._run
+
+    def submit_(self, step, *a, **k):
+        odd[0] = _odd(step)
+        return submit(self, step, *a, **k)
+
+    def run_(self, step, write, frozen):
+        if odd[0] and variant == "no-write":
+            return None
+        return run(self, step, write, frozen)
+
+    async_save.AsyncCheckpointWriter.submit = submit_
+    async_save.AsyncCheckpointWriter._run = run_
+    if variant == "default-executor":  # (the module's own name only: not the train step's)
+        swap = types.SimpleNamespace(**vars(executor))
+        swap.running_on = lambda e: executor.running_on("" if odd[0] else e)
+        async_save.executor = snapshot.executor = swap
+    elif variant == "no-fsync":
+        write_manifest = store.CheckpointStore.write_manifest
+
+        def write_manifest_(self, prefix, step):
+            self.durable = not odd[0]
+            return write_manifest(self, prefix, step)
+
+        store.CheckpointStore.write_manifest = write_manifest_
+    elif variant == "no-log-sync":
+        write = store.CheckpointStore._write
+        store.CheckpointStore._write = lambda self, s, before=None: write(
+            self, s, None if odd[0] else before
+        )
+
+
+def one_run(variant: str, steps: int, workdir: str) -> tuple[float, float]:
+    """(cost of the even saves, of the odd saves), ms, in one fresh run."""
+    from trainer.bench.common import NO_EVAL
+    from trainer.bench.loop_rates import windows_of
+    from trainer.rewind import read_scalars
+
+    run_dir = tempfile.mkdtemp(prefix="save-ab-", dir=workdir)
+    args = [
+        f"trainer.max_steps={steps + 1}",
+        f"trainer.stop_at={steps}",
+        f"trainer.eval_every={NO_EVAL}",
+        f"checkpoint.every={EVERY}",
+        "checkpoint.async=true",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    windows = windows_of(
+        read_scalars(os.path.join(run_dir, "tensorboard", "train"), "steps_per_sec")
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return halves(windows)
+
+
+def halves(windows: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """cost_per_save's sum, for the even and the odd saves apart, against one baseline."""
+    from trainer.bench.loop_rates import median
+
+    by: dict[bool, dict[int, list[float]]] = {False: {}, True: {}}
+    far = []
+    for end, steps, seconds in windows:
+        since = (end - 1) % EVERY + 1
+        if end - since < WARMUP or steps <= 0:
+            continue
+        k = -(-since // steps)
+        if k <= AFTER_SAVE:
+            by[_odd(end - since)].setdefault(k, []).append(seconds / steps)
+        elif since > BASELINE_FROM * steps:
+            far.append(seconds / steps)
+    base, steps = median(far), median([w[1] for w in windows])
+    even, odd = (
+        1000 * sum((median(v) - base) * steps for v in by[half].values()) for half in (False, True)
+    )
+    return even, odd
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:  # the trainer's process: swap the part, run the trainer
+        patch(sys.argv[2])
+        sys.argv = ["trainer", *sys.argv[4:]]  # (after "--child VARIANT --")
+        runpy.run_module("trainer", run_name="__main__", alter_sys=True)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="+", metavar="VARIANT", help=", ".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30000)
+    args = parser.parse_args()
+    from trainer.bench.loop_rates import median
+
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    with tempfile.TemporaryDirectory(prefix="save-ab-") as workdir:
+        for variant in args.variants:
+            diffs, even_all, odd_all = [], [], []
+            for r in range(args.rounds):
+                even, odd = one_run(variant, args.steps, workdir)
+                diffs.append(odd - even)
+                even_all.append(even)
+                odd_all.append(odd)
+                print(f"  {variant} round {r + 1}: as is {even:.2f} ms, {variant} {odd:.2f} ms")
+            print(
+                f"{variant}: a save as is {median(even_all):.2f} ms, with {variant} "
+                f"{median(odd_all):.2f} ms; difference median {median(diffs):+.2f} ms "
+                f"(rounds {min(diffs):+.2f}..{max(diffs):+.2f})",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
