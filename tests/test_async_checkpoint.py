@@ -133,37 +133,18 @@ def test_async_files_equal_a_synchronous_save_bit_for_bit(tmp_path):
     assert [plan.executor for plan in writer._plans.values()] == [executor.SINGLE_THREADED]
 
 
-def test_a_large_state_is_snapshotted_and_saved_on_the_default_executor(tmp_path, monkeypatch):
-    """Over CHECKPOINT_MAX_BYTES (lowered here to this state's size), the snapshot and the save
-    run on TensorFlow's default executor, and write the same files."""
-    monkeypatch.setattr(executor, "CHECKPOINT_MAX_BYTES", 1)
-    state, step = _state()
-    store = _store(tmp_path, state)
-    step()
-    store.save(1, assign=state.assignments(1, 0))
-    store.wait()
-    writer = store.async_writer
-    assert [on for _, on in writer._savers.values()] == [""]
-    assert [plan.executor for plan in writer._plans.values()] == [""]
-    assert verify(str(tmp_path / "ckpt-1")).ok
-
-
 def test_checkpoint_functions_leave_the_single_threaded_executor_when_it_cannot_run_them():
-    """executor.for_checkpoint: single-threaded for a small state on one CPU device and no
-    control flow; tensors on two devices (a send between them), a tf.cond, or a state of
-    CHECKPOINT_MAX_BYTES or more take the default one."""
+    """executor.for_checkpoint: single-threaded for one CPU device and no control flow;
+    tensors on two devices (a send between them), or a tf.cond, take the default one."""
     plain = tf.function(lambda x: x * 2.0).get_concrete_function(tf.TensorSpec([], tf.float32))
     branchy = tf.function(lambda x: tf.cond(x > 0, lambda: x, lambda: -x)).get_concrete_function(
         tf.TensorSpec([], tf.float32)
     )
     cpu0, cpu1 = "/job:localhost/replica:0/task:0/device:CPU:0", "/device:CPU:1"
-    small, large = 1 << 10, executor.CHECKPOINT_MAX_BYTES
-    assert executor.for_checkpoint([cpu0, cpu0], plain.graph, small) == executor.SINGLE_THREADED
-    assert executor.for_checkpoint([cpu0, cpu1], plain.graph, small) == ""
-    assert executor.for_checkpoint(["/device:GPU:0"], plain.graph, small) == ""
-    assert executor.for_checkpoint([cpu0], branchy.graph, small) == ""
-    assert executor.for_checkpoint([cpu0], plain.graph, large) == ""
-    assert executor.nbytes([tf.zeros([3, 4]), tf.Variable(tf.zeros([2], tf.int64))]) == 64
+    assert executor.for_checkpoint([cpu0, cpu0], plain.graph) == executor.SINGLE_THREADED
+    assert executor.for_checkpoint([cpu0, cpu1], plain.graph) == ""
+    assert executor.for_checkpoint(["/device:GPU:0"], plain.graph) == ""
+    assert executor.for_checkpoint([cpu0], branchy.graph) == ""
 
 
 def test_a_failed_background_write_surfaces_and_leaves_no_good_checkpoint(tmp_path):

@@ -35,10 +35,6 @@ SINGLE_THREADED = "SINGLE_THREADED_EXECUTOR"  # TensorFlow's name for it
 # to signals; README "Performance")
 CONTROL_FLOW = frozenset({"If", "StatelessIf", "Case", "StatelessCase", "While", "StatelessWhile"})
 AUTO_MAX_FLOPS = 2_000_000  # forward-pass flops per batch below which auto is single-threaded
-# an async checkpoint's state below which its snapshot and save are single-threaded: at 16 MiB
-# its NaN/Inf check takes ~1 ms, what the single-threaded executor saves (not measured between
-# the default model's kilobytes and the 300 MB state)
-CHECKPOINT_MAX_BYTES = 16 << 20
 
 
 @contextlib.contextmanager
@@ -120,32 +116,22 @@ def choose(setting: str, strategy, model, inputs, batch: int) -> str:
     return SINGLE_THREADED if max(flops, 2 * weights * examples) < AUTO_MAX_FLOPS else ""
 
 
-def for_checkpoint(devices: list[str], graph, nbytes: int) -> str:
-    """The executor of an async checkpoint's traced functions (trainer/checkpoint/: the
-    snapshot's reads, the save), whose tensors (`nbytes` in all) are on `devices`:
-    single-threaded when the state is under CHECKPOINT_MAX_BYTES, on one CPU device, no
-    accelerator is present and the function holds no control flow; else the default.
+def for_checkpoint(devices: list[str], graph) -> str:
+    """The executor of an async checkpoint's traced functions (trainer/checkpoint/
+    async_save.py: the snapshot's reads, the save), whose tensors are on `devices`:
+    single-threaded when they are all on one CPU device, no accelerator is present and the
+    function holds no control flow; else the default.
 
     Each is a handful of ops; on the default executor every op is handed to the inter-op
     pool, whose threads wake on either core, beside the loop. Run on the calling thread
-    instead, an async save of the default model cost the loop 1.3 ms less (BENCHMARKS.md,
-    "Saves measured within one run"). A large state's ops are long enough that running them
-    side by side pays instead: the 300 MB state's saves cost its loop 0.02 s more each on
-    the single-threaded executor (the snapshot's NaN/Inf check of every variable, in turn)."""
+    instead, an async save of the default model cost the loop 1.3 ms less; for the 300 MB
+    state the two were within the noise (BENCHMARKS.md, "Saves measured within one run")."""
     specs = {(s.device_type, s.device_index) for s in map(tf.DeviceSpec.from_string, devices)}
     if len(specs) != 1 or next(iter(specs))[0] != "CPU" or _accelerators():
-        return ""
-    if nbytes >= CHECKPOINT_MAX_BYTES:
         return ""
     graph_def = graph.as_graph_def()
     nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
     return "" if CONTROL_FLOW & {node.op for node in nodes} else SINGLE_THREADED
-
-
-def nbytes(tensors) -> int:
-    """The bytes of `tensors` (variables or tensors) whose shapes are known."""
-    sizes = [(t.shape.num_elements(), tf.as_dtype(t.dtype).size) for t in tensors]
-    return sum(n * size for n, size in sizes if n is not None)
 
 
 def _accelerators() -> bool:

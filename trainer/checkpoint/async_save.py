@@ -141,9 +141,7 @@ def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict):
         # on the writer's thread, one op after the other (executor.for_checkpoint)
         cache[key] = (
             fn,
-            executor.for_checkpoint(
-                [*devices, checkpoint.save_counter.device], fn.graph, executor.nbytes(flat)
-            ),
+            executor.for_checkpoint([*devices, checkpoint.save_counter.device], fn.graph),
         )
     fn, on = cache[key]
 

@@ -130,9 +130,7 @@ class _Plan:
         example = self.inputs([np.zeros((), d.as_numpy_dtype) for d in [v.dtype for v in assigned]])
         self.read = flat_caller(read, *example)
         devices = [v.device for v in [*variables, *assigned, *checked]]
-        self.executor = executor.for_checkpoint(
-            devices, self.read.graph, executor.nbytes(variables)
-        )
+        self.executor = executor.for_checkpoint(devices, self.read.graph)
 
     def inputs(self, values: list) -> list[tf.Tensor]:
         """`values` (one per assigned variable) as the read function's vectors."""
