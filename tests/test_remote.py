@@ -293,7 +293,9 @@ def test_a_sweep_reruns_on_an_empty_machine_from_the_remote(servers, reach, tmp_
     upload, and both equal their runs alone."""
     server = reach(servers["s3"])
     sweep, url = tmp_path / "sweep", server.url("sweep")
-    long = ["trainer.max_steps=2000", "trainer.log_every=1", "trainer.eval_every=1000"]
+    # 4000 steps: the second job trains ~2 s past its first upload, time for this test's
+    # polling to see it on a busy machine (at 2000 it once finished first)
+    long = ["trainer.max_steps=4000", "trainer.log_every=1", "trainer.eval_every=1000"]
     long += ["checkpoint.every=100", "checkpoint.remote_every_seconds=0"]
     args = ["-m", "trainer.seed=0,1", *long, f"checkpoint.remote={url}"]
     cmd = [sys.executable, "-m", "trainer", *args, f"hydra.sweep.dir={sweep}"]
@@ -302,8 +304,8 @@ def test_a_sweep_reruns_on_an_empty_machine_from_the_remote(servers, reach, tmp_
 
     def second_job_trains():
         job.update({s: d.name for s in (0, 1) for d in sweep.glob(f"*trainer.seed={s}*")})
-        return (
-            1 in job and server.committed(f"sweep/{job[1]}") and _logged_step(sweep / job[1]) > 450
+        return (  # the cheap check first: the store is listed only once the job trains
+            1 in job and _logged_step(sweep / job[1]) > 450 and server.committed(f"sweep/{job[1]}")
         )
 
     try:  # the second job has a checkpoint on the store and trains on: a real SIGKILL now
@@ -312,14 +314,14 @@ def test_a_sweep_reruns_on_an_empty_machine_from_the_remote(servers, reach, tmp_
         first.kill()
         first.wait()
     held = server.committed(f"sweep/{job[1]}")
-    assert server.committed(f"sweep/{job[0]}")[-1] == 2000 and held[-1] < 2000
+    assert server.committed(f"sweep/{job[0]}")[-1] == 4000 and held[-1] < 4000
     shutil.rmtree(sweep)  # the machine is gone
 
     from conftest import run_cli
 
     again = run_cli("trainer", *args, f"hydra.sweep.dir={sweep}", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "remote: brought back ckpt-2000" in again.stderr, again.stderr[-3000:]
+    assert "remote: brought back ckpt-4000" in again.stderr, again.stderr[-3000:]
     assert f"remote: brought back ckpt-{held[-1]}" in again.stderr, again.stderr[-3000:]
     assert _resumed_from(again.stderr) == held[-1]  # the first job was not trained again
     assert again.stdout.count("already complete (skipped)") == 1, again.stdout
