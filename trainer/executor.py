@@ -129,9 +129,7 @@ def for_checkpoint(devices: list[str], graph) -> str:
     specs = {(s.device_type, s.device_index) for s in map(tf.DeviceSpec.from_string, devices)}
     if len(specs) != 1 or next(iter(specs))[0] != "CPU" or _accelerators():
         return ""
-    graph_def = graph.as_graph_def()
-    nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
-    return "" if CONTROL_FLOW & {node.op for node in nodes} else SINGLE_THREADED
+    return "" if _control_flow(graph, top_level=True) else SINGLE_THREADED
 
 
 def _accelerators() -> bool:
@@ -142,8 +140,7 @@ def refuses(graph, setting: str) -> bool:
     """Whether the train chunk traced as `graph` must leave the single-threaded executor: its
     step (the functions its loop runs) holds control flow. A `single_threaded` setting is told
     so on stderr."""
-    library = graph.as_graph_def().library.function
-    found = sorted({node.op for f in library for node in f.node_def} & CONTROL_FLOW)
+    found = _control_flow(graph, top_level=False)  # (the chunk's own loop is top-level)
     if found and setting == "single_threaded":
         print(
             f"note: trainer.executor=single_threaded: the train step holds control flow "
@@ -152,6 +149,15 @@ def refuses(graph, setting: str) -> bool:
             file=sys.stderr,
         )
     return bool(found)
+
+
+def _control_flow(graph, top_level: bool) -> list[str]:
+    """The CONTROL_FLOW ops in `graph`'s nested functions, and in the graph itself if
+    `top_level`, sorted."""
+    graph_def = graph.as_graph_def()
+    nodes = [n for f in graph_def.library.function for n in f.node_def]
+    nodes += graph_def.node if top_level else []
+    return sorted({node.op for node in nodes} & CONTROL_FLOW)
 
 
 def forward_flops(model, spec) -> int:
