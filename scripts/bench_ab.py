@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from trainer.bench.common import NO_EVAL  # noqa: E402
-from trainer.bench.loop_rates import median, rotated, windows_of  # noqa: E402
+from trainer.bench.loop_rates import median, read_windows, rotated, run_checked  # noqa: E402
 from trainer.bench.saves import BASELINE_FROM, cost_per_save  # noqa: E402
 
 
@@ -45,8 +45,6 @@ def worktree(rev: str, into: str) -> str:
 
 def one_run(code: str, overrides: list[str], steps: int, every: int, workdir: str):
     """(cost of a save in ms or None, step ms) of one fresh run of the code at `code`."""
-    from trainer.rewind import read_scalars
-
     run_dir = tempfile.mkdtemp(prefix="ab-", dir=workdir)
     saves = [f"checkpoint.every={every}", "checkpoint.async=true"] if every else []
     args = [
@@ -60,13 +58,11 @@ def one_run(code: str, overrides: list[str], steps: int, every: int, workdir: st
     env.update(o[4:].split("=", 1) for o in args if o.startswith("env:"))  # env:NAME=VALUE
     args = [o for o in args if not o.startswith("env:")]
     cmd = [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    windows = windows_of(
-        read_scalars(os.path.join(run_dir, "tensorboard", "train"), "steps_per_sec")
-    )
-    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_checked(cmd, env, cwd=code)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    windows = read_windows(run_dir)
     warmup = min(every + 100, steps // 3) if every else steps // 5
     period = every or NO_EVAL
     far = [

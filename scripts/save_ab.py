@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import runpy
-import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -87,8 +85,7 @@ def patch(variant: str) -> None:
 def one_run(variant: str, steps: int, workdir: str) -> tuple[float, float]:
     """(cost of the even saves, of the odd saves), ms, in one fresh run."""
     from trainer.bench.common import NO_EVAL
-    from trainer.bench.loop_rates import windows_of
-    from trainer.rewind import read_scalars
+    from trainer.bench.loop_rates import read_windows, run_checked
 
     run_dir = tempfile.mkdtemp(prefix="save-ab-", dir=workdir)
     args = [
@@ -101,14 +98,8 @@ def one_run(variant: str, steps: int, workdir: str) -> tuple[float, float]:
     ]
     env = {**os.environ, "PYTHONPATH": REPO}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    windows = windows_of(
-        read_scalars(os.path.join(run_dir, "tensorboard", "train"), "steps_per_sec")
-    )
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return halves(windows)
+    run_checked(cmd, env, cwd=REPO)
+    return halves(read_windows(run_dir))
 
 
 def halves(windows: list[tuple[int, int, float]]) -> tuple[float, float]:

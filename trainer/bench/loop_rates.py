@@ -51,13 +51,24 @@ def loop_windows(
     ]
     if fresh:
         assert during is None, "a load beside the loop runs in the loop's process"
-        cmd, env = trainer_command(args, run_dir)
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        run_checked(*trainer_command(args, run_dir), cwd=REPO)
     else:
         with during(run_dir) if during is not None else contextlib.nullcontext():
             fit(compose(args), run_dir)
+    return read_windows(run_dir, scalars)
+
+
+def run_checked(cmd: list[str], env: dict, cwd: str) -> None:
+    """Run `cmd` (a training run) in a new process; RuntimeError with its stderr's tail if it
+    fails."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+
+
+def read_windows(run_dir: str, scalars: dict | None = None) -> list[tuple[int, int, float]]:
+    """A finished run's log windows (windows_of); `scalars` ({tag: None}) filled with its
+    (step, value) points of each tag; the run directory then removed."""
     logdir = os.path.join(run_dir, "tensorboard", "train")
     out = windows_of(read_scalars(logdir, "steps_per_sec"))
     for tag in scalars or {}:
