@@ -102,7 +102,9 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, reference):
     run = tmp_path / "run"
     ck = run / "checkpoints"
     args = [*BASE, "checkpoint.max_to_keep=1", f"hydra.run.dir={run}"]
-    cmd = [sys.executable, "-m", "trainer", *args]
+    # pause_at=39: no killed run can finish before its kill lands, however late the polling
+    # sees it (every resume starts at an even step, so each run would pause there at the latest)
+    cmd = [sys.executable, "-m", "trainer", *args, "trainer.pause_at=39"]
     rng = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10**6)))
     kills, mid_write = 0, 0
     for i in range(4):
@@ -115,7 +117,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, reference):
                 break
             newest = max(_steps_with(ck, ".manifest.json"), default=0)
             if i % 2 and newest >= min(before + 6, 34):
-                break  # no write caught in progress this time: kill anyway (before step 40)
+                break  # no write caught in progress this time: kill anyway
 
             if not i % 2 and max(_steps_with(ck, ".manifest.json"), default=0) > before:
                 time.sleep(rng.uniform(0, 0.15))
