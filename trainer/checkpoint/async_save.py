@@ -107,7 +107,7 @@ def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict):
     tf.function with the snapshot's tensors as inputs (profiled). It runs on TensorFlow's
     single-threaded executor where it can (executor.for_checkpoint). The traced save builds
     the same ops, so it writes the same files, bit for bit; the save counter is read inside
-    it, after the CheckpointManager incremented it. Cached in `cache` per object graph: the
+    it, after the snapshot incremented it. Cached in `cache` per object graph: the
     cached function holds the objects, so their ids stay theirs.
     """
     saver = checkpoint._saver
@@ -145,10 +145,11 @@ def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict):
         )
     fn, on = cache[key]
 
-    def save_snapshot(file_prefix: str, options=None):
+    def save_snapshot(file_prefix: str, options=None) -> str:
         os.makedirs(os.path.dirname(file_prefix), exist_ok=True)  # as TF's eager save does
         with executor.running_on(on):
-            return fn(tf.constant(file_prefix), flat)
+            fn(tf.constant(file_prefix), flat)
+        return file_prefix
 
     return save_snapshot
 

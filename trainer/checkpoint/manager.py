@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 
 import tensorflow as tf
-from tensorflow.python.checkpoint import checkpoint as tf_checkpoint
+from tensorflow.python.checkpoint import checkpoint_management
+from tensorflow.python.eager import context
+from tensorflow.python.util import compat
 
 # TensorFlow's `checkpoint` state file: written at most this often during a run (0.5 ms of
 # the writer's time per save, profiled) and at its end. Resume does not go by it: recover()
@@ -15,27 +17,18 @@ STATE_EVERY = 30.0
 _clock = time.monotonic  # (a test sets its own)
 
 
-SIZES: dict[str, int] = {}  # prefix -> bytes, as write_manifest found them (see below)
-_tf_checkpoint_size = getattr(tf_checkpoint, "_get_checkpoint_size", None)
-
-
-def _checkpoint_size(prefix: str) -> int:
-    """TensorFlow's checkpoint-size metric after each write, from the sizes the manifest has
-    just recorded: TensorFlow globs `prefix*` and stats each match (0.3-1 ms of the writer's
-    time, profiled; the glob of ckpt-1* also counts ckpt-10's files)."""
-    size = SIZES.pop(prefix, None)
-    return size if size is not None or _tf_checkpoint_size is None else _tf_checkpoint_size(prefix)
-
-
-if _tf_checkpoint_size is not None:
-    tf_checkpoint._get_checkpoint_size = _checkpoint_size
-
-
 class Manager(tf.train.CheckpointManager):
-    """tf.train.CheckpointManager, with three of its save's costs cut.
+    """tf.train.CheckpointManager, with the costs of its save that a run need not pay cut.
 
-    Profiled on an asynchronous write of the default model, where the writer's thread competes
-    with training for the CPU: together ~0.8 ms of a ~3 ms write.
+    Profiled on an asynchronous write of the default model, where the writer's Python holds
+    the GIL that the loop waits for (py-spy --gil: every ms of it costs the loop most of a ms).
+    - `save` is TensorFlow's CheckpointManager.save and Checkpoint._write (TF 2.21) as this
+      project calls them: eager, numbered by the step, no checkpoint_interval. Cut: TF's own
+      metrics (write time, and the checkpoint's size: a glob and a stat of every match),
+      the CheckpointOptions and an `inspect.signature` of each write callback (one callback,
+      `written`, called directly), the eager increment of the save counter
+      where the async snapshot has made it in its own call (`counted`). ~0.5 ms of the
+      writer's GIL time per save.
     - TensorFlow writes the state file twice per save: before its retention sweep (so that
       a preemption during the sweep finds the new checkpoint listed) and after. Here it is
       written after only. Resume does not go by the state file to find checkpoints (the
@@ -58,21 +51,32 @@ class Manager(tf.train.CheckpointManager):
     def __init__(self, *args, retire, **kwargs):
         super().__init__(*args, **kwargs)
         self._retire = retire
-        self._swept = True  # False from the start of a save until its sweep
         self._state_at = -STATE_EVERY  # when the state file was last written (monotonic)
         self._state_stale = False  # a save since then is not listed in it
         self._preserved = False  # this sweep kept a checkpoint for keep_every_n_hours
 
-    def save(self, checkpoint_number=None, check_interval=True, options=None):
-        self._swept = False
-        try:
-            return super().save(checkpoint_number, check_interval, options)
-        finally:
-            self._swept = True
+    def save(self, checkpoint_number: int, written=None, counted: bool = False) -> str:
+        """Write checkpoint `<prefix>-<checkpoint_number>`, call `written(path)` once its files
+        are complete (the manifest), then retire old ones; return its path. `counted`: the save
+        counter has already been incremented for this save (checkpoint/snapshot.py)."""
+        if self._checkpoint_interval is not None or not context.executing_eagerly():
+            raise NotImplementedError("Manager.save: eager saves without checkpoint_interval")
+        if not counted:
+            self._checkpoint.save_counter.assign_add(1, read_value=False)
+        path = self._checkpoint._saver.save(file_prefix=f"{self._prefix}-{checkpoint_number}")
+        path = compat.as_str(path.numpy() if tf.is_tensor(path) else path)
+        if written is not None:
+            written(path)
+        context.async_wait()  # (as Checkpoint._write: a no-op unless eager ops run async)
+        # TensorFlow's _record_and_sweep_state, with the state file written after the sweep
+        self._maybe_delete.pop(path, None)  # an overwritten checkpoint goes to the end
+        self._maybe_delete[path] = checkpoint_management.time.time()  # TF's manager's clock
+        self._latest_checkpoint = path
+        self._sweep()
+        self._record_state()
+        return path
 
     def _record_state(self):
-        if not self._swept:  # the call before the sweep is skipped (see the class docstring)
-            return
         # every STATE_EVERY s, and at once when keep_every_n_hours kept one out of the list
         # (a recover() after a kill would otherwise take it for a newer, retained one)
         if self._preserved or _clock() - self._state_at >= STATE_EVERY:
@@ -92,7 +96,6 @@ class Manager(tf.train.CheckpointManager):
             self.write_state()
 
     def _sweep(self):
-        self._swept = True
         if not self._max_to_keep:
             return
         while len(self._maybe_delete) > self._max_to_keep:

@@ -33,7 +33,7 @@ import tensorflow as tf
 from trainer import nonfinite
 from trainer.checkpoint.async_save import AsyncCheckpointWriter, refuse_nonfinite
 from trainer.checkpoint.files import fsync_path, sha256_file, write_text_atomic
-from trainer.checkpoint.manager import SIZES, Manager
+from trainer.checkpoint.manager import Manager
 from trainer.checkpoint.manifest import (
     MANIFEST_SUFFIX,
     Verdict,
@@ -249,13 +249,16 @@ class CheckpointStore:
             self.on_commit(os.path.join(self.directory, f"ckpt-{step}"), step)
 
     def _manager_save(self, step: int) -> None:
-        # The manifest is written in a write callback: CheckpointManager runs it after the
-        # files are complete and *before* its retention sweep, so an older checkpoint is only
-        # deleted once the new one has a manifest (a failed save deletes nothing).
-        write_manifest = lambda prefix: self.write_manifest(prefix, step)  # noqa: E731
-        options = tf.train.CheckpointOptions(experimental_write_callbacks=[write_manifest])
+        # The manifest is written once the files are complete and *before* the manager's
+        # retention sweep, so an older checkpoint is only deleted once the new one has a
+        # manifest (a failed save deletes nothing). An async save's snapshot has already
+        # incremented the save counter (checkpoint/snapshot.py).
         clean, self._manifests_clean = self._manifests_clean, False
-        self.manager.save(checkpoint_number=step, options=options)
+        self.manager.save(
+            step,
+            written=lambda prefix: self.write_manifest(prefix, step),
+            counted=self.async_writer is not None,
+        )
         if not clean:
             self._sweep_manifests()
         self._manifests_clean = True
@@ -336,7 +339,6 @@ class CheckpointStore:
                 os.remove(prefix + MANIFEST_SUFFIX)
             raise
         # (no read-back: the sizes above were read from disk after the files were synced)
-        SIZES[prefix] = sum(f["size"] for f in files.values())
 
     def _sweep_manifests(self) -> None:
         """Drop every manifest whose checkpoint has no index: what a run killed during
