@@ -112,14 +112,17 @@ def checkpoint_cost(m: dict, workdir: str, log) -> dict:
 def big_state_async_cost(m: dict, workdir: str, log) -> dict:
     """The real loop on the ~300 MB state (`model.num_units`, `data.num_features`), a save
     every 10 steps: (time with async saves - without) / (time with sync saves - without), on
-    the steps after the warm-up, variants interleaved. Per-save costs are those differences
-    over the number of saves.
+    the steps after the warm-up. Each of the three runs is a fresh `python -m trainer`, as
+    users run it, in rotating order (as checkpoint_cost's: in one process, in a fixed order,
+    later runs carry earlier runs' objects, threads and garbage; BENCHMARKS.md). Per-save
+    costs are those differences over the number of saves.
 
-    A fourth variant puts the floor's work in the loop's way: the run without saves, while a
-    thread at the async writer's priority does what the floor is (one in-memory copy of a
-    state's worth of arrays and a numpy write of it to the page cache) once per 10 steps'
-    time, from the warm-up to the end. Its cost per write is what the cheapest possible
-    background save would cost this loop (`FloorLoad`)."""
+    Two more runs, in this process, put the floor's work in the loop's way: the run without
+    saves, then the same run while a thread at the async writer's priority does what the
+    floor is (one in-memory copy of a state's worth of arrays and a numpy write of it to the
+    page cache) once per 10 steps' time, from the warm-up to the end. Its cost per write,
+    against the first of the two, is what the cheapest possible background save would cost
+    this loop (`FloorLoad`)."""
     steps, every, warmup = m["big_steps"], 10, m["big_warmup"]
     big = [f"model.num_units={m['units']}", f"data.num_features={m['features']}"]
     big += ["trainer.log_every=10", "checkpoint.max_to_keep=1"]
@@ -127,17 +130,21 @@ def big_state_async_cost(m: dict, workdir: str, log) -> dict:
         "none": [*big, f"checkpoint.every={NO_EVAL}"],
         "sync": [*big, f"checkpoint.every={every}", "checkpoint.async=false"],
         "async": [*big, f"checkpoint.every={every}", "checkpoint.async=true"],
-        "floor": [*big, f"checkpoint.every={NO_EVAL}"],
     }
     load = FloorLoad(m["units"], m["features"], warmup, steps)
-    seconds = {k: [] for k in variants}
+    seconds = {k: [] for k in [*variants, "floor_base", "floor"]}
     writes = []  # per round: the floor's writes while the measured steps ran
+
+    def measured(windows) -> float:
+        return sum(t for end, _, t in windows if end > warmup)
+
     for r in range(m["big_rounds"]):
-        for name, extra in variants.items():
-            if name == "floor":  # once per 10 steps of this round's run without saves
-                load.period = seconds["none"][-1] / (steps - warmup) * every
-            windows = loop_windows(extra, steps, workdir, load if name == "floor" else None)
-            seconds[name].append(sum(t for end, _, t in windows if end > warmup))
+        for name in rotated(list(variants), r):
+            seconds[name].append(measured(loop_windows(variants[name], steps, workdir, fresh=True)))
+        no_saves = variants["none"]
+        seconds["floor_base"].append(measured(loop_windows(no_saves, steps, workdir)))
+        load.period = seconds["floor_base"][-1] / (steps - warmup) * every  # once per 10 steps
+        seconds["floor"].append(measured(loop_windows(no_saves, steps, workdir, load)))
         writes.append(load.writes)
         log(
             f"  round {r + 1}: steps {warmup + 1}-{steps}: "
@@ -153,7 +160,7 @@ def big_state_async_cost(m: dict, workdir: str, log) -> dict:
     floor_cost = median(
         [
             (f - n) / max(w, 1)
-            for n, f, w in zip(seconds["none"], seconds["floor"], writes, strict=True)
+            for n, f, w in zip(seconds["floor_base"], seconds["floor"], writes, strict=True)
         ]
     )
     async_cost = (med["async"] - med["none"]) / saves
