@@ -19,13 +19,15 @@ Variants (each swaps one part, on odd saves only):
                     (trainer/executor.py, for_checkpoint)
   no-fsync          the checkpoint's fsyncs skipped (as checkpoint.durable=false)
   no-log-sync       the TensorBoard rows and metrics.jsonl not synced before the write
-  sched-idle        the writer's thread under SCHED_IDLE (Linux) instead of nice +10
+  sched-idle        the writer's thread under SCHED_IDLE (Linux) instead of nice +10 (as
+                    root: an unprivileged thread cannot leave SCHED_IDLE for the even saves)
   commit-elsewhere  the manifest's work (fsyncs, sizes, checksum, manifest, rename) done by
                     a helper process (an experiment: what the GIL and this thread cost)
   tf-manager-save   TensorFlow's CheckpointManager.save and Checkpoint._write instead of
                     the manager's own save (trainer/checkpoint/manager.py); TF's size metric
                     answered without its glob, as the code before the change did (its
-                    second increment of the save counter changes only the files' counter)
+                    second increment of the save counter changes only the files' counter;
+                    the state file, when due, is written before the sweep too)
 """
 
 from __future__ import annotations
@@ -172,8 +174,15 @@ for line in sys.stdin:
         if p.endswith(".index"):
             with open(p, "rb") as f:
                 files[os.path.basename(p)]["sha256"] = hashlib.sha256(f.read()).hexdigest()
-    own = {"step": req["step"], "time": req["time"], "files": files, "data_checksums": "crc32c"}
-    text = json.dumps(own, sort_keys=True)[:-1] + ", " + req["extra"][1:]
+    own = {
+        "step": req["step"],
+        "time": req["time"],
+        "files": files,
+        "data_checksums": "crc32c of every tensor, stored in the .index by TensorFlow",
+    }
+    text = json.dumps(own, sort_keys=True)
+    if req["extra"] != "{}":
+        text = text[:-1] + ", " + req["extra"][1:]
     tmp = req["manifest"] + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

@@ -165,7 +165,8 @@ def test_a_failed_background_write_surfaces_and_leaves_no_good_checkpoint(tmp_pa
 
 def test_a_variable_added_after_the_first_save_is_refused_then_planned_in(tmp_path):
     """The object graph is walked once on the loop's thread; the writer walks it again and
-    refuses a snapshot that misses an object, rather than write a checkpoint without it."""
+    refuses a snapshot that misses an object, rather than write a checkpoint without it. The
+    refused save does not count: ckpt-3 holds save counter 2, as a synchronous run's would."""
     state, step = _state()
     store = _store(tmp_path, state)
     store.save(1, assign=state.assignments(1, 0))
@@ -180,6 +181,7 @@ def test_a_variable_added_after_the_first_save_is_refused_then_planned_in(tmp_pa
     store.wait()
     reader = tf.train.load_checkpoint(str(tmp_path / "ckpt-3"))
     assert reader.get_tensor("extra/.ATTRIBUTES/VARIABLE_VALUE") == 7.0
+    assert reader.get_tensor("save_counter/.ATTRIBUTES/VARIABLE_VALUE") == 2
 
 
 @pytest.mark.parametrize("async_write", [True, False])

@@ -170,7 +170,9 @@ def big_state_async_cost(m: dict, workdir: str, log) -> dict:
         "sync_cost_per_save_s": (med["sync"] - med["none"]) / saves,
         "async_cost_per_save_s": async_cost,
         # the floor's work done beside the loop: its cost to the loop per write, and the
-        # async save's cost over it (1.0: as cheap as a background save can be here)
+        # async save's cost over it (1.0: as cheap as a background save can be here). The
+        # floor's runs are in this process, the saves' in fresh ones: these two ratios mix
+        # the two ways of running (BENCHMARKS.md, session 13)
         "floor_in_loop_cost_s": floor_cost,
         "floor_in_loop_writes": writes,
         "async_cost_vs_floor_in_loop": async_cost / floor_cost if floor_cost > 0 else None,

@@ -225,15 +225,20 @@ class AsyncCheckpointWriter:
         # hands the GIL back promptly.
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, _SWITCH_INTERVAL))
+        started = []  # the save of the files began (the save counter then stays counted)
         try:
             self._check_object_graph(step)
-            # The CheckpointManager's save calls saver.save: for this write, the snapshot's (an
-            # instance attribute shadowing the method; nothing else saves while a write runs).
-            saver.save = _compiled_save(self.checkpoint, frozen, self._savers)
+            # The manager's save calls saver.save: for this write, the snapshot's (an instance
+            # attribute shadowing the method; nothing else saves while a write runs).
+            save = _compiled_save(self.checkpoint, frozen, self._savers)
+            saver.save = lambda *a, **k: started.append(True) or save(*a, **k)
             write(step)
             self.last_write_seconds = time.perf_counter() - t0
         except BaseException as e:  # surfaced on the loop thread by wait()
             self._error, self._error_step = e, step
+            if not started:  # refused, or the log sync failed: as if never counted (the
+                # snapshot counted it; a synchronous save counts only once it writes)
+                self.checkpoint.save_counter.assign_sub(1, read_value=False)
         finally:
             sys.setswitchinterval(interval)
             vars(saver).pop("save", None)

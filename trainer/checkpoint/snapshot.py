@@ -58,7 +58,8 @@ def snapshot(
     `assign` (variable, value) pairs are written first, in the same call: a save's counters.
     The same call increments the checkpoint's save counter, as the CheckpointManager's save
     does (its eager increment on the writer's thread held the GIL ~0.1 ms, profiled), unless
-    a variable of `check` is not finite (then nothing is written).
+    a variable of `check` is not finite (then nothing is written); a write refused before
+    its files are saved takes the count back (AsyncCheckpointWriter._run).
     Which objects are plain variables is worked out once per object graph (cached in
     `plans`); the assignments, the reads of those and the finiteness of `check` are one
     tf.function call: ~0.3 ms, against ~1 ms for eager assigns, a separate check and the

@@ -310,8 +310,8 @@ class CheckpointStore:
         """The manifest that makes checkpoint `prefix` count. Durable (checkpoint.durable):
         TensorFlow does not fsync, so every file of the checkpoint is fsynced, then the
         directory (their names), before the manifest is written (fsynced and renamed), and the
-        directory again after the rename; retention, which runs after this callback, deletes
-        older checkpoints only then. A power loss leaves the previous checkpoint, or this one."""
+        directory again after the rename; retention, which the manager's save runs after
+        this call, deletes older checkpoints only then. A power loss leaves the previous checkpoint, or this one."""
         paths = checkpoint_files(prefix)
         if self.durable:
             for path in paths:
