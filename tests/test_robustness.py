@@ -109,10 +109,13 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, reference):
     kills, mid_write = 0, 0
     for i in range(4):
         before = max(_steps_with(ck, ".manifest.json"), default=0)
+        (run / "PAUSED").unlink(missing_ok=True)  # (an earlier run's: see the loop below)
         err = open(tmp_path / f"kill{i}.err", "w")
         p = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 120
         while p.poll() is None and time.time() < deadline:
+            if (run / "PAUSED").exists():
+                break  # at step 39 (a run resumed from ckpt-38 saves nothing new before it)
             if i % 2 and _writing(ck, before):
                 break
             newest = max(_steps_with(ck, ".manifest.json"), default=0)
