@@ -8,6 +8,7 @@ and eval steps are trainer/steps.py; restore-or-initialize is trainer/restore.py
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -163,6 +164,21 @@ class SaveBudget:
         return self.total / max(self.clock() - self.start, 1e-9)
 
 
+@contextlib.contextmanager
+def _startup_objects_frozen():
+    """The objects alive when the loop starts (TensorFlow's, Keras', the run's: several
+    hundred thousand) kept out of Python's garbage collector while it runs (gc.freeze). A
+    full collection, which the garbage of sync saves triggers now and then, scanned them
+    all: 150-190 ms each, a stall of the loop (measured under checkpoint.max_overhead,
+    BENCHMARKS.md, session 13). Unfrozen when the loop ends, so that a process that goes on
+    (a sweep's next job) collects them again."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
     """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened.
     `experiment`: a fresh run declares its HPARAMS experiment (False: a sweep's job)."""
@@ -172,7 +188,8 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
         return run
     cadence, budget = Cadence.of(cfg), SaveBudget.of(cfg, busy=run.store.busy)
     try:
-        with StopRequest() as stop, run.store.pending_writes():  # exit waits for an async write
+        # (the exit waits for an async write)
+        with StopRequest() as stop, run.store.pending_writes(), _startup_objects_frozen():
             run.place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop
             while run.step < cadence.end and stop.signal_name is None:
                 prev = run.step
