@@ -154,26 +154,19 @@ def patch(variant: str) -> None:
 
 
 _HELPER = r"""
-import hashlib, json, os, sys
+import json, os, sys
+from trainer.checkpoint.files import fsync_path, sha256_file, write_text_atomic
 os.nice(10)
-def fs(p):
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-for line in sys.stdin:
+for line in sys.stdin:  # as CheckpointStore.write_manifest, durable
     req = json.loads(line)
-    paths, d = req["paths"], req["dir"]
+    paths = req["paths"]
     for p in paths:
-        fs(p)
-    fs(d)
-    files = {}
+        fsync_path(p)
+    fsync_path(req["dir"])
+    files = {os.path.basename(p): {"size": os.path.getsize(p)} for p in paths}
     for p in paths:
-        files[os.path.basename(p)] = {"size": os.path.getsize(p)}
         if p.endswith(".index"):
-            with open(p, "rb") as f:
-                files[os.path.basename(p)]["sha256"] = hashlib.sha256(f.read()).hexdigest()
+            files[os.path.basename(p)]["sha256"] = sha256_file(p)
     own = {
         "step": req["step"],
         "time": req["time"],
@@ -183,13 +176,7 @@ for line in sys.stdin:
     text = json.dumps(own, sort_keys=True)
     if req["extra"] != "{}":
         text = text[:-1] + ", " + req["extra"][1:]
-    tmp = req["manifest"] + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, req["manifest"])
-    fs(d)
+    write_text_atomic(req["manifest"], text)
     sys.stdout.write("ok\n")
     sys.stdout.flush()
 """

@@ -311,7 +311,8 @@ class CheckpointStore:
         TensorFlow does not fsync, so every file of the checkpoint is fsynced, then the
         directory (their names), before the manifest is written (fsynced and renamed), and the
         directory again after the rename; retention, which the manager's save runs after
-        this call, deletes older checkpoints only then. A power loss leaves the previous checkpoint, or this one."""
+        this call, deletes older checkpoints only then. A power loss leaves the previous
+        checkpoint, or this one."""
         paths = checkpoint_files(prefix)
         if self.durable:
             for path in paths:

@@ -84,7 +84,7 @@ class Store:
         except Exception as e:  # a missing library, a malformed URL
             raise RemoteError(f"{self.url}: {describe(e)}") from None
         self.root = self.root.rstrip("/")
-        self._md5 = protocol in ("gs", "gcs")  # a store that reports an MD5 to check against
+        # GCS: a store that reports an MD5 to check against (and see _pipe)
         self._gcs = protocol in ("gs", "gcs")
 
     def path(self, rel: str) -> str:
@@ -102,9 +102,7 @@ class Store:
             raise RemoteError(f"{local} holds {have} bytes, its manifest says {size}")
         if have <= BIG:
             with open(local, "rb") as f:
-                data = f.read()
-            self._pipe(rel, data)
-            self._check(rel, len(data), hashlib.md5(data).digest() if self._md5 else None)
+                self.put_bytes(rel, f.read())
         else:
             self.fs.put_file(local, self.path(rel))
             self._check(rel, have, None)
@@ -112,7 +110,7 @@ class Store:
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         self._pipe(rel, data)
-        self._check(rel, len(data), hashlib.md5(data).digest() if self._md5 else None)
+        self._check(rel, len(data), hashlib.md5(data).digest() if self._gcs else None)
 
     def _pipe(self, rel: str, data: bytes) -> None:
         """Send `data` as object `rel`. On GCS, bytes that end in a CR go as a resumable
@@ -121,7 +119,7 @@ class Store:
         (gcp-storage-emulator stores "abc\r" as "abc", measured; the size check then fails
         every retry). A resumable upload sends the bytes as they are."""
         if self._gcs and data.endswith(b"\r"):
-            self.fs.pipe_file(self.path(rel), data, chunksize=max(1, len(data)))
+            self.fs.pipe_file(self.path(rel), data, chunksize=len(data))
             return
         self.fs.pipe_file(self.path(rel), data)
 
