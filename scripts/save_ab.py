@@ -28,6 +28,18 @@ Variants (each swaps one part, on odd saves only):
                     answered without its glob, as the code before the change did (its
                     second increment of the save counter changes only the files' counter;
                     the state file, when due, is written before the sweep too)
+  durable-floor     the least a durable save of these bytes can do, in place of the write
+                    after the log sync: the last checkpoint's data, index and manifest sizes
+                    written from a ready buffer with plain os calls, in the same order of
+                    fsyncs (the files, the directory, the manifest's temporary file, its
+                    rename, the directory), the previous such files then unlinked; no
+                    TensorFlow, no serialization, no checksum. Against it, the save as is
+                    shows what the code costs above what its durability costs on this disk
+  tf-save-floor     as durable-floor, with the files written by the snapshot's traced
+                    TensorFlow save (as is) instead of from the buffer: what the rest of
+                    the write (manager, manifest, object-graph check, retention) costs
+  traced-save       TensorFlow's traced save (async_save._compiled_save) writing the files
+                    instead of bundle_save's writer (trainer/checkpoint/bundle_save.py)
 """
 
 from __future__ import annotations
@@ -52,6 +64,9 @@ VARIANTS = (
     "sched-idle",
     "commit-elsewhere",
     "tf-manager-save",
+    "durable-floor",
+    "tf-save-floor",
+    "traced-save",
 )
 
 
@@ -146,12 +161,72 @@ def patch(variant: str) -> None:
             return save(self, number, written, counted)
 
         manager.Manager.save = save_
+    elif variant in ("durable-floor", "tf-save-floor"):
+        from trainer.checkpoint.files import fsync_path
+        from trainer.checkpoint.manifest import MANIFEST_SUFFIX, checkpoint_files
+
+        write_ = store.CheckpointStore._write
+        last = {}  # the newest real checkpoint's file sizes, and the floor's previous files
+
+        def floor_write(self, step, before_write=None):
+            if not odd[0]:
+                write_(self, step, before_write)
+                prefix = os.path.join(self.directory, f"ckpt-{step}")
+                last["sizes"] = [
+                    os.path.getsize(p)
+                    for p in [*checkpoint_files(prefix), prefix + MANIFEST_SUFFIX]
+                ]
+                return
+            if before_write is not None:
+                before_write()
+            if "sizes" not in last:  # (no real checkpoint yet: the warm-up's first save)
+                return
+            *sizes, manifest_size = last["sizes"]
+            prefix = os.path.join(self.directory, f"floor-{step}")
+            if variant == "tf-save-floor":  # the snapshot's traced save (in _run's place)
+                self.checkpoint._saver.save(file_prefix=prefix)
+                paths = checkpoint_files(prefix)
+            else:
+                paths = [f"{prefix}.f{i}" for i in range(len(sizes))]
+                for path, size in zip(paths, sizes, strict=True):
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    os.write(fd, _BUFFER[:size])
+                    os.close(fd)
+            for path in paths:
+                fsync_path(path)
+            fsync_path(self.directory)
+            tmp = prefix + ".manifest.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, _BUFFER[:manifest_size])
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(tmp, prefix + ".manifest")
+            fsync_path(self.directory)
+            for path in last.get("floor", []):  # retention's unlinks
+                os.remove(path)
+            last["floor"] = [*paths, prefix + ".manifest"]
+
+        store.CheckpointStore._write = floor_write
+    elif variant == "traced-save":
+        import tensorflow as tf
+
+        saver_for = async_save.AsyncCheckpointWriter._saver_for
+
+        def saver_for_(self, frozen):
+            if odd[0]:
+                key, flat = async_save.graph_key(frozen), tf.nest.flatten([t for _, t in frozen])
+                return async_save._compiled_save(self.checkpoint, frozen, self._savers, key, flat)
+            return saver_for(self, frozen)
+
+        async_save.AsyncCheckpointWriter._saver_for = saver_for_
     elif variant == "no-log-sync":
         write = store.CheckpointStore._write
         store.CheckpointStore._write = lambda self, s, before=None: write(
             self, s, None if odd[0] else before
         )
 
+
+_BUFFER = bytes(range(256)) * (1 << 14)  # 4 MiB of ready bytes (durable-floor)
 
 _HELPER = r"""
 import json, os, sys

@@ -111,23 +111,27 @@ def test_async_save_writes_the_values_of_the_save_step_while_training_goes_on(tm
 
 
 def test_async_files_equal_a_synchronous_save_bit_for_bit(tmp_path):
-    """The async write's traced save (async_save._compiled_save) writes exactly what TF's
-    eager save writes: the first save (traced) and the next ones (cached), the snapshot and
-    the save on TensorFlow's single-threaded executor (on this one-CPU machine)."""
+    """The async write writes exactly what TF's eager save writes: the first save with the
+    traced save (async_save._compiled_save), the next ones with bundle_save's own writer
+    (checked against that first save's files), the snapshot and the traced save on
+    TensorFlow's single-threaded executor (on this one-CPU machine)."""
     state, step = _state()
     sync = _store(tmp_path / "sync", state, async_write=False)
     fast = _store(tmp_path / "async", state)
     counter = state.checkpoint.save_counter
+    writers = []
     for at in (1, 2, 3):
         step()
         sync.save(at, assign=state.assignments(at, 0))
         counter.assign_sub(1)  # the async save numbers itself as the sync one did
         fast.save(at)
         fast.wait()
+        writers.append(fast.async_writer.last_writer)
         for name in (f"ckpt-{at}.index", f"ckpt-{at}.data-00000-of-00001"):
             assert (tmp_path / "sync" / name).read_bytes() == (
                 tmp_path / "async" / name
             ).read_bytes()
+    assert writers == ["tensorflow", "bundle", "bundle"]
     writer = fast.async_writer
     assert [on for _, on in writer._savers.values()] == [executor.SINGLE_THREADED]
     assert [plan.executor for plan in writer._plans.values()] == [executor.SINGLE_THREADED]

@@ -12,7 +12,9 @@ tf.Variable on every call. This module does the same job without that copy:
    keeps them intact while training goes on).
 2. Write (one background thread): the caller's synchronous write (CheckpointManager save,
    then manifest) with the saver writing the snapshot, so the files, object graph and keys
-   are a synchronous save's. The saver runs as one traced tf.function (`_compiled_save`).
+   are a synchronous save's. The first write of an object graph runs TensorFlow's saver as
+   one traced tf.function (`_compiled_save`); later ones write the same bytes with
+   bundle_save.py when that first write showed they are equal (states up to 4 MiB).
 
 Guarantees (those of synchronous saves, but that a checkpoint whose objects changed since the
 first save is refused where a synchronous save would write it): the manifest is written only
@@ -40,6 +42,7 @@ from tensorflow.python.trackable import base as trackable_base
 from tensorflow.python.util import object_identity
 
 from trainer import executor
+from trainer.checkpoint import bundle_save
 from trainer.checkpoint.snapshot import snapshot
 from trainer.config import UserError
 from trainer.tfcall import flat_caller
@@ -98,7 +101,12 @@ def _children_walk(root) -> list[int]:
     return [id(obj) for obj in queue]
 
 
-def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict):
+def graph_key(frozen: list) -> tuple:
+    """What identifies a snapshot's object graph: its objects and their checkpoint keys."""
+    return tuple(id(obj) for obj, _ in frozen), tuple(tuple(t) for _, t in frozen)
+
+
+def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict, key, flat):
     """A replacement for `checkpoint._saver.save` writing the snapshot `frozen`.
 
     TF's eager save builds the object graph proto, a MultiDeviceSaver and the save ops in
@@ -107,14 +115,13 @@ def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict):
     tf.function with the snapshot's tensors as inputs (profiled). It runs on TensorFlow's
     single-threaded executor where it can (executor.for_checkpoint). The traced save builds
     the same ops, so it writes the same files, bit for bit; the save counter is read inside
-    it, after the snapshot incremented it. Cached in `cache` per object graph: the
-    cached function holds the objects, so their ids stay theirs.
+    it, after the snapshot incremented it. Cached in `cache` per object graph (`key`,
+    graph_key()): the cached function holds the objects, so their ids stay theirs. `flat`:
+    the snapshot's tensors, tf.nest.flatten of `frozen`'s dicts.
     """
     saver = checkpoint._saver
     objects = [obj for obj, _ in frozen]
     structure = [tensors for _, tensors in frozen]
-    flat = tf.nest.flatten(structure)
-    key = tuple(id(obj) for obj in objects), tuple(tuple(t) for t in structure)
     if key not in cache:
         devices = [t.device for t in flat]
         # Eager tensors carry full device names; the traced ones get the same (else the
@@ -189,6 +196,9 @@ class AsyncCheckpointWriter:
         self._objects: tuple | None = None
         self._walked: list[int] = []  # _children_walk() when _objects was planned
         self._savers: dict = {}  # _compiled_save()'s
+        # per object graph: bundle_save's writer, or why it does not write that graph
+        self._bundles: dict = {}
+        self.last_writer: str | None = None  # "bundle" or "tensorflow": who wrote the last save
 
     def submit(
         self,
@@ -230,7 +240,7 @@ class AsyncCheckpointWriter:
             self._check_object_graph(step)
             # The manager's save calls saver.save: for this write, the snapshot's (an instance
             # attribute shadowing the method; nothing else saves while a write runs).
-            save = _compiled_save(self.checkpoint, frozen, self._savers)
+            save = self._saver_for(frozen)
             saver.save = lambda *a, **k: started.append(True) or save(*a, **k)
             write(step)
             self.last_write_seconds = time.perf_counter() - t0
@@ -242,6 +252,30 @@ class AsyncCheckpointWriter:
         finally:
             sys.setswitchinterval(interval)
             vars(saver).pop("save", None)
+
+    def _saver_for(self, frozen: list):
+        """The function writing snapshot `frozen` at a prefix: bundle_save's writer once the
+        first write of this object graph (TensorFlow's traced save) has shown that it writes
+        the same bytes; TensorFlow's traced save until then, or for good if it does not."""
+        key, flat = graph_key(frozen), tf.nest.flatten([t for _, t in frozen])
+        own = self._bundles.get(key)
+        if isinstance(own, bundle_save.BundleSaver):
+            self.last_writer = "bundle"
+            return lambda file_prefix, options=None: own.save(file_prefix, flat)
+        self.last_writer = "tensorflow"
+        traced = _compiled_save(self.checkpoint, frozen, self._savers, key, flat)
+        if own is not None:  # (the reason bundle_save does not write this graph)
+            return traced
+
+        def first(file_prefix: str, options=None) -> str:
+            path = traced(file_prefix)
+            frozen_map = object_identity.ObjectIdentityDictionary()
+            for obj, tensors in frozen:
+                frozen_map[obj] = _Frozen(obj, tensors)
+            self._bundles[key] = bundle_save.plan(self.checkpoint, frozen_map, flat, path)
+            return path
+
+        return first
 
     def _check_object_graph(self, step: int) -> None:
         """Refuse to write when the checkpoint's objects changed since the snapshot's plan was

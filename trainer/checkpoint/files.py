@@ -1,4 +1,5 @@
-"""The one copy of each file primitive: checksums, fsync, durable appends and atomic writes.
+"""The one copy of each file primitive: checksums, fsync, durable appends, atomic writes and
+the varint of the formats written here.
 Every caller uses these (checkpoints, manifests, the state file, metrics.jsonl, sweep records).
 Without TensorFlow: a sweep's check of a finished job reads runs before TensorFlow loads
 (trainer/sweep/runinfo.py)."""
@@ -8,6 +9,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL = [_varint(n) for n in range(1 << 14)]  # (a checkpoint's index holds hundreds)
+
+
+def varint(n: int) -> bytes:
+    """Protobuf's and LevelDB's varint (LEB128) of `n` >= 0: TFRecord examples
+    (trainer/data/make_records.py) and checkpoint indexes (trainer/checkpoint/bundle.py)."""
+    return _SMALL[n] if n < 16384 else _varint(n)
 
 
 def sha256_file(path: str) -> str:

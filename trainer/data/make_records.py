@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 
+from trainer.checkpoint.files import varint
 from trainer.config import UserError
 
 _OUT_OF_SOURCE = ("records",)
@@ -35,12 +36,7 @@ _SOURCE_BLOCK = 4096  # rows of a data=custom source read (in parallel) per bloc
 def _varint(n: int) -> bytes:
     if n < 0:  # ids are rows and labels are checked >= 0: never negative here
         raise ValueError(f"cannot encode {n}: ids and labels must be >= 0")
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return varint(n)
 
 
 def _field(tag: int, payload: bytes) -> bytes:
