@@ -79,7 +79,10 @@ def _writer_run(tmp_path, variables: dict, saves: int = 3) -> tuple[list[str], l
     writers = []
     for at in range(1, saves + 1):
         for v in variables.values():
-            v.assign_add(tf.ones_like(v))
+            if v.dtype == tf.string:  # longer at every save: other offsets, sizes, lengths
+                v.assign(tf.strings.join([v, "x" * at]))
+            else:
+                v.assign_add(tf.ones_like(v))
         sync.save(at)
         ckpt.save_counter.assign_sub(1)  # the async save numbers itself as the sync one did
         fast.save(at)
@@ -99,6 +102,12 @@ def test_small_states_are_written_by_the_bundle_writer_after_the_first_save(tmp_
     assert writers == ["tensorflow", "bundle", "bundle"]
     assert [type(p) for p in plans.values()] == [bundle_save.BundleSaver]
     assert not [n for n in names if "temp" in n]  # no leftovers of either writer
+
+
+def test_strings_that_grow_between_saves_are_written_as_tensorflow_writes_them(tmp_path):
+    variables = {"s": tf.Variable([b"a", b"bc"]), "w": tf.Variable(tf.zeros((3,)))}
+    writers, _, _ = _writer_run(tmp_path, variables, saves=4)
+    assert writers == ["tensorflow", "bundle", "bundle", "bundle"]
 
 
 def test_a_state_above_the_limit_keeps_tensorflows_save(tmp_path):
@@ -137,3 +146,19 @@ def test_a_failed_bundle_write_surfaces_as_a_disk_error_naming_the_file(tmp_path
     assert err.value.filename == str(tmp_path / "ckpt-2.index")
     assert err.value.checkpoint_step == 2
     assert not verify(str(tmp_path / "ckpt-2")).ok and verify(str(tmp_path / "ckpt-1")).ok
+
+
+def test_chaos_sees_a_write_in_progress_without_tensorflows_temp_directory(tmp_path):
+    """verify.interrupt=chaos's checkpoint-write kill: the writer of small states leaves no
+    `ckpt-N_temp/`, so its data file (written first) or index without a manifest is the sign."""
+    from trainer.verify.chaos import writing_checkpoint
+
+    (tmp_path / "ckpt-5.manifest.json.tmp-7").write_text("{")
+    (tmp_path / "bad").mkdir()
+    assert writing_checkpoint(str(tmp_path)) is None
+    (tmp_path / "ckpt-5.data-00000-of-00001").write_bytes(b"x")
+    assert writing_checkpoint(str(tmp_path)) == "ckpt-5.data-00000-of-00001"
+    (tmp_path / "ckpt-5.index").write_bytes(b"x")
+    assert writing_checkpoint(str(tmp_path)) in ("ckpt-5.data-00000-of-00001", "ckpt-5.index")
+    (tmp_path / "ckpt-5.manifest.json").write_text("{}")
+    assert writing_checkpoint(str(tmp_path)) is None

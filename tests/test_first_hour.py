@@ -199,7 +199,10 @@ def test_messages_say_what_to_type(tmp_path):
 @pytest.mark.slow
 def test_the_readme_quickstart_sample_is_what_the_command_prints(tmp_path):
     """The Quickstart's sample output is the real output of its command, line for line (the
-    run directory aside: the README's has a date and time)."""
+    run directory aside: the README's has a date and time), its decimals to 1% (TensorFlow's
+    oneDNN kernels differ by processor: an Intel Xeon with AMX prints eval_loss 0.58728 at
+    step 200 where the AMD EPYC the sample comes from prints 0.58763; README, Quickstart)."""
+    import math
     import re
 
     readme = (REPO / "README.md").read_text()
@@ -210,7 +213,13 @@ def test_the_readme_quickstart_sample_is_what_the_command_prints(tmp_path):
     assert r.returncode == 0, r.stderr
     printed = (r.stderr + r.stdout).replace(str(run), "RUN").splitlines()
     expected = [line.replace(shown_dir, "RUN") for line in sample]
-    assert printed == expected, "\n".join(printed)
+    decimal = re.compile(r"-?\d+\.\d+")
+    assert [decimal.sub("#", line) for line in printed] == [
+        decimal.sub("#", line) for line in expected
+    ], "\n".join(printed)
+    for got, shown in zip(printed, expected, strict=True):
+        pairs = zip(decimal.findall(got), decimal.findall(shown), strict=True)
+        assert all(math.isclose(float(a), float(b), rel_tol=0.01) for a, b in pairs), (got, shown)
 
 
 def test_the_summary_says_when_its_eval_is_from_an_earlier_step():

@@ -18,7 +18,7 @@ tf.Variable on every call. This module does the same job without that copy:
 
 Guarantees (those of synchronous saves, but that a checkpoint whose objects changed since the
 first save is refused where a synchronous save would write it): the manifest is written only
-after TensorFlow finished the files, so a crash mid-write leaves a checkpoint that does not
+after the checkpoint's files are complete, so a crash mid-write leaves a checkpoint that does not
 verify; at most one write is in flight (a new save waits for the previous one); `wait()`
 returns once the last write is complete and raises what the background thread raised; the
 interpreter also waits for a write in flight at exit (concurrent.futures joins its worker

@@ -1,14 +1,16 @@
 """TensorFlow's checkpoint files (a tensor bundle: `<prefix>.index` and
 `<prefix>.data-00000-of-00001`), written from Python for small states.
 
-Why (README, "Performance"): an async save of a small model spends most of what it costs the
-loop in TensorFlow's traced save, whose saver writes the shard into `<prefix>_temp/`, reads
-its index back and merges it into the final files (a dozen file-system calls a save), through
-TensorFlow's function runtime. Writing the same bytes here takes two files and one call each.
+Why (README, "Performance"): TensorFlow's traced save, run by the async writer, writes the
+shard into `<prefix>_temp/`, reads its index back and merges it into the final files (a
+dozen file-system calls a save), through TensorFlow's function runtime; within runs it cost
+the loop 1.0-1.3 ms a save more than writing the same bytes here (BENCHMARKS.md, session 14):
+two files, one writev each.
 
 The format is TensorFlow's (tensorflow/core/util/tensor_bundle, TF 2.21): the data file holds
 each tensor's bytes in the saver's order; the index is a LevelDB-format table (restart
-interval 16, blocks of 256 KiB, no compression) mapping "" to a BundleHeaderProto and each
+interval 16, blocks of 256 KiB, no compression; TensorFlow's table also flushes a block
+before an entry of 512 KiB or more, which an index entry never is) mapping "" to a BundleHeaderProto and each
 checkpoint key to a BundleEntryProto (dtype, shape, offset, size, masked CRC32C of the
 bytes). A string tensor is stored as the varint lengths of its elements, a masked CRC32C of
 those lengths (as uint32) and the elements' bytes. The writer that uses this module checks,
@@ -19,6 +21,7 @@ same snapshot, and writes with TensorFlow's saver whenever they do not
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import struct
@@ -155,7 +158,7 @@ def table(items: list[tuple[bytes, bytes]]) -> bytes:
         last = key
         if block.size() >= _BLOCK_SIZE:
             pending = flush()
-    if block.count or not out:
+    if block.count:
         pending = flush()
     meta = flush()  # the (empty) meta-index block
     if pending is not None:
@@ -180,6 +183,8 @@ class Layout:
     def entry(self, i: int, shape: tuple[int, ...], offset: int, size: int, crc: int) -> bytes:
         """entry_proto() of key `i`; all but the checksum is the same save after save."""
         if (head := self._heads.get((i, shape, offset, size))) is None:
+            if len(self._heads) > 4 * len(self.keys):  # (string tensors that change length)
+                self._heads.clear()
             head = entry_proto(self.dtypes[i], shape_proto(shape), offset, size, 0)
             self._heads[i, shape, offset, size] = head
         return head + b"\x35" + struct.pack("<I", crc) if crc else head
@@ -206,18 +211,30 @@ def encode(layout: Layout, values: list[np.ndarray]) -> tuple[list, bytes]:
 
 def write(prefix: str, layout: Layout, values: list) -> list[str]:
     """Write the bundle of `values` at `prefix` (its data file, then its index); return the
-    two paths. Not synced: the caller's manifest step fsyncs them."""
+    two paths. Not synced here: with checkpoint.durable the store's manifest step fsyncs
+    them before the manifest is written."""
     pieces, index = encode(layout, values)
     paths = [prefix + DATA_SUFFIX, prefix + INDEX_SUFFIX]
     for path, parts in zip(paths, (pieces, [index]), strict=True):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            try:
+                _write_all(fd, [memoryview(p).cast("B") for p in parts if len(p)])
+            finally:
+                os.close(fd)
         except OSError as e:
             raise OSError(e.errno, e.strerror, path) from None
-        finally:
-            os.close(fd)
     return paths
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """os.writev of `views` (at most 1024 a call), resumed after a short write."""
+    while views:
+        done = os.writev(fd, views[:1024])
+        if not done:
+            raise OSError(errno.EIO, "the file took no bytes")
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]

@@ -20,13 +20,17 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = [_varint(n) for n in range(1 << 14)]  # (a checkpoint's index holds hundreds)
+_SMALL = [_varint(n) for n in range(1 << 11)]  # (a checkpoint's index holds hundreds)
 
 
 def varint(n: int) -> bytes:
     """Protobuf's and LevelDB's varint (LEB128) of `n` >= 0: TFRecord examples
     (trainer/data/make_records.py) and checkpoint indexes (trainer/checkpoint/bundle.py)."""
-    return _SMALL[n] if n < 16384 else _varint(n)
+    if 0 <= n < 2048:
+        return _SMALL[n]
+    if n < 0:
+        raise ValueError(f"varint of {n}: only n >= 0")
+    return _varint(n)
 
 
 def sha256_file(path: str) -> str:

@@ -2,12 +2,12 @@
 
 A checkpoint `<run>/checkpoints/ckpt-<step>` counts as good only when its manifest
 `ckpt-<step>.manifest.json` exists, every file it lists has the recorded size, and the
-checksums hold. The manifest is written (atomically) after TensorFlow has finished writing the
-checkpoint, so a crash at any moment leaves either a good checkpoint or one that is
-reported and skipped on resume.
+checksums hold. The manifest is written (atomically) after the checkpoint's files are complete
+(TensorFlow's saver, or bundle.py for small async states), so a crash at any moment leaves
+either a good checkpoint or one that is reported and skipped on resume.
 
-Checksums, without a second pass over the data at save time: TensorFlow's bundle writer
-already computes a CRC32C of every tensor as it writes it and stores it in the `.index` file.
+Checksums, without a second pass over the data at save time: the bundle writer (TensorFlow's,
+or bundle.py in its format) computes a CRC32C of every tensor and stores it in the `.index`.
 The manifest records the SHA-256 of that (small) index, which pins those CRCs, and the size
 of every data file; `verify()` then reads every tensor back, and TensorFlow's reader checks
 each one against its CRC32C (a flipped bit raises DataLossError). Hashing the data files

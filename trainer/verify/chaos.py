@@ -5,7 +5,7 @@ Not at a pause point of ours: each kill waits until the run trains, waits a rand
 in the run directory:
 - mid-chunk: right away (the loop is almost always inside a chunk of train steps);
 - checkpoint-write: as soon as a checkpoint is being written (TensorFlow's `ckpt-N_temp/`
-  directory exists, or `ckpt-N.index` has no manifest yet), sync or async;
+  directory exists, or `ckpt-N`'s data or index file has no manifest yet), sync or async;
 - log-flush: as soon as `metrics.jsonl` grows (a log write has just reached the file).
 After each kill the report records what the run directory showed: a half-written checkpoint
 left behind proves the kill landed mid-write. The same command then resumes the run.
@@ -162,8 +162,10 @@ def writing_checkpoint(ckpt_dir: str) -> str | None:
     for name in names:
         if name.endswith("_temp"):
             return name
-    for name in names:
-        if name.endswith(".index") and name[: -len(".index")] + ".manifest.json" not in names:
+    for name in names:  # (the async writer of small states writes no _temp/: data, then index)
+        stem = name.split(".", 1)[0]
+        own = name.endswith(".index") or ".data-" in name
+        if own and stem.startswith("ckpt-") and stem + ".manifest.json" not in names:
             return name
     return None
 
