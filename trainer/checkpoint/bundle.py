@@ -10,9 +10,9 @@ two files, one writev each.
 The format is TensorFlow's (tensorflow/core/util/tensor_bundle, TF 2.21): the data file holds
 each tensor's bytes in the saver's order; the index is a LevelDB-format table (restart
 interval 16, blocks of 256 KiB, no compression; TensorFlow's table also flushes a block
-before an entry of 512 KiB or more, which an index entry never is) mapping "" to a BundleHeaderProto and each
-checkpoint key to a BundleEntryProto (dtype, shape, offset, size, masked CRC32C of the
-bytes). A string tensor is stored as the varint lengths of its elements, a masked CRC32C of
+before an entry of 512 KiB or more, which an index entry never is) mapping "" to a
+BundleHeaderProto and each checkpoint key to a BundleEntryProto (dtype, shape, offset, size,
+masked CRC32C of the bytes). A string tensor is stored as the varint lengths of its elements, a masked CRC32C of
 those lengths (as uint32) and the elements' bytes. The writer that uses this module checks,
 at the first save of each object graph, that its bytes equal TensorFlow's own files for the
 same snapshot, and writes with TensorFlow's saver whenever they do not
