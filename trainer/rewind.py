@@ -17,7 +17,7 @@ import sys
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 
-from trainer.checkpoint.files import append_durably, write_bytes_atomic
+from trainer.checkpoint.files import append_durably, masked_crc32c, write_bytes_atomic
 from trainer.sweep.runinfo import METRICS_FILE
 
 _TMP_SUFFIX = ".truncating"
@@ -93,8 +93,6 @@ def _reframe(path: str) -> tuple[list[bytes], int]:
     length is skipped by searching forward for the next frame whose two CRCs hold; a torn
     last record (a SIGKILL during a flush) is dropped. Every other record is kept.
     """
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
     with open(path, "rb") as f:
         blob = f.read()
     records, damaged, pos = [], 0, 0
@@ -127,8 +125,6 @@ def _reframe(path: str) -> tuple[list[bytes], int]:
 
 
 def _holds(blob: bytes, at: int, frame_at) -> bool:
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
     length = frame_at(at)
     if length is None:
         return False

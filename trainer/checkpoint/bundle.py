@@ -12,11 +12,11 @@ each tensor's bytes in the saver's order; the index is a LevelDB-format table (r
 interval 16, blocks of 256 KiB, no compression; TensorFlow's table also flushes a block
 before an entry of 512 KiB or more, which an index entry never is) mapping "" to a
 BundleHeaderProto and each checkpoint key to a BundleEntryProto (dtype, shape, offset, size,
-masked CRC32C of the bytes). A string tensor is stored as the varint lengths of its elements, a masked CRC32C of
-those lengths (as uint32) and the elements' bytes. The writer that uses this module checks,
-at the first save of each object graph, that its bytes equal TensorFlow's own files for the
-same snapshot, and writes with TensorFlow's saver whenever they do not
-(trainer/checkpoint/async_save.py).
+masked CRC32C of the bytes). A string tensor is stored as the varint lengths of its
+elements, a masked CRC32C of those lengths (as uint32) and the elements' bytes. The writer
+that uses this module checks, at the first save of each object graph, that its bytes equal
+TensorFlow's own files for the same snapshot, and writes with TensorFlow's saver whenever
+they do not (trainer/checkpoint/async_save.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import struct
 import google_crc32c
 import numpy as np
 
-from trainer.checkpoint.files import varint
+from trainer.checkpoint.files import mask, masked_crc32c, varint
 
 DATA_SUFFIX = ".data-00000-of-00001"
 INDEX_SUFFIX = ".index"
@@ -38,11 +38,6 @@ _BLOCK_SIZE = 262144
 _MAGIC = struct.pack("<Q", 0xDB4775248B80FB57)
 _HEADER = bytes.fromhex("0801") + bytes.fromhex("1a020801")  # num_shards 1, version {producer 1}
 DT_STRING = 7
-
-
-def mask(crc: int) -> int:
-    """TensorFlow's (and LevelDB's) masked CRC32C."""
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _field(number: int, payload: bytes) -> bytes:  # a length-delimited protobuf field
@@ -200,7 +195,7 @@ def encode(layout: Layout, values: list[np.ndarray]) -> tuple[list, bytes]:
         else:  # the bytes, as a read-only uint8 view (google_crc32c reads read-only buffers)
             data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
             data.flags.writeable = False
-            crc = mask(google_crc32c.value(data))
+            crc = masked_crc32c(data)
         size = len(data)
         entries[i] = layout.entry(i, np.shape(value), offset, size, crc)
         pieces.append(data)

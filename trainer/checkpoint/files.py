@@ -1,5 +1,5 @@
 """The one copy of each file primitive: checksums, fsync, durable appends, atomic writes and
-the varint of the formats written here.
+the varint and masked CRC32C of the formats written and read here.
 Every caller uses these (checkpoints, manifests, the state file, metrics.jsonl, sweep records).
 Without TensorFlow: a sweep's check of a finished job reads runs before TensorFlow loads
 (trainer/sweep/runinfo.py)."""
@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+
+import google_crc32c
 
 
 def _varint(n: int) -> bytes:
@@ -31,6 +33,17 @@ def varint(n: int) -> bytes:
     if n < 0:
         raise ValueError(f"varint of {n}: only n >= 0")
     return _varint(n)
+
+
+def mask(crc: int) -> int:
+    """The masked CRC32C of TensorFlow's (and LevelDB's) formats, from a plain one."""
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def masked_crc32c(data) -> int:
+    """mask() of `data`'s CRC32C (google-crc32c, in C): TFRecord frames (event files,
+    trainer/rewind.py) and checkpoint indexes (trainer/checkpoint/bundle.py)."""
+    return mask(google_crc32c.value(data))
 
 
 def sha256_file(path: str) -> str:
