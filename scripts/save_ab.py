@@ -40,6 +40,10 @@ Variants (each swaps one part, on odd saves only):
                     the write (manager, manifest, object-graph check, retention) costs
   traced-save       TensorFlow's traced save (async_save._compiled_save) writing the files
                     instead of bundle_save's writer (trainer/checkpoint/bundle_save.py)
+  reread-commit     the commit as in session 14: bundle_save's files fsynced by the manifest
+                    step (opened again), listed, their sizes and the index's SHA-256 read
+                    from the disk; the save counter read by the writer; TensorFlow's
+                    async_wait, the folder's makedirs and the trash's isdir on every save
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ VARIANTS = (
     "durable-floor",
     "tf-save-floor",
     "traced-save",
+    "reread-commit",
 )
 
 
@@ -219,6 +224,49 @@ def patch(variant: str) -> None:
             return saver_for(self, frozen)
 
         async_save.AsyncCheckpointWriter._saver_for = saver_for_
+    elif variant == "reread-commit":
+        from tensorflow.python.eager import context
+
+        from trainer.checkpoint import bundle, manager
+
+        write, take = bundle.write, async_save.AsyncCheckpointWriter.take_written
+        bundle.write = lambda prefix, layout, values, sync=False: write(
+            prefix, layout, values, sync and not odd[0]
+        )
+        async_save.AsyncCheckpointWriter.take_written = lambda self, p: (
+            None if odd[0] else take(self, p)
+        )
+        saver_for, save, start = (
+            async_save.AsyncCheckpointWriter._saver_for,
+            manager.Manager.save,
+            store.CheckpointStore._start_deleter,
+        )
+
+        def saver_for_(self, frozen):
+            inner = saver_for(self, frozen)
+            if not odd[0] or self.last_writer != "bundle":
+                return inner
+
+            def saver(file_prefix, options=None):
+                self.checkpoint.save_counter.read_value()  # (values() read it)
+                os.makedirs(os.path.dirname(file_prefix), exist_ok=True)
+                return inner(file_prefix)
+
+            return saver
+
+        def save_(self, number, written=None, counted=False):
+            if odd[0]:
+                context.async_wait()
+            return save(self, number, written, counted)
+
+        def start_(self):
+            if odd[0]:
+                os.path.isdir(os.path.join(self.directory, store.TRASH_DIR))
+            return start(self)
+
+        async_save.AsyncCheckpointWriter._saver_for = saver_for_
+        manager.Manager.save = save_
+        store.CheckpointStore._start_deleter = start_
     elif variant == "no-log-sync":
         write = store.CheckpointStore._write
         store.CheckpointStore._write = lambda self, s, before=None: write(

@@ -10,7 +10,7 @@ from tensorflow.python.checkpoint import save_util
 
 from trainer.checkpoint import bundle, bundle_save
 from trainer.checkpoint.manifest import verify
-from trainer.checkpoint.store import CheckpointStore
+from trainer.checkpoint.store import CheckpointStore, _files_on_disk
 
 CASES = {
     "float32 and int64": lambda: {
@@ -51,8 +51,10 @@ def test_bundle_files_equal_tensorflows_own_bit_for_bit(tmp_path, case):
     keys.append("_CHECKPOINTABLE_OBJECT_GRAPH")
     dtypes.append(bundle.DT_STRING)
     values.append(np.array(proto.SerializeToString(), dtype=object))
-    paths = bundle.write(str(tmp_path / "own"), bundle.Layout(keys, dtypes), values)
-    assert paths == [str(tmp_path / "own.data-00000-of-00001"), str(tmp_path / "own.index")]
+    written = bundle.write(str(tmp_path / "own"), bundle.Layout(keys, dtypes), values)
+    assert written.paths == [str(tmp_path / "own.data-00000-of-00001"), str(tmp_path / "own.index")]
+    # what the manifest is told: the files' sizes and the index's SHA-256, as on the disk
+    assert written.manifest_files() == _files_on_disk(written.paths)
     for suffix in (".index", ".data-00000-of-00001"):
         assert (tmp_path / f"own{suffix}").read_bytes() == (tmp_path / f"tf{suffix}").read_bytes()
     reader = tf.train.load_checkpoint(str(tmp_path / "own"))  # (TensorFlow checks the CRCs)

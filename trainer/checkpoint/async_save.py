@@ -42,7 +42,7 @@ from tensorflow.python.trackable import base as trackable_base
 from tensorflow.python.util import object_identity
 
 from trainer import executor
-from trainer.checkpoint import bundle_save
+from trainer.checkpoint import bundle, bundle_save
 from trainer.checkpoint.snapshot import snapshot
 from trainer.config import UserError
 from trainer.tfcall import flat_caller
@@ -114,8 +114,8 @@ def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict, k
     ~2 ms (mostly TF's C++, the GIL released) for the same code traced once into a
     tf.function with the snapshot's tensors as inputs (profiled). It runs on TensorFlow's
     single-threaded executor where it can (executor.for_checkpoint). The traced save builds
-    the same ops, so it writes the same files, bit for bit; the save counter is read inside
-    it, after the snapshot incremented it. Cached in `cache` per object graph (`key`,
+    the same ops, so it writes the same files, bit for bit; the save counter's value is the
+    snapshot's (read after it incremented the counter). Cached in `cache` per object graph (`key`,
     graph_key()): the cached function holds the objects, so their ids stay theirs. `flat`:
     the snapshot's tensors, tf.nest.flatten of `frozen`'s dicts.
     """
@@ -180,8 +180,9 @@ class AsyncCheckpointWriter:
     (a thread per save cost the loop ~0.3 ms per save, profiled).
     """
 
-    def __init__(self, checkpoint: tf.train.Checkpoint):
+    def __init__(self, checkpoint: tf.train.Checkpoint, durable: bool = True):
         self.checkpoint = checkpoint
+        self.durable = durable  # bundle_save's writer fsyncs the files it writes
         self._pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="checkpoint", initializer=lower_thread_priority
         )
@@ -199,6 +200,7 @@ class AsyncCheckpointWriter:
         # per object graph: bundle_save's writer, or why it does not write that graph
         self._bundles: dict = {}
         self.last_writer: str | None = None  # "bundle" or "tensorflow": who wrote the last save
+        self._written: bundle.Written | None = None  # what bundle_save wrote last (take_written)
 
     def submit(
         self,
@@ -236,6 +238,7 @@ class AsyncCheckpointWriter:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, _SWITCH_INTERVAL))
         started = []  # the save of the files began (the save counter then stays counted)
+        self._written = None
         try:
             self._check_object_graph(step)
             # The manager's save calls saver.save: for this write, the snapshot's (an instance
@@ -261,7 +264,12 @@ class AsyncCheckpointWriter:
         own = self._bundles.get(key)
         if isinstance(own, bundle_save.BundleSaver):
             self.last_writer = "bundle"
-            return lambda file_prefix, options=None: own.save(file_prefix, flat)
+
+            def save(file_prefix: str, options=None) -> str:
+                self._written = own.save(file_prefix, flat, sync=self.durable)
+                return file_prefix
+
+            return save
         self.last_writer = "tensorflow"
         traced = _compiled_save(self.checkpoint, frozen, self._savers, key, flat)
         if own is not None:  # (the reason bundle_save does not write this graph)
@@ -276,6 +284,15 @@ class AsyncCheckpointWriter:
             return path
 
         return first
+
+    def take_written(self, prefix: str) -> bundle.Written | None:
+        """What bundle_save's writer wrote for checkpoint `prefix` in this write (its files'
+        sizes, the index's SHA-256, whether they are fsynced), for the manifest; None when
+        TensorFlow's save wrote it."""
+        written, self._written = self._written, None
+        if written is not None and written.paths[0].startswith(prefix + "."):
+            return written
+        return None
 
     def _check_object_graph(self, step: int) -> None:
         """Refuse to write when the checkpoint's objects changed since the snapshot's plan was

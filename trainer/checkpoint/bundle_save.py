@@ -35,9 +35,8 @@ class Unsupported(Exception):
 
 class BundleSaver:
     """Writes snapshots of one object graph with bundle.write. `sources[i]` says where the
-    i-th key's value comes from: an index into the snapshot's flat tensors, "counter" (the
-    checkpoint's save counter, read at write time, as the traced save does) or "graph" (the
-    object-graph proto, fixed for the graph)."""
+    i-th key's value comes from: an index into the snapshot's flat tensors (the save counter
+    among them), or "graph" (the object-graph proto, fixed for the graph)."""
 
     def __init__(self, checkpoint: tf.train.Checkpoint, frozen_map, flat: list):
         saver = checkpoint._saver
@@ -50,13 +49,11 @@ class BundleSaver:
             raise Unsupported("google-crc32c has no compiled implementation here")
         position = {id(t): i for i, t in enumerate(flat)}
         keys, self.sources, dtypes, total = [], [], [], 0
-        for obj, by_key in tensors.items():
+        for by_key in tensors.values():
             for key, value in by_key.items():
                 if isinstance(value, dict):
                     raise Unsupported(f"{key} is saved in slices")
-                if obj is checkpoint.save_counter:  # (its value: a deferred read)
-                    source, value = "counter", checkpoint.save_counter
-                elif id(value) in position:
+                if id(value) in position:
                     source = position[id(value)]
                 else:
                     raise Unsupported(f"{key} is not a snapshot tensor")
@@ -75,25 +72,21 @@ class BundleSaver:
         self.graph = np.array(proto.SerializeToString(), dtype=object)
         self.layout = bundle.Layout(keys, dtypes)
         self.strings = [d == bundle.DT_STRING for d in dtypes]
-        self.counter = checkpoint.save_counter
         self.objects = tuple(frozen_map)  # (held: the writer's cache is keyed by their ids)
 
     def values(self, flat: list) -> list:
-        """One numpy array per key: the snapshot's buffers (not copies), the counter's value
-        and the object graph."""
+        """One numpy array per key: the snapshot's buffers (not copies) and the object graph."""
         out = []
         for source, string in zip(self.sources, self.strings, strict=True):
             if source == "graph":
                 out.append(self.graph)
                 continue
-            tensor = self.counter.read_value() if source == "counter" else flat[source]
+            tensor = flat[source]
             out.append(np.asarray(tensor.numpy(), dtype=object) if string else tensor._numpy())
         return out
 
-    def save(self, prefix: str, flat: list) -> str:
-        os.makedirs(os.path.dirname(prefix), exist_ok=True)  # as TF's eager save does
-        bundle.write(prefix, self.layout, self.values(flat))
-        return prefix
+    def save(self, prefix: str, flat: list, sync: bool = False) -> bundle.Written:
+        return bundle.write(prefix, self.layout, self.values(flat), sync)
 
     def matches(self, prefix: str, flat: list) -> bool:
         """Are the files TensorFlow wrote at `prefix`, for the snapshot `flat`, this writer's

@@ -65,9 +65,10 @@ class Manager(tf.train.CheckpointManager):
             self._checkpoint.save_counter.assign_add(1, read_value=False)
         path = self._checkpoint._saver.save(file_prefix=f"{self._prefix}-{checkpoint_number}")
         path = compat.as_str(path.numpy() if tf.is_tensor(path) else path)
-        if written is not None:
+        if context.is_async():  # (as Checkpoint._write; its unconditional call, a no-op here,
+            context.async_wait()  # cost the writer ~0.25 ms of wall time a save, profiled)
+        if written is not None:  # (the files are complete: the manifest may name them)
             written(path)
-        context.async_wait()  # (as Checkpoint._write: a no-op unless eager ops run async)
         # TensorFlow's _record_and_sweep_state, with the state file written after the sweep
         self._maybe_delete.pop(path, None)  # an overwritten checkpoint goes to the end
         self._maybe_delete[path] = checkpoint_management.time.time()  # TF's manager's clock

@@ -51,9 +51,9 @@ def snapshot(
     check: Sequence[tf.Variable] = (),
 ) -> tuple[list[tuple[object, dict]], list[tf.Variable]]:
     """(frozen, nonfinite): `frozen` is [(trackable, {checkpoint key: frozen tensor})] for every
-    saveable object among `objects` (`object_graph(checkpoint)`) but the save counter, which
-    the write reads itself; `nonfinite` lists the floating variables of `check` that hold a
-    NaN or Inf.
+    saveable object among `objects` (`object_graph(checkpoint)`), the save counter last (its
+    value after this save's increment: the write need not read it); `nonfinite` lists the
+    floating variables of `check` that hold a NaN or Inf.
 
     `assign` (variable, value) pairs are written first, in the same call: a save's counters.
     The same call increments the checkpoint's save counter, as the CheckpointManager's save
@@ -73,7 +73,7 @@ def snapshot(
         plans[key] = _Plan(checkpoint, objects, assigned, check)
     plan = plans[key]
     with executor.running_on(plan.executor):
-        values, finite = plan.read(*plan.inputs([value for _, value in assign]))
+        values, finite, count = plan.read(*plan.inputs([value for _, value in assign]))
     frozen = [
         (obj, {trackable_base.VARIABLE_VALUE_KEY: value})
         for obj, value in zip(plan.plain, values, strict=True)
@@ -81,6 +81,7 @@ def snapshot(
     for obj in plan.others:
         tensors = obj._serialize_to_tensors()  # the Trackable protocol
         frozen.append((obj, {k: _materialize(v) for k, v in tensors.items()}))
+    frozen.append((checkpoint.save_counter, {trackable_base.VARIABLE_VALUE_KEY: count}))
     flags = finite.numpy()[: len(plan.checked)]  # (one True stands in for an empty check)
     nonfinite = [var for var, ok in zip(plan.checked, flags, strict=True) if not ok]
     return frozen, nonfinite
@@ -131,7 +132,7 @@ class _Plan:
             # a variable's stateful ops as written)
             flags = nonfinite.finite_flags([v.read_value() for v in checked])
             counter.assign_add(tf.cast(tf.reduce_all(flags), counter.dtype), read_value=False)
-            return values, flags
+            return values, flags, counter.read_value()  # (after the increment: TF orders them)
 
         example = self.inputs([np.zeros((), d.as_numpy_dtype) for d in [v.dtype for v in assigned]])
         self.read = flat_caller(read, *example)

@@ -60,6 +60,16 @@ def _empty_trash(trash: str) -> None:
     shutil.rmtree(trash, onerror=warn)
 
 
+def _files_on_disk(paths: list[str]) -> dict:
+    """The manifest's `files` for checkpoint files TensorFlow wrote: each one's size, and the
+    index's SHA-256 (the data files are covered by its tensor CRC32Cs), read from the disk."""
+    files = {os.path.basename(path): {"size": os.path.getsize(path)} for path in paths}
+    for path in paths:
+        if path.endswith(".index"):
+            files[os.path.basename(path)]["sha256"] = sha256_file(path)
+    return files
+
+
 class CheckpointStore:
     """CheckpointManager with manifests, verification and a good-only `latest`."""
 
@@ -89,13 +99,14 @@ class CheckpointStore:
         if reserved := {"step", "time", "files", "data_checksums"} & manifest_extra.keys():
             raise ValueError(f"manifest_extra may not set {sorted(reserved)}")
         self._deleter: threading.Thread | None = None
+        self._trash_seen = True  # checkpoints/.deleting/ may exist (_start_deleter looks)
         self.on_commit = None  # on_commit(prefix, step) after each commit (trainer/remote/)
         self._checks: dict = {}  # save()'s finiteness check, per list of checked variables
         # False until a save succeeds: the first save of a process (and the one after a
         # failed save) drops every stale manifest; retention drops the ones it retires
         self._manifests_clean = False
         # checkpoint.async: snapshot in save(), write on a background thread (async_save.py)
-        self.async_writer = AsyncCheckpointWriter(checkpoint) if async_write else None
+        self.async_writer = AsyncCheckpointWriter(checkpoint, durable) if async_write else None
         self.manager = (
             Manager(
                 checkpoint,
@@ -280,6 +291,7 @@ class CheckpointStore:
             if defer:
                 try:
                     os.makedirs(trash, exist_ok=True)
+                    self._trash_seen = True
                     os.replace(path, os.path.join(trash, os.path.basename(path)))
                     continue
                 except OSError as e:  # then deleted in place (if it still exists)
@@ -297,9 +309,13 @@ class CheckpointStore:
     def _start_deleter(self) -> None:
         """Empty `checkpoints/.deleting/` (also what a killed run left there) on a thread."""
         trash = os.path.join(self.directory, TRASH_DIR)
+        if not self._trash_seen:  # (an isdir per save: ~0.1 ms of the writer, profiled)
+            return
         if os.path.isdir(trash):
             self._deleter = threading.Thread(target=_empty_trash, args=(trash,))
             self._deleter.start()  # not a daemon: the interpreter waits for it at exit
+        else:  # emptied (the deleter removes the folder): looked at again once _retire uses it
+            self._trash_seen = False
 
     def _join_deleter(self) -> None:
         if self._deleter is not None:
@@ -313,16 +329,14 @@ class CheckpointStore:
         directory again after the rename; retention, which the manager's save runs after
         this call, deletes older checkpoints only then. A power loss leaves the previous
         checkpoint, or this one."""
-        paths = checkpoint_files(prefix)
+        known = self.async_writer.take_written(prefix) if self.async_writer else None
+        paths = known.paths if known else checkpoint_files(prefix)
         if self.durable:
-            for path in paths:
-                fsync_path(path)
+            if not (known and known.synced):  # (bundle_save's writer fsynced its own files)
+                for path in paths:
+                    fsync_path(path)
             fsync_path(self.directory)
-        files = {}
-        for path in paths:
-            files[os.path.basename(path)] = {"size": os.path.getsize(path)}
-            if path.endswith(".index"):  # the data files are covered by its tensor CRC32Cs
-                files[os.path.basename(path)]["sha256"] = sha256_file(path)
+        files = known.manifest_files() if known else _files_on_disk(paths)
         own = {
             "step": step,
             "time": time.time(),
@@ -339,7 +353,7 @@ class CheckpointStore:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(prefix + MANIFEST_SUFFIX)
             raise
-        # (no read-back: the sizes above were read from disk after the files were synced)
+        # (no read-back: the sizes are the disk's, or what the writer wrote and synced)
 
     def _sweep_manifests(self) -> None:
         """Drop every manifest whose checkpoint has no index: what a run killed during
