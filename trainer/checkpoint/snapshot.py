@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import context
+from tensorflow.python.framework import ops
 from tensorflow.python.ops import resource_variable_ops
 from tensorflow.python.trackable import base as trackable_base
 from tensorflow.python.trackable import python_state
@@ -130,7 +132,11 @@ class _Plan:
                     assigned[i].assign(value, read_value=False)
             values = [v.read_value() for v in variables]  # after the assignments (TF orders
             # a variable's stateful ops as written)
-            flags = nonfinite.finite_flags([v.read_value() for v in checked])
+            read = {id(v): value for v, value in zip(variables, values, strict=True)}
+            # (the checked variables are among them: one read each, not two)
+            flags = nonfinite.finite_flags(
+                [read[id(v)] if id(v) in read else v.read_value() for v in checked]
+            )
             counter.assign_add(tf.cast(tf.reduce_all(flags), counter.dtype), read_value=False)
             return values, flags, counter.read_value()  # (after the increment: TF orders them)
 
@@ -140,8 +146,12 @@ class _Plan:
         self.executor = executor.for_checkpoint(devices, self.read.graph)
 
     def inputs(self, values: list) -> list[tf.Tensor]:
-        """`values` (one per assigned variable) as the read function's vectors."""
+        """`values` (one per assigned variable) as the read function's vectors: made as
+        tf.constant makes them (an EagerTensor on the context's device), without its Python
+        layers (~0.15 ms a save on the loop's thread, against ~0.02 ms timed in a tight
+        loop: a save's Python runs with cold caches)."""
+        device = context.context().device_name
         return [
-            tf.constant([values[i] for i in group], dtype)
+            ops.EagerTensor([values[i] for i in group], device, dtype.as_datatype_enum)
             for group, dtype in zip(self.groups, self.dtypes, strict=True)
         ]
