@@ -112,20 +112,24 @@ def test_strings_that_grow_between_saves_are_written_as_tensorflow_writes_them(t
     assert writers == ["tensorflow", "bundle", "bundle", "bundle"]
 
 
-def test_a_state_above_the_limit_keeps_tensorflows_save(tmp_path):
+def test_a_state_above_the_limit_keeps_tensorflows_save(tmp_path, capfd):
     floats = bundle_save.OWN_MAX_BYTES // 4 + 1
     writers, _, plans = _writer_run(tmp_path, {"w": tf.Variable(tf.zeros((floats,)))})
     assert writers == ["tensorflow"] * 3
     assert list(plans.values()) == [f"{4 * floats + 8} bytes"]  # (the save counter's 8)
+    assert "checkpoint.async" not in capfd.readouterr().err  # (the plan for large states)
 
 
-def test_bytes_that_differ_from_tensorflows_keep_tensorflows_save(tmp_path, monkeypatch):
+def test_bytes_that_differ_from_tensorflows_keep_tensorflows_save(tmp_path, monkeypatch, capfd):
     """As if TensorFlow's format had moved on (another producer version in the header): the
-    first save's comparison sees other bytes, and every save stays TensorFlow's."""
+    first save's comparison sees other bytes, every save stays TensorFlow's, and the user is
+    told once why."""
     monkeypatch.setattr(bundle, "_HEADER", bytes.fromhex("08011a020802"))
     writers, _, plans = _writer_run(tmp_path, {"w": tf.Variable(tf.zeros((8,)))})
     assert writers == ["tensorflow"] * 3
     assert list(plans.values()) == ["its bytes differ from TensorFlow's files"]
+    notes = [line for line in capfd.readouterr().err.splitlines() if "checkpoint.async" in line]
+    assert len(notes) == 1 and "its bytes differ from TensorFlow's files" in notes[0], notes
 
 
 def test_a_failed_bundle_write_surfaces_as_a_disk_error_naming_the_file(tmp_path):

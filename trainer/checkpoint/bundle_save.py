@@ -33,6 +33,17 @@ class Unsupported(Exception):
     """This object graph's snapshot is written by TensorFlow's traced save (the reason)."""
 
 
+class TooLarge(Unsupported):
+    """The state is above OWN_MAX_BYTES: TensorFlow's save is this writer's plan for it."""
+
+
+class Declined(str):
+    """Why this writer does not write an object graph; `large`: only its size (expected, and
+    not worth a word to the user)."""
+
+    large = False
+
+
 class BundleSaver:
     """Writes snapshots of one object graph with bundle.write. `sources[i]` says where the
     i-th key's value comes from: an index into the snapshot's flat tensors (the save counter
@@ -65,7 +76,7 @@ class BundleSaver:
                 dtypes.append(dtype.as_datatype_enum)
                 total += value.shape.num_elements() * (dtype.size if dtype != tf.string else 1)
         if total > OWN_MAX_BYTES:
-            raise Unsupported(f"{total} bytes")
+            raise TooLarge(f"{total} bytes")
         keys.append(trackable_base.OBJECT_GRAPH_PROTO_KEY)
         self.sources.append("graph")
         dtypes.append(bundle.DT_STRING)
@@ -100,7 +111,7 @@ class BundleSaver:
         return True
 
 
-def plan(checkpoint, frozen_map, flat: list, prefix: str) -> BundleSaver | str:
+def plan(checkpoint, frozen_map, flat: list, prefix: str) -> BundleSaver | Declined:
     """After TensorFlow's traced save wrote a snapshot at `prefix`: a BundleSaver for this
     object graph if its bytes equal those files, else the reason it is not used. `frozen_map`
     maps each saveable object to its stand-in serializing the snapshot (async_save._Frozen),
@@ -108,11 +119,13 @@ def plan(checkpoint, frozen_map, flat: list, prefix: str) -> BundleSaver | str:
     try:
         saver = BundleSaver(checkpoint, frozen_map, flat)
         if not saver.matches(prefix, flat):
-            return "its bytes differ from TensorFlow's files"
+            return Declined("its bytes differ from TensorFlow's files")
         if (size := os.path.getsize(prefix + bundle.DATA_SUFFIX)) > OWN_MAX_BYTES:
-            return f"{size} bytes"  # (strings counted in full)
+            raise TooLarge(f"{size} bytes")  # (strings counted in full)
     except Unsupported as e:
-        return str(e)
+        declined = Declined(str(e))
+        declined.large = isinstance(e, TooLarge)
+        return declined
     except Exception as e:  # noqa: BLE001 (whatever the plan missed: TensorFlow's save stays)
-        return f"{type(e).__name__}: {e}"
+        return Declined(f"{type(e).__name__}: {e}")
     return saver
