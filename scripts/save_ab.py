@@ -5,7 +5,7 @@ within one run" was measured.
     python scripts/save_ab.py no-write default-executor no-fsync no-log-sync [--rounds 4]
 
 Each round is one fresh `python -m trainer` of the default model (`--steps` steps, an async
-save every 500, no evaluation) in which the saves after steps 500, 1500, 2500, ... run the
+save every 500, sync for eager-sync, no evaluation) in which the saves after steps 500, 1500, 2500, ... run the
 variant and the others run the code as it is. A save's cost is its 20 log windows against
 the median window far from any save of the same run (trainer/bench/saves.py,
 cost_per_save), taken over each half of the saves; the difference of the halves is the
@@ -44,6 +44,9 @@ Variants (each swaps one part, on odd saves only):
                     step (opened again), listed, their sizes and the index's SHA-256 read
                     from the disk; the save counter read by the writer; TensorFlow's
                     async_wait, the folder's makedirs and the trash's isdir on every save
+  eager-sync        sync saves (checkpoint.async=false), TensorFlow's eager save on every
+                    other save instead of the snapshot and the project's writer on the
+                    loop's thread (CheckpointStore snapshot_sync)
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ VARIANTS = (
     "tf-save-floor",
     "traced-save",
     "reread-commit",
+    "eager-sync",
 )
+SYNC_VARIANTS = ("eager-sync",)  # runs with checkpoint.async=false
 
 
 def _odd(step: int) -> bool:
@@ -110,6 +115,12 @@ def patch(variant: str) -> None:
         def write_manifest_(self, prefix, step):
             self.durable = not odd[0]
             return write_manifest(self, prefix, step)
+
+        def submit_durable(self, step, *a, **k):  # the project's writer fsyncs its own files
+            self.durable = not _odd(step)
+            return submit_(self, step, *a, **k)
+
+        async_save.AsyncCheckpointWriter.submit = submit_durable
 
         store.CheckpointStore.write_manifest = write_manifest_
     elif variant == "sched-idle":
@@ -267,6 +278,19 @@ def patch(variant: str) -> None:
         async_save.AsyncCheckpointWriter._saver_for = saver_for_
         manager.Manager.save = save_
         store.CheckpointStore._start_deleter = start_
+    elif variant == "eager-sync":
+        save = store.CheckpointStore.save
+
+        def save_(self, step, *a, **k):
+            odd[0], inline = _odd(step), self._inline
+            if odd[0]:
+                self._inline = None
+            try:
+                return save(self, step, *a, **k)
+            finally:
+                self._inline = inline
+
+        store.CheckpointStore.save = save_
     elif variant == "no-log-sync":
         write = store.CheckpointStore._write
         store.CheckpointStore._write = lambda self, s, before=None: write(
@@ -316,7 +340,7 @@ def one_run(variant: str, steps: int, workdir: str) -> tuple[float, float]:
         f"trainer.stop_at={steps}",
         f"trainer.eval_every={NO_EVAL}",
         f"checkpoint.every={EVERY}",
-        "checkpoint.async=true",
+        f"checkpoint.async={'false' if variant in SYNC_VARIANTS else 'true'}",
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "PYTHONPATH": REPO}

@@ -188,11 +188,14 @@ def test_a_variable_added_after_the_first_save_is_refused_then_planned_in(tmp_pa
     assert reader.get_tensor("save_counter/.ATTRIBUTES/VARIABLE_VALUE") == 2
 
 
-@pytest.mark.parametrize("async_write", [True, False])
-def test_a_save_with_nonfinite_weights_is_refused_and_names_the_variable(tmp_path, async_write):
-    """store.save's assignments and finiteness check (async: one call with the snapshot)."""
+@pytest.mark.parametrize("how", ["async", "sync", "sync_snapshot"])
+def test_a_save_with_nonfinite_weights_is_refused_and_names_the_variable(tmp_path, how):
+    """store.save's assignments and finiteness check (async, and sync by the snapshot: one
+    call with the snapshot; sync: TensorFlow's eager save after its own check)."""
     state, _ = _state()
-    store = _store(tmp_path, state, async_write=async_write)
+    store = _store(
+        tmp_path, state, async_write=how == "async", snapshot_sync=how == "sync_snapshot"
+    )
     checked = state.model.variables + state.optimizer.variables
     refused = []
 
@@ -210,6 +213,7 @@ def test_a_save_with_nonfinite_weights_is_refused_and_names_the_variable(tmp_pat
     store.wait()
     assert refused == [[kernel.path]]
     assert not (tmp_path / "ckpt-2.index").exists()
+    assert store.checkpoint.save_counter.numpy() == 1  # (the refused save is not counted)
     written = tf.train.load_checkpoint(str(tmp_path / "ckpt-1"))
     assert written.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 1
     assert written.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 3

@@ -62,22 +62,24 @@ def test_bundle_files_equal_tensorflows_own_bit_for_bit(tmp_path, case):
         np.testing.assert_array_equal(reader.get_tensor(key), value)
 
 
-def _writer_run(tmp_path, variables: dict, saves: int = 3) -> tuple[list[str], list[str], dict]:
+def _writer_run(
+    tmp_path, variables: dict, saves: int = 3, inline: bool = False
+) -> tuple[list[str], list[str], dict]:
     """`saves` async saves of `variables` (changed between saves), each compared with a sync
-    save of the same values: (who wrote each, the async files' directory listing, the
-    writer's bundle_save plans or the reasons it has none)."""
+    save of the same values by TensorFlow's eager save: (who wrote each, the async files'
+    directory listing, the writer's bundle_save plans or the reasons it has none). `inline`:
+    synchronous saves by the snapshot and writer (snapshot_sync) in place of the async ones."""
     ckpt = tf.train.Checkpoint(**variables)
     sync, fast = (
-        CheckpointStore(
-            str(tmp_path / name),
+        _store(
+            tmp_path / name,
             ckpt,
-            max_to_keep=5,
-            keep_every_n_hours=None,
-            manifest_extra={},
-            async_write=name == "async",
+            async_write=name == "async" and not inline,
+            snapshot_sync=name == "async" and inline,
         )
         for name in ("sync", "async")
     )
+    assert sync._inline is None and (fast._inline is not None) == inline
     writers = []
     for at in range(1, saves + 1):
         for v in variables.values():
@@ -89,14 +91,80 @@ def _writer_run(tmp_path, variables: dict, saves: int = 3) -> tuple[list[str], l
         ckpt.save_counter.assign_sub(1)  # the async save numbers itself as the sync one did
         fast.save(at)
         fast.wait()
-        writers.append(fast.async_writer.last_writer)
+        writers.append((fast._inline or fast.async_writer).last_writer)
         assert verify(str(tmp_path / "async" / f"ckpt-{at}")).ok
         for name in (f"ckpt-{at}.index", f"ckpt-{at}.data-00000-of-00001"):
             assert (tmp_path / "sync" / name).read_bytes() == (
                 tmp_path / "async" / name
             ).read_bytes()
     names = sorted(p.name for p in (tmp_path / "async").iterdir())
-    return writers, names, fast.async_writer._bundles
+    return writers, names, (fast._inline or fast.async_writer)._bundles
+
+
+def test_sync_saves_of_small_states_are_written_by_the_bundle_writer_too(tmp_path):
+    """snapshot_sync (what a run on one device uses): TensorFlow's eager save writes the
+    first save, the project's writer the later ones, the same bytes as TensorFlow's."""
+    variables = {"w": tf.Variable(tf.zeros((64, 64))), "s": tf.Variable([b"a", b"bc"])}
+    writers, names, plans = _writer_run(tmp_path, variables, saves=4, inline=True)
+    assert writers == ["tensorflow", "bundle", "bundle", "bundle"]
+    assert [type(p) for p in plans.values()] == [bundle_save.BundleSaver]
+    assert not [n for n in names if "temp" in n]
+
+
+def _store(directory, ckpt, **kw) -> CheckpointStore:
+    return CheckpointStore(
+        str(directory), ckpt, max_to_keep=5, keep_every_n_hours=None, manifest_extra={}, **kw
+    )
+
+
+def _sync_store(tmp_path, ckpt) -> CheckpointStore:
+    return _store(tmp_path, ckpt, snapshot_sync=True)
+
+
+def test_a_sync_save_writes_objects_created_after_the_last_one(tmp_path):
+    """A synchronous save is never refused for a changed object graph (an async one is): it
+    plans again and writes the new objects."""
+    ckpt = tf.train.Checkpoint(w=tf.Variable(tf.zeros((4,))))
+    store = _sync_store(tmp_path, ckpt)
+    store.save(1)
+    store.save(2)
+    assert store._inline.last_writer == "bundle"
+    ckpt.late = tf.Variable(tf.fill((3,), 7.0))  # created during training
+    store.save(3)
+    assert store._inline.last_writer == "tensorflow"  # (a new graph: its first save)
+    store.save(4)
+    assert store._inline.last_writer == "bundle"
+    reader = tf.train.load_checkpoint(str(tmp_path / "ckpt-4"))
+    np.testing.assert_array_equal(reader.get_tensor("late/.ATTRIBUTES/VARIABLE_VALUE"), [7.0] * 3)
+    assert verify(str(tmp_path / "ckpt-4")).ok
+
+
+def test_a_sync_save_of_state_the_snapshot_cannot_read_uses_tensorflows_save(tmp_path):
+    """Python state (here a NumPy array tracked by tf.train.Checkpoint) cannot be snapshotted:
+    the store saves with TensorFlow's eager save from then on, and the state is in it."""
+    from tensorflow.python.trackable import python_state
+
+    class Numbers(python_state.PythonState):
+        def __init__(self):
+            self.values = np.arange(3)
+
+        def serialize(self):
+            return self.values.tobytes()
+
+        def deserialize(self, string_value):
+            self.values = np.frombuffer(string_value, dtype=self.values.dtype).copy()
+
+    numbers = Numbers()
+    ckpt = tf.train.Checkpoint(w=tf.Variable(tf.zeros((2,))), numbers=numbers)
+    store = _sync_store(tmp_path, ckpt)
+    store.save(1)
+    assert store._inline is None
+    numbers.values = np.array([5, 6, 7])
+    store.save(2)
+    numbers.values = np.zeros(3, dtype=int)
+    ckpt.restore(str(tmp_path / "ckpt-2"))
+    np.testing.assert_array_equal(numbers.values, [5, 6, 7])
+    assert verify(str(tmp_path / "ckpt-2")).ok
 
 
 def test_small_states_are_written_by_the_bundle_writer_after_the_first_save(tmp_path):
@@ -134,14 +202,7 @@ def test_bytes_that_differ_from_tensorflows_keep_tensorflows_save(tmp_path, monk
 
 def test_a_failed_bundle_write_surfaces_as_a_disk_error_naming_the_file(tmp_path):
     ckpt = tf.train.Checkpoint(w=tf.Variable(tf.zeros((8,))))
-    store = CheckpointStore(
-        str(tmp_path),
-        ckpt,
-        max_to_keep=5,
-        keep_every_n_hours=None,
-        manifest_extra={},
-        async_write=True,
-    )
+    store = _store(tmp_path, ckpt, async_write=True)
     store.save(1)
     store.wait()
     (tmp_path / "ckpt-2.index").mkdir()  # the index cannot be opened for writing

@@ -393,3 +393,5 @@ def test_without_durability_the_trace_shows_no_fsync_of_the_data(tmp_path, async
         assert f"{name}: the manifest's rename is not followed by a dir fsync" in bad, bad
     with pytest.raises(AssertionError, match="data/index not fsynced before its manifest"):
         check_order(calls, ckpt_dir, [10, 20])
+    # nothing of the checkpoints is fsynced: not the manifests' temporary files either
+    assert not [p for c, p in calls if c in _SYNC and p[0].startswith(ckpt_dir)], calls

@@ -177,15 +177,18 @@ def test_io_errors_stop_the_run_with_one_line_and_it_resumes_exactly(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op,skip", [("fsync", 0), ("fsyncdir", 1)])
-def test_a_checkpoint_whose_fsync_failed_never_counts(tmp_path, reference, op, skip):
+@pytest.mark.parametrize(
+    "op,skip,mode", [("fsync", 0, "false"), ("fsync", 0, "true"), ("fsyncdir", 1, "false")]
+)
+def test_a_checkpoint_whose_fsync_failed_never_counts(tmp_path, reference, op, skip, mode):
     """The first fsync of the second checkpoint's files (or the directory's fsync after its
     manifest was renamed into place) fails: that checkpoint never counts, is not retried into
-    success, and the rerun resumes from the checkpoint before it, exactly."""
+    success, and the rerun resumes from the checkpoint before it, exactly. The second save is
+    the project's writer's (sync or async), which fsyncs its files as it writes them."""
     options = ["--fraction", "1", "--ops", op, "--paths", "checkpoints", "--skip", str(skip)]
     with faultfs(tmp_path, *options) as (mnt, arm, log):
         run, src_run = mnt / "run", tmp_path / "src" / "run"
-        r = run_armed(run, arm, src_run, "checkpoint.async=false")
+        r = run_armed(run, arm, src_run, f"checkpoint.async={mode}")
         assert r.returncode == 2, r.stderr
         line = error_line(r.stderr)
         assert "could not write ckpt-20" in line and "Input/output error" in line, line
@@ -193,7 +196,7 @@ def test_a_checkpoint_whose_fsync_failed_never_counts(tmp_path, reference, op, s
         assert log.read_text().startswith(op), log.read_text()
         assert assert_committed_checkpoints_verify(src_run / "checkpoints") == [10]
         arm.unlink()
-        err = assert_resumes_exactly(run, reference, "checkpoint.async=false")
+        err = assert_resumes_exactly(run, reference, f"checkpoint.async={mode}")
         assert "Resuming from step 10" in err, err
 
 

@@ -221,6 +221,8 @@ class Session(LoopEvents):
             },
             async_write=bool(cfg.checkpoint["async"]),
             durable=bool(cfg.checkpoint.get("durable", True)),
+            # (as async saves: plain variables on one device)
+            snapshot_sync=cfg.distribute.name == "default",
         )
         step, resumed_from = restore_or_initialize(
             cfg, store, state, place.write_dir, latest, complete

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -39,7 +40,7 @@ import tensorflow as tf
 from tensorflow.python.checkpoint import graph_view
 from tensorflow.python.checkpoint import util as checkpoint_util
 from tensorflow.python.trackable import base as trackable_base
-from tensorflow.python.util import object_identity
+from tensorflow.python.util import compat, object_identity
 
 from trainer import executor
 from trainer.checkpoint import bundle, bundle_save
@@ -161,6 +162,12 @@ def _compiled_save(checkpoint: tf.train.Checkpoint, frozen: list, cache: dict, k
     return save_snapshot
 
 
+def _eager_save(saver, file_prefix: str, options=None) -> str:
+    """TensorFlow's eager save of the checkpoint's objects (the method: `_run` shadows it)."""
+    path = type(saver).save(saver, file_prefix)
+    return compat.as_str(path.numpy() if tf.is_tensor(path) else path)
+
+
 def _on(device: str, value):
     with tf.device(device):
         return tf.identity(value)
@@ -180,9 +187,12 @@ class AsyncCheckpointWriter:
     (a thread per save cost the loop ~0.3 ms per save, profiled).
     """
 
-    def __init__(self, checkpoint: tf.train.Checkpoint, durable: bool = True):
+    def __init__(self, checkpoint: tf.train.Checkpoint, durable: bool = True, inline=False):
         self.checkpoint = checkpoint
         self.durable = durable  # bundle_save's writer fsyncs the files it writes
+        # inline: the store's synchronous saves (write_now), on the caller's thread; TensorFlow's
+        # eager save writes the first save of each object graph (and any it declines)
+        self.inline = inline
         self._pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="checkpoint", initializer=lower_thread_priority
         )
@@ -216,6 +226,30 @@ class AsyncCheckpointWriter:
         NaN or Inf, `on_nonfinite(those variables)` is called instead, to raise the caller's
         error (a ValueError follows if it returns), and nothing is written."""
         self.wait()
+        frozen = self._snapshot(assign, check, on_nonfinite)
+        if before_start is not None:
+            before_start()
+        self._future = self._pool.submit(self._run, step, write, frozen)
+
+    def write_now(self, step: int, write, assign=(), check=(), on_nonfinite=None) -> bool:
+        """A synchronous save by this writer (`inline`): the snapshot, then `write(step)` on
+        this thread, its error raised here. The object graph is walked at every save (a
+        synchronous save writes objects created since the last one: a new plan). False, with
+        nothing done, when the snapshot cannot read an object of the checkpoint (Python state,
+        legacy saveables): the caller saves with TensorFlow's eager save instead."""
+        if self._objects is not None and _children_walk(self.checkpoint) != self._walked:
+            self._objects = None
+        try:
+            frozen = self._snapshot(assign, check, on_nonfinite)
+        except NotImplementedError:
+            return False
+        self._run(step, write, frozen)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return True
+
+    def _snapshot(self, assign, check, on_nonfinite) -> list:
         if self._objects is None:
             self._objects = object_graph(self.checkpoint)
             self._walked = _children_walk(self.checkpoint)
@@ -224,9 +258,7 @@ class AsyncCheckpointWriter:
             if on_nonfinite is not None:
                 on_nonfinite(nonfinite)
             refuse_nonfinite(nonfinite)  # whatever on_nonfinite did: nothing is written
-        if before_start is not None:
-            before_start()
-        self._future = self._pool.submit(self._run, step, write, frozen)
+        return frozen
 
     def _run(self, step: int, write: Callable[[int], None], frozen) -> None:
         saver = self.checkpoint._saver
@@ -240,7 +272,8 @@ class AsyncCheckpointWriter:
         started = []  # the save of the files began (the save counter then stays counted)
         self._written = None
         try:
-            self._check_object_graph(step)
+            if not self.inline:  # (write_now walked it just before the snapshot)
+                self._check_object_graph(step)
             # The manager's save calls saver.save: for this write, the snapshot's (an instance
             # attribute shadowing the method; nothing else saves while a write runs).
             save = self._saver_for(frozen)
@@ -258,8 +291,9 @@ class AsyncCheckpointWriter:
 
     def _saver_for(self, frozen: list):
         """The function writing snapshot `frozen` at a prefix: bundle_save's writer once the
-        first write of this object graph (TensorFlow's traced save) has shown that it writes
-        the same bytes; TensorFlow's traced save until then, or for good if it does not."""
+        first write of this object graph (TensorFlow's traced save; inline, its eager save of
+        the objects, whose values are the snapshot's) has shown that it writes the same bytes;
+        TensorFlow's save until then, or for good if it does not."""
         key, flat = graph_key(frozen), tf.nest.flatten([t for _, t in frozen])
         own = self._bundles.get(key)
         if isinstance(own, bundle_save.BundleSaver):
@@ -271,7 +305,10 @@ class AsyncCheckpointWriter:
 
             return save
         self.last_writer = "tensorflow"
-        traced = _compiled_save(self.checkpoint, frozen, self._savers, key, flat)
+        if self.inline:
+            traced = functools.partial(_eager_save, self.checkpoint._saver)
+        else:
+            traced = _compiled_save(self.checkpoint, frozen, self._savers, key, flat)
         if own is not None:  # (the reason bundle_save does not write this graph)
             return traced
 
@@ -283,9 +320,9 @@ class AsyncCheckpointWriter:
             own = self._bundles[key] = bundle_save.plan(self.checkpoint, frozen_map, flat, path)
             if isinstance(own, bundle_save.Declined) and not own.large:  # said once a graph
                 print(
-                    f"note: checkpoint.async: TensorFlow's saver keeps writing this state's "
-                    f"checkpoints ({own}), which costs the loop ~1 ms more a save than the "
-                    "project's writer (README, Performance)",
+                    f"note: checkpoint{'' if self.inline else '.async'}: TensorFlow's saver "
+                    f"keeps writing this state's checkpoints ({own}), which costs the loop "
+                    "~1 ms more a save than the project's writer (README, Performance)",
                     file=sys.stderr,
                 )
             return path

@@ -79,8 +79,9 @@ def write_text_atomic(path: str, text: str, durable: bool = True) -> None:
 
 
 def write_bytes_atomic(path: str, data: bytes, durable: bool = True) -> None:
-    """Write `data` to `path` via a temporary file, fsync and rename: never a torn file.
-    `durable`: the directory is fsynced after the rename, so the new name survives a power loss.
+    """Write `data` to `path` via a temporary file, fsync and rename: never a torn file (for a
+    killed process). `durable` (else neither fsync is made): the file is fsynced before the
+    rename and the directory after it, so the new name and its contents survive a power loss.
     A failure leaves no temporary file behind; a failed fsync of the directory raises, with the
     new file in place but not known to be on disk (the caller decides: a checkpoint's manifest
     is removed, trainer/checkpoint/store.py)."""
@@ -89,7 +90,8 @@ def write_bytes_atomic(path: str, data: bytes, durable: bool = True) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

@@ -19,6 +19,7 @@ Manifests written before this change carry a SHA-256 for every file; those are s
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -88,6 +89,7 @@ class CheckpointStore:
         write: bool = True,
         async_write: bool = False,
         durable: bool = True,
+        snapshot_sync: bool = False,
     ):
         self.directory = directory
         self.durable = durable  # checkpoint.durable: fsync files and directory (README)
@@ -107,6 +109,15 @@ class CheckpointStore:
         self._manifests_clean = False
         # checkpoint.async: snapshot in save(), write on a background thread (async_save.py)
         self.async_writer = AsyncCheckpointWriter(checkpoint, durable) if async_write else None
+        # snapshot_sync (one device): synchronous saves by the same snapshot and writer, on
+        # this thread (AsyncCheckpointWriter.write_now): from the second save of a small state
+        # the project's writer writes its files, where TensorFlow's eager save rebuilt its
+        # saver in Python at every save (README, Performance)
+        self._inline = (
+            AsyncCheckpointWriter(checkpoint, durable, inline=True)
+            if snapshot_sync and not async_write and write
+            else None
+        )
         self.manager = (
             Manager(
                 checkpoint,
@@ -156,8 +167,9 @@ class CheckpointStore:
         return None
 
     def restore(self, prefix: str) -> None:
-        if self.async_writer is not None:
-            self.async_writer.replan()
+        for writer in (self.async_writer, self._inline):
+            if writer is not None:
+                writer.replan()
         self.checkpoint.restore(prefix).assert_existing_objects_matched()
 
     def save(
@@ -194,8 +206,14 @@ class CheckpointStore:
                 before_start=blocked and (lambda: blocked(time.perf_counter() - t0)),
             )
             return time.perf_counter() - t0
-        self._prepare(assign, check, on_nonfinite)
-        self._write(step, before_write)
+        write = functools.partial(self._write, before_write=before_write)
+        if self._inline is not None and not self._inline.write_now(
+            step, write, assign, check, on_nonfinite
+        ):
+            self._inline = None  # (objects its snapshot cannot read: TensorFlow's save, for good)
+        if self._inline is None:
+            self._prepare(assign, check, on_nonfinite)
+            write(step)
         seconds = time.perf_counter() - t0
         if blocked is not None:
             blocked(seconds)
@@ -268,7 +286,7 @@ class CheckpointStore:
         self.manager.save(
             step,
             written=lambda prefix: self.write_manifest(prefix, step),
-            counted=self.async_writer is not None,
+            counted=self.async_writer is not None or self._inline is not None,
         )
         if not clean:
             self._sweep_manifests()
@@ -329,7 +347,8 @@ class CheckpointStore:
         directory again after the rename; retention, which the manager's save runs after
         this call, deletes older checkpoints only then. A power loss leaves the previous
         checkpoint, or this one."""
-        known = self.async_writer.take_written(prefix) if self.async_writer else None
+        writer = self.async_writer or self._inline
+        known = writer.take_written(prefix) if writer is not None else None
         paths = known.paths if known else checkpoint_files(prefix)
         if self.durable:
             if not (known and known.synced):  # (bundle_save's writer fsynced its own files)
