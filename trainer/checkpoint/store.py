@@ -19,7 +19,6 @@ Manifests written before this change carry a SHA-256 for every file; those are s
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import json
 import os
@@ -206,7 +205,10 @@ class CheckpointStore:
                 before_start=blocked and (lambda: blocked(time.perf_counter() - t0)),
             )
             return time.perf_counter() - t0
-        write = functools.partial(self._write, before_write=before_write)
+
+        def write(s: int) -> None:  # (as the async path calls it)
+            self._write(s, before_write)
+
         if self._inline is not None and not self._inline.write_now(
             step, write, assign, check, on_nonfinite
         ):
