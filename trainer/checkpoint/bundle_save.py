@@ -1,14 +1,16 @@
-"""An async snapshot written as TensorFlow's checkpoint files by trainer/checkpoint/bundle.py,
-in place of TensorFlow's traced save, for states of up to OWN_MAX_BYTES.
+"""A snapshot (async, or a sync save's on one device) written as TensorFlow's checkpoint files
+by trainer/checkpoint/bundle.py, in place of TensorFlow's save, for states of up to
+OWN_MAX_BYTES.
 
 The plan of one object graph (BundleSaver) is made at its first write, which TensorFlow's
-traced save makes as before: the saver's own walk (save_util.serialize_graph_view, with the
-snapshot standing in for the objects as in the traced save) gives each checkpoint key, in
-the order the saver writes them, and the object-graph proto. The files TensorFlow wrote are
-then compared with this module's bytes for the same snapshot; only if they are equal, bit
-for bit, are later snapshots of that graph written here. Anything the plan does not cover
-(sliced or partitioned variables, variant tensors, registered savers, a large state, a
-difference in any byte) keeps TensorFlow's traced save for that graph.
+save makes as before (the traced save for async writes, the eager one for sync saves): the
+saver's own walk (save_util.serialize_graph_view, with the snapshot standing in for the
+objects as in the traced save) gives each checkpoint key, in the order the saver writes
+them, and the object-graph proto. The files TensorFlow wrote are then compared with this
+module's bytes for the same snapshot; only if they are equal, bit for bit, are later
+snapshots of that graph written here. Anything the plan does not cover (sliced or
+partitioned variables, variant tensors, registered savers, a large state, a difference in
+any byte) keeps TensorFlow's save for that graph.
 
 Measured within runs (scripts/save_ab.py traced-save, BENCHMARKS.md "session 14"): with
 TensorFlow's traced save, an async save of the default model cost the loop 1.0-1.3 ms more.

@@ -3,7 +3,7 @@
 A checkpoint `<run>/checkpoints/ckpt-<step>` counts as good only when its manifest
 `ckpt-<step>.manifest.json` exists, every file it lists has the recorded size, and the
 checksums hold. The manifest is written (atomically) after the checkpoint's files are complete
-(TensorFlow's saver, or bundle.py for small async states), so a crash at any moment leaves
+(TensorFlow's saver, or bundle.py for small states), so a crash at any moment leaves
 either a good checkpoint or one that is reported and skipped on resume.
 
 Checksums, without a second pass over the data at save time: the bundle writer (TensorFlow's,
