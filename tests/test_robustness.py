@@ -207,11 +207,14 @@ def test_second_sigint_aborts_at_once(tmp_path):
 @pytest.mark.slow
 def test_second_sigint_aborts_the_trainer_without_saving(tmp_path):
     """The real trainer: two SIGINTs 5 ms apart while paused at step 10 (last checkpoint at
-    8). The first starts a graceful stop, the second aborts before the step-10 save."""
+    8). The first starts a graceful stop, the second aborts before the step-10 save commits.
+    The state is 43 MB, so that the save takes far longer than the 5 ms (a small state's save
+    now takes about that long: the second signal could land after its commit)."""
     from trainer.checkpoint.manifest import verify
 
     run = tmp_path / "run"
-    p, _ = start_paused(run, *BASE, "checkpoint.every=4", "trainer.pause_at=10")
+    big = "model.num_units=300000"  # (144 bytes a unit with Adam's slots)
+    p, _ = start_paused(run, *BASE, big, "checkpoint.every=4", "trainer.pause_at=10")
     p.send_signal(signal.SIGINT)
     time.sleep(0.005)
     p.send_signal(signal.SIGINT)
