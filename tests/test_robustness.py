@@ -88,10 +88,12 @@ def _steps_with(ck: Path, suffix: str) -> list[int]:
 
 
 def _writing(ck: Path, after: int) -> bool:
-    """A checkpoint newer than `after` is being written: TF's temp dir, or no manifest yet."""
+    """A checkpoint newer than `after` is being written: TF's temp dir, or a data file or an
+    index without a manifest yet (the project's writer writes the data file first)."""
     temp = [s for s in _steps_with(ck, "_temp") if s > after]
     done = set(_steps_with(ck, ".manifest.json"))
-    return bool(temp) or any(s > after and s not in done for s in _steps_with(ck, ".index"))
+    files = _steps_with(ck, ".index") + _steps_with(ck, ".data-00000-of-00001")
+    return bool(temp) or any(s > after and s not in done for s in files)
 
 
 @pytest.mark.slow
