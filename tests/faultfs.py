@@ -5,8 +5,11 @@ error codes.
 
     python tests/faultfs.py SOURCE MOUNTPOINT --seed 3 --fraction 0.05 --arm ARMFILE --log LOG
         [--errno EIO|ENOSPC|EROFS] [--ops write,fsync,fsyncdir,rename] [--paths ckpt-] [--skip N]
+        [--arm-after ckpt-10.manifest.json]
 
-Faults are injected only while ARMFILE exists (a test arms it once training is going) and
+Faults are injected only while ARMFILE exists (a test arms it once training is going, or the
+file system itself does, the moment a rename onto a name ending in --arm-after has returned:
+a test polling for that name from outside could arm one checkpoint late on a loaded machine) and
 each injected fault is appended to LOG as `op path errno` (the test checks that the run's
 message names one of them). Runs in the foreground until unmounted (`fusermount3 -u`).
 Built on mfusepy (libfuse 3 through ctypes)."""
@@ -39,6 +42,7 @@ class FaultFS(fuse.Operations):
         self.ops = set(a.ops.split(","))
         self.paths = a.paths
         self.skip = a.skip  # matching calls let through first, once armed
+        self.arm_after = a.arm_after
         self._mutex = threading.Lock()
 
     # ------------------------------------------------------------ fault injection
@@ -56,6 +60,10 @@ class FaultFS(fuse.Operations):
                     f.write(f"{op} {path} {errno.errorcode[self.code]}\n")
         if hit:
             raise fuse.FuseOSError(self.code)
+
+    def _renamed(self, new: str) -> None:
+        if self.arm_after and new.endswith(self.arm_after):
+            open(self.arm, "a").close()
 
     def _full(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
@@ -137,6 +145,7 @@ class FaultFS(fuse.Operations):
     def rename(self, old, new):
         self._fault("rename", old)
         os.rename(self._full(old), self._full(new))
+        self._renamed(new)
         return 0
 
     def rename_with_flags(self, old, new, flags):
@@ -145,6 +154,7 @@ class FaultFS(fuse.Operations):
         a, b = os.fsencode(self._full(old)), os.fsencode(self._full(new))
         if _libc.renameat2(-100, a, -100, b, ctypes.c_uint(flags)) != 0:
             raise fuse.FuseOSError(ctypes.get_errno())
+        self._renamed(new)
         return 0
 
     def rmdir(self, path):
@@ -204,6 +214,7 @@ def main() -> int:
     p.add_argument("--ops", default="write,fsync,fsyncdir,rename", help="calls that may fail")
     p.add_argument("--paths", default="", help="only paths containing this")
     p.add_argument("--skip", type=int, default=0, help="let the first N matching calls through")
+    p.add_argument("--arm-after", default="", help="arm once a rename onto *NAME has returned")
     a = p.parse_args()
     _FUSE(FaultFS(a.source, a), a.mountpoint, foreground=True, nothreads=False)
     return 0

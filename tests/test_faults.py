@@ -42,13 +42,17 @@ def reference(tmp_path_factory) -> Path:
 
 @contextlib.contextmanager
 def faultfs(base: Path, *options: str):
-    """Mount tests/faultfs.py over `base/src` at `base/mnt`; yields (mount, arm file, fault log)."""
+    """Mount tests/faultfs.py over `base/src` at `base/mnt`; yields (mount, arm file, fault log).
+    The file system arms itself the moment the first checkpoint's manifest is renamed into
+    place (the step-10 checkpoint has committed; its directory's fsync after the rename is the
+    first armed call of its kind)."""
     src, mnt, arm, log = base / "src", base / "mnt", base / "arm", base / "faults.log"
     src.mkdir(parents=True)
     mnt.mkdir()
     errors = open(base / "faultfs.err", "w")
     cmd = [sys.executable, str(REPO / "tests" / "faultfs.py"), str(src), str(mnt)]
-    fs = subprocess.Popen([*cmd, "--arm", str(arm), "--log", str(log), *options], stderr=errors)
+    armed = ["--arm", str(arm), "--arm-after", "ckpt-10.manifest.json"]
+    fs = subprocess.Popen([*cmd, *armed, "--log", str(log), *options], stderr=errors)
     deadline = time.time() + 30
     while not os.path.ismount(mnt):
         if fs.poll() is not None or time.time() > deadline:
@@ -69,19 +73,12 @@ def faultfs(base: Path, *options: str):
         errors.close()
 
 
-def run_armed(run: Path, arm: Path, src_run: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Start the run, arm the faults once its first checkpoint has committed, wait for it."""
+def run_armed(run: Path, arm: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The run on the mount, armed by the file system once its first checkpoint committed."""
     cmd = [sys.executable, "-m", "trainer", *ARGS, *overrides, f"hydra.run.dir={run}"]
-    p = subprocess.Popen(
-        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    first = src_run / "checkpoints" / "ckpt-10.manifest.json"
-    deadline = time.time() + 240
-    while not first.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    arm.touch()
-    out, err = p.communicate(timeout=300)
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert arm.exists(), f"the step-10 checkpoint never committed:\n{r.stderr}"
+    return r
 
 
 def records(run: Path) -> list[dict]:
@@ -159,7 +156,7 @@ def test_io_errors_stop_the_run_with_one_line_and_it_resumes_exactly(
     options = ["--seed", str(seed), "--fraction", "0.1", "--errno", code]
     with faultfs(tmp_path, *options) as (mnt, arm, log):
         run, src_run = mnt / "run", tmp_path / "src" / "run"
-        r = run_armed(run, arm, src_run, async_)
+        r = run_armed(run, arm, async_)
         assert r.returncode == 2, f"{why}\n{r.stderr}"
         line = error_line(r.stderr)
         faults = log.read_text().split("\n")
@@ -178,7 +175,9 @@ def test_io_errors_stop_the_run_with_one_line_and_it_resumes_exactly(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "op,skip,mode", [("fsync", 0, "false"), ("fsync", 0, "true"), ("fsyncdir", 1, "false")]
+    # fsyncdir: step 10's after its rename, step 20's before its manifest, let through
+    "op,skip,mode",
+    [("fsync", 0, "false"), ("fsync", 0, "true"), ("fsyncdir", 2, "false")],
 )
 def test_a_checkpoint_whose_fsync_failed_never_counts(tmp_path, reference, op, skip, mode):
     """The first fsync of the second checkpoint's files (or the directory's fsync after its
@@ -188,7 +187,7 @@ def test_a_checkpoint_whose_fsync_failed_never_counts(tmp_path, reference, op, s
     options = ["--fraction", "1", "--ops", op, "--paths", "checkpoints", "--skip", str(skip)]
     with faultfs(tmp_path, *options) as (mnt, arm, log):
         run, src_run = mnt / "run", tmp_path / "src" / "run"
-        r = run_armed(run, arm, src_run, f"checkpoint.async={mode}")
+        r = run_armed(run, arm, f"checkpoint.async={mode}")
         assert r.returncode == 2, r.stderr
         line = error_line(r.stderr)
         assert "could not write ckpt-20" in line and "Input/output error" in line, line

@@ -47,7 +47,7 @@ def _entry(cfg) -> float | None:
         return sweep.run_job(cfg, hc.runtime.output_dir)
     from trainer import app
 
-    code = app.run(cfg, hc.runtime.output_dir)
+    code = app.run(cfg, hc.runtime.output_dir, last_in_process=True)
     if code:
         sys.exit(code)
     return None
@@ -61,7 +61,7 @@ def main() -> None:
     try:
         _main()
     except SystemExit as e:
-        _leave(e.code, interrupted=single and e.code in (3, 4))
+        _leave(e.code, single)
         raise
     except KeyboardInterrupt as e:  # before Hydra made the run (app.py reports those after)
         if not single:
@@ -73,30 +73,28 @@ def main() -> None:
             run_dir, signals.interrupted_by(e), "Rerun the same command to resume."
         )
         print(f"\n{message}", file=sys.stderr)
-        _leave(code, interrupted=True)
+        _leave(code, single)
         sys.exit(code)
-    _leave(0)
+    _leave(0, single)
 
 
-def _leave(code, interrupted: bool = False) -> None:
-    """A run that read a data=custom source ends here, not in the interpreter's teardown:
-    there, a tf.data thread still prefetching rows through Python (which may no longer run
-    it) holds TensorFlow's clean-up forever (seen: 2 exits in 5 hung after a bad row). A run
-    a signal interrupted ends here too, with the code it reported: a process that had printed
-    "nothing to resume" (exit 4) was seen dying of the SIGINT in the interpreter's teardown
-    (exit -2, 1 run in 5 on a loaded machine). Every file of the run is closed by now. The
-    atexit handlers still run, with further signals ignored (they remove autograph's
-    generated files and the preemption scratch dir from the temp dir); the logs are flushed
-    last."""
+def _leave(code, single: bool) -> None:
+    """A single run ends here, with the code it reported, not in the interpreter's teardown
+    (~1 s of TensorFlow's clean-up after the summary). There, a signal that came after the
+    outcome was decided killed the process (exit -2 after a completed run, and after a run that
+    had printed "nothing to resume", on a loaded machine), and a tf.data thread still
+    prefetching rows of a data=custom source through Python held the clean-up forever (2 exits
+    in 5 after a bad row; a sweep that read such a source ends here too). Every file of the
+    run is closed by now. The atexit handlers still run, with further signals ignored (they
+    remove autograph's generated files and the preemption scratch dir from the temp dir); the
+    logs are flushed last."""
     source = sys.modules.get("trainer.data.source")
-    if not interrupted and (source is None or not source.SourceData.opened):
+    if not single and (source is None or not source.SourceData.opened):
         return
     import atexit
     import logging
-    import signal
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # the exit code is decided; a late signal is ignored
+    signals.ignore_stops()  # the exit code is decided; a late signal is ignored
     atexit._run_exitfuncs()  # what os._exit skips: the clean-up others registered
     logging.shutdown()
     sys.stdout.flush()

@@ -16,7 +16,7 @@ from trainer import runlog
 from trainer.checkpoint import integrity
 from trainer.config import UserError
 from trainer.loop import NonFiniteLoss, RunResult, fit
-from trainer.signals import interrupted_by
+from trainer.signals import ignore_stops, interrupted_by
 from trainer.sweep import hydra_callbacks, runinfo
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
@@ -63,9 +63,11 @@ class Outcome:
     error: str | None = None
 
 
-def run(cfg: DictConfig, run_dir: str) -> int:
-    """Train and return the process exit code (README, "Exit codes": 0, 1, 2, 3)."""
-    return execute(cfg, run_dir).code
+def run(cfg: DictConfig, run_dir: str, last_in_process: bool = False) -> int:
+    """Train and return the process exit code (README, "Exit codes": 0, 1, 2, 3).
+    `last_in_process` (the CLI's single run): once `fit` has returned, the outcome is decided
+    and a late SIGINT or SIGTERM is ignored until the process exits (trainer/__main__.py)."""
+    return execute(cfg, run_dir, last_in_process=last_in_process).code
 
 
 def _resume_hint(run_dir: str, sweep: bool) -> str:
@@ -79,21 +81,27 @@ def _failed(code: int, message: str) -> Outcome:
     return Outcome(code, error=message)
 
 
-def execute(cfg: DictConfig, run_dir: str, sweep: bool = False) -> Outcome:
+def execute(
+    cfg: DictConfig, run_dir: str, sweep: bool = False, last_in_process: bool = False
+) -> Outcome:
     """Train, print what happened and return it with the exit code. `sweep`: one job of a
     sweep (no HPARAMS experiment of its own; rerunning the sweep resumes it). What it prints
     goes to `<run_dir>/train.log` too."""
     with runlog.tee_to_log(run_dir) as log:
         log.watch(os.path.join(run_dir, "metrics.jsonl"))  # has the run trained? (undo)
-        return _execute(cfg, run_dir, sweep, log)
+        return _execute(cfg, run_dir, sweep, log, last_in_process)
 
 
-def _execute(cfg: DictConfig, run_dir: str, sweep: bool, log: runlog.RunLog) -> Outcome:
+def _execute(
+    cfg: DictConfig, run_dir: str, sweep: bool, log: runlog.RunLog, last_in_process: bool
+) -> Outcome:
     debug = bool(cfg.trainer.get("debug", False))
     for name in ("absl", "tensorflow"):  # TF's INFO chatter would bury our own output
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         result = fit(cfg, run_dir, experiment=not sweep)
+        if last_in_process:
+            ignore_stops()  # the outcome is decided; a signal now would only misreport it
     except UserError as e:
         log.undo()  # a run refused before it trained changes nothing, train.log included
         hydra_callbacks.restore()

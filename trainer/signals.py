@@ -44,6 +44,13 @@ def interrupt_outside_the_loop() -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
+def ignore_stops() -> None:
+    """SIGINT and SIGTERM ignored from now on: a single run's outcome is decided (trainer/app.py,
+    `last_in_process`) and the process is about to exit with it (trainer/__main__.py)."""
+    for sig in _STOPS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def interrupted_by(e: KeyboardInterrupt) -> str:
     return getattr(e, "signal_name", "SIGINT")
 
