@@ -256,6 +256,19 @@ def test_training_resumes_exactly_and_records_batch_ids(dataset, reference, tmp_
     assert report["curve"]["first_divergent_step"] is None  # the losses alone would pass
 
 
+def test_a_run_across_epochs_prints_no_tensorflow_error_lines(dataset, tmp_path):
+    """The real CLI (TensorFlow's C++ log goes to the process's stderr) over three epoch ends,
+    where each lane's last window is cut: not one of TensorFlow's log lines (`E0000 ...`),
+    such as "Tensor RefCount not reliable if buf_ points to a SubBuffer", which a cut made
+    as a slice printed a few times an epoch."""
+    import re
+
+    r = train(tmp_path / "run", *records_args(dataset), "trainer.max_steps=160")
+    assert r.returncode == 0, r.stderr[-2000:]
+    logged = [line for line in r.stderr.splitlines() if re.match(r"[EWF]\d{4} ", line)]
+    assert not logged, logged[:5]
+
+
 # ---------------------------------------------------------------- bad input
 def _copy(dataset: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "copy"

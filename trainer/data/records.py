@@ -156,10 +156,19 @@ class RecordData:
 
 
 def _cap(left, example):
-    """scan: keep at most `left` examples of the stream; emit (left before, examples)."""
+    """scan: keep at most `left` examples of the stream; emit (left before, examples). The
+    cut (an epoch's last window) is gathered into new tensors: a slice would be a view of the
+    window's buffer, on which the rebatch that follows logs TensorFlow's "Tensor RefCount not
+    reliable if buf_ points to a SubBuffer" ERROR line (a few per epoch; harmless, but ERROR
+    lines on a newcomer's screen)."""
     x, y, ids = example
-    k = tf.minimum(tf.shape(ids, out_type=tf.int64)[0], left)
-    return left - k, (left, x[:k], y[:k], ids[:k])
+    n = tf.shape(ids, out_type=tf.int64)[0]
+    k = tf.minimum(n, left)
+
+    def cut(t):
+        return tf.cond(k < n, lambda: tf.gather(t, tf.range(k)), lambda: t)
+
+    return left - k, (left, cut(x), cut(y), cut(ids))
 
 
 def _side_by_side(per_lane: int, first_row: int):
