@@ -207,6 +207,47 @@ def test_second_sigint_aborts_at_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_second_sigint_after_the_stops_checkpoint_committed_says_so(tmp_path):
+    """The second SIGINT lands after the stop's own checkpoint committed: its line says that
+    checkpoint is saved, not "without saving" (the process stands for a loop whose save of
+    step 10 commits between the two signals; the signals are real)."""
+    script = tmp_path / "saves.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import time
+            from trainer.signals import StopRequest
+            newest = [8]
+            with StopRequest(lambda: newest[0]) as stop:
+                print("ready", flush=True)
+                while stop.signal_name is None:
+                    time.sleep(0.01)
+                newest[0] = 10  # the stop's checkpoint committed
+                print("saved", flush=True)
+                while True:  # what follows the save (closing the writers, say)
+                    time.sleep(0.01)
+            """
+        )
+    )
+    p = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGINT)
+    assert p.stdout.readline().strip() == "saved"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    assert "Second SIGINT: exiting now; the stop's checkpoint (step 10) is saved" in err, err
+    assert "without saving" not in err, err
+
+
+@pytest.mark.slow
 def test_second_sigint_aborts_the_trainer_without_saving(tmp_path):
     """The real trainer: two SIGINTs 5 ms apart while paused at step 10 (last checkpoint at
     8). The first starts a graceful stop, the second aborts before the step-10 save commits.
@@ -222,7 +263,8 @@ def test_second_sigint_aborts_the_trainer_without_saving(tmp_path):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
-    assert "Second SIGINT: aborting now without saving" in err and "Traceback" not in err
+    assert "Traceback" not in err
+    assert "Second SIGINT: aborting now without saving (the newest checkpoint: step 8)" in err
     assert not (run / "checkpoints" / "ckpt-10.manifest.json").exists()
     assert verify(str(run / "checkpoints" / "ckpt-8")).ok
 

@@ -179,6 +179,12 @@ def _startup_objects_frozen():
         gc.unfreeze()
 
 
+def _newest_checkpoint(run: Session) -> int | None:
+    """The step of the run's newest committed checkpoint (this run's, or the one it resumed)."""
+    step = run.store.committed_step
+    return step if step is not None else run.result.resumed_from
+
+
 def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
     """Train per `cfg` in `run_dir` (resuming if it holds checkpoints); return what happened.
     `experiment`: a fresh run declares its HPARAMS experiment (False: a sweep's job)."""
@@ -189,7 +195,11 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
     cadence, budget = Cadence.of(cfg), SaveBudget.of(cfg, busy=run.store.busy)
     try:
         # (the exit waits for an async write)
-        with StopRequest() as stop, run.store.pending_writes(), _startup_objects_frozen():
+        with (
+            StopRequest(lambda: _newest_checkpoint(run)) as stop,
+            run.store.pending_writes(),
+            _startup_objects_frozen(),
+        ):
             run.place.watch_preemption()  # multi-worker: SIGTERM anywhere -> all save, then stop
             while run.step < cadence.end and stop.signal_name is None:
                 prev = run.step

@@ -58,23 +58,39 @@ def interrupted_by(e: KeyboardInterrupt) -> str:
 class StopRequest:
     """Installs the handlers while active; `.signal_name` is set once a stop was asked for."""
 
-    def __init__(self):
+    def __init__(self, newest=None):
+        """`newest()`: the step of the run's newest committed checkpoint, or None (what the
+        second SIGINT's message says)."""
         self.signal_name: str | None = None  # the first signal (a sweep forwards SIGTERM)
         self._sigint = False
         self._previous = {}
+        self._newest = newest or (lambda: None)
+        self._newest_at_stop: int | None = None
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self._sigint and name == "SIGINT":
-            sys.stderr.write("\nSecond SIGINT: aborting now without saving.\n")
+            sys.stderr.write(self._abort_message())
             sys.stderr.flush()
             SweepSignals.abort_children()
             os._exit(130)
+        if not self._sigint and self.signal_name is None:
+            self._newest_at_stop = self._newest()
         self._sigint = self._sigint or name == "SIGINT"
         self.signal_name = self.signal_name or name
         SweepSignals.note(name)  # in a sweep: no further job starts, whatever this job does
         sys.stderr.write(f"\n{name} received: finishing this step, then saving a checkpoint.\n")
         sys.stderr.flush()
+
+    def _abort_message(self) -> str:
+        """True whenever it comes: the stop's own checkpoint may have committed already."""
+        newest = self._newest()
+        if newest is not None and newest != self._newest_at_stop:
+            return (
+                f"\nSecond SIGINT: exiting now; the stop's checkpoint (step {newest}) is saved.\n"
+            )
+        where = f"step {newest}" if newest is not None else "none yet"
+        return f"\nSecond SIGINT: aborting now without saving (the newest checkpoint: {where}).\n"
 
     def __enter__(self) -> StopRequest:
         for sig in _STOPS:

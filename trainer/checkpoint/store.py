@@ -92,6 +92,7 @@ class CheckpointStore:
     ):
         self.directory = directory
         self.durable = durable  # checkpoint.durable: fsync files and directory (README)
+        self.committed_step: int | None = None  # this run's newest checkpoint with a manifest
         self.checkpoint = checkpoint
         self.manifest_extra = manifest_extra
         # serialized once (later changes to manifest_extra are not seen): the manifest of every
@@ -374,6 +375,7 @@ class CheckpointStore:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(prefix + MANIFEST_SUFFIX)
             raise
+        self.committed_step = step
         # (no read-back: the sizes are the disk's, or what the writer wrote and synced)
 
     def _sweep_manifests(self) -> None:
