@@ -96,16 +96,18 @@ def tensors(prefix: Path) -> dict:
     }
 
 
-def assert_resumes_exactly(run: Path, reference: Path, *overrides: str) -> str:
+def assert_resumes_exactly(
+    run: Path, reference: Path, *overrides: str, args=ARGS, last: int = 120
+) -> str:
     """Rerun the same command with the faults gone: exit 0, and the whole metrics.jsonl and
-    the final weights equal the uninterrupted run's. Returns the rerun's stderr. (In this
-    process: the faults are gone, the faulting run was the real process.)"""
-    r = train_in_process(run, *ARGS, *overrides)
+    the final weights (of step `last`) equal the uninterrupted run's. Returns the rerun's
+    stderr. (In this process: the faults are gone, the faulting run was the real process.)"""
+    r = train_in_process(run, *args, *overrides)
     assert r.returncode == 0, r.stderr
     assert records(run) == records(reference)
     final, ref = (
-        tensors(run / "checkpoints" / "ckpt-120"),
-        tensors(reference / "checkpoints" / "ckpt-120"),
+        tensors(run / "checkpoints" / f"ckpt-{last}"),
+        tensors(reference / "checkpoints" / f"ckpt-{last}"),
     )
     assert final.keys() == ref.keys()
     for key, value in ref.items():
@@ -237,22 +239,73 @@ def test_a_read_only_run_directory_is_refused_before_training(tmp_path, existing
     assert {p: p.stat().st_mtime_ns for p in base.rglob("*")} == before
 
 
-def test_a_full_disk_at_start_is_refused_before_training(tmp_path):
-    """A run directory on a real tmpfs filled to its last pages: one line, exit 2, before
-    TensorFlow loads; after room is made, the same command trains."""
-    mnt = tmp_path / "small"
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str):
+    """A real tmpfs of `size` mounted at `mnt` (made), unmounted after."""
     mnt.mkdir()
     r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
     )
     if r.returncode:
         pytest.fail(f"cannot mount a tmpfs: {r.stderr}")
     try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(filler: Path) -> None:
+    """Write zeros to `filler` until the file system says it is full (ENOSPC)."""
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_", ["false", "true"])
+def test_a_disk_that_fills_during_training_stops_the_run_and_it_resumes_exactly(tmp_path, async_):
+    """A real tmpfs that another program fills once the first checkpoint has committed: the
+    kernel's ENOSPC meets whatever the run writes next (a checkpoint by the project's writer,
+    metrics.jsonl, an event file). One line naming it, exit 2, every committed checkpoint
+    verifies; once room is made, the same command resumes exactly."""
+    args = [*ARGS, "trainer.max_steps=2000", f"checkpoint.async={async_}"]  # still going
+    reference = tmp_path / "reference"
+    assert train_in_process(reference, *args).returncode == 0
+    with small_tmpfs(tmp_path / "small", "32m") as mnt:
+        run = mnt / "run"
+        cmd = [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run}"]
+        p = subprocess.Popen(
+            cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        first, deadline = run / "checkpoints" / "ckpt-10.manifest.json", time.time() + 240
+        while not first.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        fill(mnt / "filler")
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2, (p.returncode, out[-1000:], err)
+        line = error_line(err)
+        assert "No space left on device" in line and "Free space" in line, line
+        assert "Traceback" not in err
+        steps = assert_committed_checkpoints_verify(run / "checkpoints")
+        assert steps and max(steps) < 2000, steps
+        assert f"ckpt-{max(steps)} is intact" in line, line
+        named = re.search(r"could not write ckpt-(\d+)", line)  # never a saved one
+        assert named is None or int(named.group(1)) not in steps, line
+        (mnt / "filler").unlink()
+        rerun = assert_resumes_exactly(run, reference, args=args, last=2000)
+        assert f"Resuming from step {max(steps)}" in rerun, rerun
+    print(f"\n(async {async_}): {line}")
+
+
+def test_a_full_disk_at_start_is_refused_before_training(tmp_path):
+    """A run directory on a real tmpfs filled to its last pages: one line, exit 2, before
+    TensorFlow loads; after room is made, the same command trains."""
+    with small_tmpfs(tmp_path / "small", "3m") as mnt:
         filler = mnt / "filler"
-        with open(filler, "wb", buffering=0) as f:
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
+        fill(filler)
         os.truncate(filler, filler.stat().st_size - 16 * 4096)  # 64 KiB left
         r = train(mnt / "run", *ARGS, "trainer.max_steps=20")
         assert r.returncode == 2, r.stderr
@@ -266,8 +319,6 @@ def test_a_full_disk_at_start_is_refused_before_training(tmp_path):
         assert check([*ARGS, "trainer.max_steps=20", f"hydra.run.dir={mnt / 'run'}"]) is None
         r = train_in_process(mnt / "run", *ARGS, "trainer.max_steps=20")
         assert r.returncode == 0, r.stderr
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ---------------------------------------------------------------- nothing swallowed

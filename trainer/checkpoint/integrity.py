@@ -279,12 +279,15 @@ def save(store: CheckpointStore, step: int, before_write=None, **kwargs) -> floa
         # never into the chief's checkpoints).
         write_dir = store.manager.directory if store.manager is not None else store.directory
         prefix = os.path.join(write_dir, f"ckpt-{step}")
-        if not os.path.exists(prefix + MANIFEST_SUFFIX):  # never a checkpoint: free the space
+        if os.path.exists(prefix + MANIFEST_SUFFIX):  # it committed; what came after failed
+            # (the manager's state file, written every few seconds: a full disk was seen)
+            what = f"ckpt-{step} was saved, then a write after it failed ({describe(e)})"
+        else:  # never a checkpoint: free the space
             _remove(_leftovers(write_dir).get(prefix, []))
+            what = f"could not write ckpt-{step} in {store.directory} ({describe(e)})"
         raise UserError(
-            f"checkpoint: could not write ckpt-{step} in {store.directory} ({describe(e)}); "
-            f"{newest_intact(store.directory)}. Free space, fix permissions or the disk, then "
-            "rerun the same command to resume."
+            f"checkpoint: {what}; {newest_intact(store.directory)}. Free space, fix "
+            "permissions or the disk, then rerun the same command to resume."
         ) from None
 
 
