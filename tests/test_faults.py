@@ -201,6 +201,30 @@ def test_a_checkpoint_whose_fsync_failed_never_counts(tmp_path, reference, op, s
         assert "Resuming from step 10" in err, err
 
 
+@pytest.mark.slow
+def test_a_write_failing_after_a_checkpoint_committed_says_that_checkpoint_is_saved(
+    tmp_path, reference
+):
+    """TensorFlow's state file (`checkpoints/checkpoint`, written right after the first
+    save's manifest) fails to write: the line says ckpt-10 was saved and names the file that
+    failed, never "could not write ckpt-10" beside "ckpt-10 is intact"; the rerun resumes
+    from it exactly."""
+    options = ["--fraction", "1", "--ops", "write", "--paths", "checkpoints/checkpoint"]
+    with faultfs(tmp_path, *options) as (mnt, arm, log):
+        run, src_run = mnt / "run", tmp_path / "src" / "run"
+        r = run_armed(run, arm)
+        assert r.returncode == 2, r.stderr
+        line = error_line(r.stderr)
+        assert "ckpt-10 was saved, then a write after it failed" in line, line
+        assert "checkpoints/checkpoint" in line and "Input/output error" in line, line
+        assert "could not write ckpt-10" not in line, line
+        assert log.read_text().startswith("write"), log.read_text()
+        assert assert_committed_checkpoints_verify(src_run / "checkpoints") == [10]
+        arm.unlink()
+        err = assert_resumes_exactly(run, reference)
+        assert "Resuming from step 10" in err, err
+
+
 # ---------------------------------------------------------------- at start
 @contextlib.contextmanager
 def read_only_view(path: Path, view: Path):
