@@ -28,6 +28,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from trainer.startup import script_start  # noqa: E402
+
+script_start(sys.argv[1:])  # TensorFlow's start-up lines held back
+
 from trainer.bench.common import NO_EVAL  # noqa: E402
 from trainer.bench.loop_rates import median, read_windows, rotated, run_checked  # noqa: E402
 from trainer.bench.saves import BASELINE_FROM, cost_per_save  # noqa: E402

@@ -12,6 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer.startup import script_start  # noqa: E402
+
+script_start(sys.argv[1:])  # TensorFlow's start-up lines held back
+
 from trainer.data.examples import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer.startup import script_start  # noqa: E402
+
+script_start(sys.argv[1:])  # TensorFlow's start-up lines held back
+
 from trainer.config import UserError  # noqa: E402
 from trainer.verify import inspection  # noqa: E402
 

@@ -9,6 +9,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer.startup import script_start  # noqa: E402
+
+script_start(sys.argv[1:])  # TensorFlow's start-up lines held back
 for _name in ("absl", "tensorflow"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 

@@ -13,6 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Use the trainer/ package of the checkout this script lives in, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer.startup import script_start  # noqa: E402
+
+script_start(sys.argv[1:])  # TensorFlow's start-up lines held back
+
 from trainer.verify.resume import main  # noqa: E402
 
 if __name__ == "__main__":

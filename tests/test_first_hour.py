@@ -93,6 +93,32 @@ def test_a_signal_during_start_up_of_a_resume_keeps_its_checkpoints(tmp_path):
     assert again.returncode == 0 and "Resuming from step 20" in again.stderr, again.stderr
 
 
+@pytest.mark.slow
+def test_the_readme_scripts_print_no_tensorflow_start_up_lines(tmp_path):
+    """The scripts a newcomer runs from the README, as they run them: their own lines only,
+    not TensorFlow's C++ start-up lines ('oneDNN custom operations are on', 'Could not find
+    cuda drivers', the CPU-instruction notice), which they printed before."""
+    from trainer.startup import NATIVE
+
+    run = tmp_path / "run"
+    assert train_in_process(run, *FAST).returncode == 0
+    uses = [
+        ("scripts/example_data.py",),
+        ("scripts/make_records.py", "data=csv", f"data.path={tmp_path}/houses.csv"),
+        ("scripts/inspect_checkpoints.py", str(run)),
+        ("scripts/compare_runs.py", str(run), str(run), "--out", str(tmp_path / "compare")),
+        ("scripts/verify_export.py", str(run)),
+    ]
+    for script, *args in uses:
+        if script.endswith("make_records.py"):
+            args += ["data.target=price", "--out", str(tmp_path / "houses")]
+        r = run_cli(script, *args, cwd=tmp_path)
+        assert r.returncode == 0, (script, r.stderr[-2000:])
+        native = [line for line in r.stderr.splitlines() if NATIVE.match(line)]
+        assert not native, (script, native)
+        assert "Traceback" not in r.stderr, (script, r.stderr)
+
+
 def test_mistakes_found_before_tensorflow_loads_leave_nothing_behind(tmp_path):
     csv = tmp_path / "houses.csv"
     csv.write_text("sqft,rooms,price\n1200,3,385760\n1500,4,410000\n")

@@ -52,6 +52,14 @@ def quiet_native_start_up():
             sys.stderr.flush()
 
 
+def script_start(argv: list[str]) -> None:
+    """The start of a script of scripts/ that uses TensorFlow: loaded now, its start-up lines
+    held back as the trainer's are (not for --help, which needs no TensorFlow; all shown with
+    trainer.debug=true)."""
+    if not debug_asked(argv) and not {"-h", "--help"} & set(argv):
+        load_tensorflow_quietly()
+
+
 def load_tensorflow_quietly() -> None:
     """Import TensorFlow and let it find its devices, its start-up lines held back."""
     with quiet_native_start_up():
