@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import train
+from conftest import run_cli, train
 
 CLI_CASES = {
     "unknown group option": (["model=nope"], ["model: received 'nope'", "custom_dense"]),
@@ -25,6 +25,10 @@ CLI_CASES = {
         ["optimizer.learning_rate: received 0", "> 0"],
     ),
     "missing data path": (["data=csv"], ["data.path: no value given"]),
+    "a schema chosen as an option": (
+        ["data=csv_schema"],
+        ["data: received 'csv_schema'", "csv | custom | digits"],
+    ),
     "bad choice": (
         ["trainer.on_nonfinite=maybe"],
         ["trainer.on_nonfinite: received 'maybe'", "stop | rollback"],
@@ -47,6 +51,21 @@ def test_cli_mistake_is_one_message_and_exit_2(tmp_path, case):
     for text in expected:
         assert text in errors[0]
     assert not (tmp_path / "run").exists(), "a refused run creates nothing"
+    assert "_schema'" not in errors[0].partition("allowed:")[2], "schemas are not options"
+
+
+def test_help_lists_every_option_of_every_group_and_no_schema(tmp_path):
+    """`python -m trainer --help`: the options are the YAML files of conf/ (not the
+    schemas Hydra keeps beside them), then the composed config; nothing is written."""
+    from trainer.config import CONF_DIR, group_options
+
+    r = run_cli("trainer", "--help", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "_schema" not in r.stdout, r.stdout
+    for group in sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()):
+        assert f"\n{group}: {', '.join(group_options(group))}\n" in r.stdout, (group, r.stdout)
+    assert "max_steps: 1000" in r.stdout  # the composed config
+    assert list(tmp_path.iterdir()) == [], "help writes nothing"
 
 
 def test_unwritable_output_dir(tmp_path):

@@ -34,6 +34,8 @@ from trainer.sweep import runinfo  # noqa: E402
 
 register_schemas()
 _task_started = False
+# Hydra's flags that print and exit without running the task: no TensorFlow to load
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion"}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -110,7 +112,7 @@ def _main() -> None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     try:
-        if not startup.debug_asked(sys.argv[1:]):
+        if not startup.debug_asked(sys.argv[1:]) and not _INFO_FLAGS & set(sys.argv[1:]):
             startup.load_tensorflow_quietly()  # its C++ start-up lines are not ours to show
         _entry()
     except signals.SweepInterrupted:  # a signal stopped the sweep: the report, exit 3

@@ -253,13 +253,28 @@ SCHEMAS: dict[tuple[str | None, str], Any] = {
 
 
 def register_schemas() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    """Store every schema in Hydra's ConfigStore (idempotent), and the `groups` resolver
+    that `--help` lists the options with."""
     cs = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
+    OmegaConf.register_new_resolver("groups", _groups_help, replace=True)
 
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group a user chooses from: its YAML files (the schemas beside
+    them in Hydra's ConfigStore are not options)."""
+    folder = os.path.join(CONF_DIR, group)
+    return sorted(n[: -len(".yaml")] for n in os.listdir(folder) if n.endswith(".yaml"))
+
+
+def _groups_help() -> str:
+    groups = sorted(g for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g)))
+    return "\n".join(f"{g}: {', '.join(group_options(g))}" for g in groups)
+
 
 # ---------------------------------------------------------------- value checks
 _CHOICES = {

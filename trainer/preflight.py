@@ -22,7 +22,14 @@ import typing
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import CONF_DIR, UserError, check_file, register_schemas, validate
+from trainer.config import (
+    CONF_DIR,
+    UserError,
+    check_file,
+    group_options,
+    register_schemas,
+    validate,
+)
 from trainer.startup import load_tensorflow_quietly
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -59,7 +66,7 @@ def message(e: Exception, overrides: list[str]) -> str:
 
     if isinstance(e, MissingConfigException) and e.options:
         group, _, name = str(e.missing_cfg_file).rpartition("/")
-        return f"{group}: received {name!r}; allowed: {' | '.join(e.options)}"
+        return f"{group}: received {name!r}; allowed: {' | '.join(group_options(group))}"
     if isinstance(e, OverrideParseException):
         return f"cannot parse the command line: {str(e).splitlines()[0]}"
     cause = e.__cause__ or e
@@ -234,6 +241,19 @@ def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], str | None]:
     return jobs, None
 
 
+def _schema_chosen(overrides: list[str]) -> str | None:
+    """`data=csv_schema`: a schema is not an option (Hydra would compose it, without the
+    option's defaults)."""
+    for o in overrides:
+        group, eq, value = o.lstrip("+~").partition("=")
+        if eq and "." not in group and os.path.isdir(os.path.join(CONF_DIR, group)):
+            for choice in value.split(","):  # (a sweep's list of options)
+                if choice.endswith("_schema") and choice not in group_options(group):
+                    allowed = " | ".join(group_options(group))
+                    return f"{group}: received {choice!r}; allowed: {allowed}"
+    return None
+
+
 def check(argv: list[str]) -> str | None:
     """Compose the config `python -m trainer argv` would get (with `-m`, every job's); the
     problem as one line, or None."""
@@ -243,7 +263,7 @@ def check(argv: list[str]) -> str | None:
     overrides = [a for a in argv if not a.startswith("-")]
     multirun = bool(flags) or "hydra.mode=MULTIRUN" in overrides
     jobs, problem = sweep_jobs(overrides) if multirun else ([overrides], None)
-    if problem:
+    if problem := problem or _schema_chosen(overrides):
         return problem
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
