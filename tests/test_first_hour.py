@@ -37,6 +37,7 @@ def test_a_signal_at_a_random_moment_is_one_true_line(tmp_path, sig):
         run = tmp_path / f"run{i}"
         code, out, err = _interrupt_after(run, seconds, getattr(signal, sig), *over)
         assert "Traceback" not in err, (seconds, err)
+        assert f"({sig})" in err or f"{sig} received" in err, (seconds, err)  # which signal
         codes.append(code)
         if code == 4:
             assert "nothing" in err.strip().splitlines()[-1] and "rerun" in err, (seconds, err)

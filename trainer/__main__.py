@@ -15,7 +15,8 @@ def _stopped_while_loading(signum, frame) -> None:
     ckpts = os.path.join(run, "checkpoints") if run else ""
     saved = os.path.isdir(ckpts) and any(n.endswith(".manifest.json") for n in os.listdir(ckpts))
     what = "its checkpoints are intact; rerun the command to resume" if saved else "rerun it"
-    os.write(2, f"\ninterrupted while starting, nothing written; {what}\n".encode())
+    name = signal.Signals(signum).name
+    os.write(2, f"\ninterrupted ({name}) while starting, nothing written; {what}\n".encode())
     os._exit(3 if saved else 4)  # the exit codes of runinfo.interrupted_message
 
 
