@@ -424,6 +424,26 @@ def test_a_signal_between_jobs_lets_the_job_finish_and_starts_no_further_one(tmp
     assert "not started (the sweep was stopped)" in out
 
 
+def test_ctrl_c_twice_while_the_sweep_reports_exits_with_the_tables_code(tmp_path):
+    """Two SIGINTs once the table's head is printed (every job has returned): the process
+    exits with the exit code its table printed, not 130 after a table saying 0."""
+    sweep = tmp_path / "sweep"
+    proc = start_sweep(sweep, "model=custom_dense", "trainer.seed=1", *SMALL)
+    head = ""
+    for line in proc.stdout:
+        if line.startswith(f"Sweep {sweep}"):
+            head = line
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)  # (two at once may arrive as one)
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert head.rstrip().endswith("exit code 0"), (head, out, err)
+    assert proc.returncode == 0, (proc.returncode, err)
+    assert "Second SIGINT" not in err and "Traceback" not in err, err
+    assert json.loads((sweep / "sweep.json").read_text())["exit_code"] == 0
+
+
 @pytest.mark.slow
 def test_a_sigterm_before_the_joblib_workers_start_their_jobs_starts_none(tmp_path):
     """The sweep's process gets a SIGTERM while its joblib workers are still starting (they

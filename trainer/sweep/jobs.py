@@ -183,6 +183,9 @@ def finish(stopped: bool = False) -> int | None:
     if _sweep_dir is None:
         return None
     if _exit_code is None:
+        # every job has returned: the report decides the exit code, which the process exits
+        # with (a second Ctrl-C now would print "exit code 0" in the table, then exit 130)
+        signals.ignore_stops()
         sys.stdout.flush()
         _exit_code = sweep_report.finish(_sweep_dir, stopped)
     return _exit_code
