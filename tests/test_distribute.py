@@ -295,6 +295,9 @@ def test_multi_worker_sigterm_saves_on_all_and_resumes(refs, tmp_path):
     assert proc.wait(timeout=150) == 0, log2.read_text()[-3000:]
     text = log2.read_text()
     assert text.count(f"Resuming from step {saved}") == 2  # both workers restored
+    exports = [line for line in text.splitlines() if "export (" in line]
+    assert len(exports) == 4, text[-3000:]  # each worker names the run's exports, the chief's
+    assert all(str(run / "export") in line for line in exports), exports
     assert sorted(losses(run)) == list(range(1, saved + 11))
     # MultiWorkerMirrored with 2 workers splits each global batch like mirrored with 2 devices.
     ref = losses(refs["mirrored"][0])

@@ -212,9 +212,16 @@ class LoopEvents:
 
     def export(self) -> None:
         """Both artifacts of a completed run."""
-        self.result.exports = export.export_all(
+        exports = export.export_all(
             self.state.model, self.write_dir, self.data.feature_shape, step=self.step
         )
+        run_dir = self.result.run_dir
+        if self.write_dir != run_dir:  # a worker's copy, deleted at its end: name the chief's
+            exports = {
+                k: os.path.join(run_dir, os.path.relpath(p, self.write_dir))
+                for k, p in exports.items()
+            }
+        self.result.exports = exports
 
     def close(self) -> None:
         self.writers.close()
