@@ -32,7 +32,7 @@ import struct
 import google_crc32c
 import numpy as np
 
-from trainer.checkpoint.files import mask, masked_crc32c, varint
+from trainer.checkpoint.files import manifest_files, mask, masked_crc32c, varint
 
 DATA_SUFFIX = ".data-00000-of-00001"
 INDEX_SUFFIX = ".index"
@@ -218,11 +218,7 @@ class Written:
 
     def manifest_files(self) -> dict:
         """The manifest's `files`: each file's size, and the index's SHA-256."""
-        files = {
-            os.path.basename(p): {"size": n} for p, n in zip(self.paths, self.sizes, strict=True)
-        }
-        files[os.path.basename(self.paths[1])]["sha256"] = self.index_sha256
-        return files
+        return manifest_files(self.paths, self.sizes, self.index_sha256)
 
 
 def write(prefix: str, layout: Layout, values: list, sync: bool = False) -> Written:

@@ -99,3 +99,13 @@ def write_bytes_atomic(path: str, data: bytes, durable: bool = True) -> None:
         raise OSError(e.errno, e.strerror, e.filename or tmp) from None
     if durable:
         fsync_path(os.path.dirname(path) or ".")
+
+
+def manifest_files(paths: list[str], sizes: list[int], index_sha256: str) -> dict:
+    """A checkpoint manifest's `files`: each file's size by name, and the index's SHA-256 (the
+    data files are covered by the CRC32C of every tensor that the index holds)."""
+    files = {os.path.basename(p): {"size": n} for p, n in zip(paths, sizes, strict=True)}
+    for path in paths:
+        if path.endswith(".index"):
+            files[os.path.basename(path)]["sha256"] = index_sha256
+    return files

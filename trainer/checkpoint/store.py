@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from trainer import nonfinite
 from trainer.checkpoint.async_save import AsyncCheckpointWriter, refuse_nonfinite
-from trainer.checkpoint.files import fsync_path, sha256_file, write_text_atomic
+from trainer.checkpoint.files import fsync_path, manifest_files, sha256_file, write_text_atomic
 from trainer.checkpoint.manager import Manager
 from trainer.checkpoint.manifest import (
     MANIFEST_SUFFIX,
@@ -61,13 +61,9 @@ def _empty_trash(trash: str) -> None:
 
 
 def _files_on_disk(paths: list[str]) -> dict:
-    """The manifest's `files` for checkpoint files TensorFlow wrote: each one's size, and the
-    index's SHA-256 (the data files are covered by its tensor CRC32Cs), read from the disk."""
-    files = {os.path.basename(path): {"size": os.path.getsize(path)} for path in paths}
-    for path in paths:
-        if path.endswith(".index"):
-            files[os.path.basename(path)]["sha256"] = sha256_file(path)
-    return files
+    """The manifest's `files` for checkpoint files TensorFlow wrote, read from the disk."""
+    index = next(p for p in paths if p.endswith(".index"))
+    return manifest_files(paths, [os.path.getsize(p) for p in paths], sha256_file(index))
 
 
 class CheckpointStore:
