@@ -61,6 +61,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from trainer.startup import script_start  # noqa: E402
+
+script_start(sys.argv[1:])  # TensorFlow's start-up lines held back
+
 EVERY = 500
 AFTER_SAVE, BASELINE_FROM, WARMUP = 20, 25, 1100
 VARIANTS = (

@@ -207,14 +207,16 @@ def test_second_sigint_aborts_at_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_sigint_after_the_stops_checkpoint_committed_says_so(tmp_path):
-    """The second SIGINT lands after the stop's own checkpoint committed: its line says that
-    checkpoint is saved, not "without saving" (the process stands for a loop whose save of
-    step 10 commits between the two signals; the signals are real)."""
+@pytest.mark.parametrize("committed", [10, 9])
+def test_a_second_sigint_after_the_stops_checkpoint_committed_says_so(tmp_path, committed):
+    """The second SIGINT lands after the loop ended at step 10 and a checkpoint committed: if
+    it is the stop's own (10), the line says it is saved; if it is an earlier one (9: an async
+    save that was still writing when the stop came), "without saving", naming step 9. (The
+    process stands for the loop; the signals are real.)"""
     script = tmp_path / "saves.py"
     script.write_text(
         textwrap.dedent(
-            """
+            f"""
             import time
             from trainer.signals import StopRequest
             newest = [8]
@@ -222,9 +224,10 @@ def test_a_second_sigint_after_the_stops_checkpoint_committed_says_so(tmp_path):
                 print("ready", flush=True)
                 while stop.signal_name is None:
                     time.sleep(0.01)
-                newest[0] = 10  # the stop's checkpoint committed
+                stop.saving_step = 10  # the loop ended at step 10
+                newest[0] = {committed}  # a checkpoint committed
                 print("saved", flush=True)
-                while True:  # what follows the save (closing the writers, say)
+                while True:  # what follows (closing the writers, say)
                     time.sleep(0.01)
             """
         )
@@ -243,8 +246,11 @@ def test_a_second_sigint_after_the_stops_checkpoint_committed_says_so(tmp_path):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
-    assert "Second SIGINT: exiting now; the stop's checkpoint (step 10) is saved" in err, err
-    assert "without saving" not in err, err
+    if committed == 10:
+        assert "Second SIGINT: exiting now; the stop's checkpoint (step 10) is saved" in err, err
+        assert "without saving" not in err, err
+    else:
+        assert "aborting now without saving (the newest checkpoint: step 9)" in err, err
 
 
 @pytest.mark.slow

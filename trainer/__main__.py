@@ -98,6 +98,8 @@ def _leave(code, single: bool) -> None:
     import logging
 
     signals.ignore_stops()  # the exit code is decided; a late signal is ignored
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what the interpreter prints for sys.exit("message")
     atexit._run_exitfuncs()  # what os._exit skips: the clean-up others registered
     logging.shutdown()
     sys.stdout.flush()
@@ -113,7 +115,8 @@ def _main() -> None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     try:
-        if not startup.debug_asked(sys.argv[1:]) and not _INFO_FLAGS & set(sys.argv[1:]):
+        info = _INFO_FLAGS & {a.partition("=")[0] for a in sys.argv[1:]}  # (--cfg=job too)
+        if not startup.debug_asked(sys.argv[1:]) and not info:
             startup.load_tensorflow_quietly()  # its C++ start-up lines are not ours to show
         _entry()
     except signals.SweepInterrupted:  # a signal stopped the sweep: the report, exit 3

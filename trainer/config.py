@@ -272,7 +272,10 @@ def group_options(group: str) -> list[str]:
 
 
 def _groups_help() -> str:
-    groups = sorted(g for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g)))
+    """`group: option, ...` for the groups of the trainer's config (conf/config.yaml's
+    defaults: not `verify`, which scripts/verify_resume.py's config adds)."""
+    defaults = OmegaConf.load(os.path.join(CONF_DIR, "config.yaml")).defaults
+    groups = sorted(next(iter(d)) for d in defaults if isinstance(d, DictConfig))
     return "\n".join(f"{g}: {', '.join(group_options(g))}" for g in groups)
 
 

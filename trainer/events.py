@@ -215,13 +215,7 @@ class LoopEvents:
         exports = export.export_all(
             self.state.model, self.write_dir, self.data.feature_shape, step=self.step
         )
-        run_dir = self.result.run_dir
-        if self.write_dir != run_dir:  # a worker's copy, deleted at its end: name the chief's
-            exports = {
-                k: os.path.join(run_dir, os.path.relpath(p, self.write_dir))
-                for k, p in exports.items()
-            }
-        self.result.exports = exports
+        self.result.exports = self.place.in_run_dir(exports)
 
     def close(self) -> None:
         self.writers.close()

@@ -221,6 +221,7 @@ def fit(cfg: DictConfig, run_dir: str, experiment: bool = True) -> RunResult:
                     stop.signal_name = "SIGTERM (preemption)"
                 if cadence.pause_due(run.step):
                     run.pause(stop)
+            stop.saving_step = run.step  # (what a second SIGINT's line says is saved, or not)
             run.bar.close()
             result = run.result
             result.step = run.step

@@ -66,7 +66,9 @@ def message(e: Exception, overrides: list[str]) -> str:
 
     if isinstance(e, MissingConfigException) and e.options:
         group, _, name = str(e.missing_cfg_file).rpartition("/")
-        return f"{group}: received {name!r}; allowed: {' | '.join(group_options(group))}"
+        ours = os.path.isdir(os.path.join(CONF_DIR, group))  # (not Hydra's own, hydra/...)
+        options = group_options(group) if ours else e.options
+        return f"{group}: received {name!r}; allowed: {' | '.join(options)}"
     if isinstance(e, OverrideParseException):
         return f"cannot parse the command line: {str(e).splitlines()[0]}"
     cause = e.__cause__ or e
@@ -244,13 +246,12 @@ def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], str | None]:
 def _schema_chosen(overrides: list[str]) -> str | None:
     """`data=csv_schema`: a schema is not an option (Hydra would compose it, without the
     option's defaults)."""
-    for o in overrides:
-        group, eq, value = o.lstrip("+~").partition("=")
+    for o in overrides:  # (one job's: a sweep's lists and choice() are expanded)
+        group, eq, choice = o.lstrip("+~").partition("=")
         if eq and "." not in group and os.path.isdir(os.path.join(CONF_DIR, group)):
-            for choice in value.split(","):  # (a sweep's list of options)
-                if choice.endswith("_schema") and choice not in group_options(group):
-                    allowed = " | ".join(group_options(group))
-                    return f"{group}: received {choice!r}; allowed: {allowed}"
+            if choice.endswith("_schema") and choice not in group_options(group):
+                allowed = " | ".join(group_options(group))
+                return f"{group}: received {choice!r}; allowed: {allowed}"
     return None
 
 
@@ -263,7 +264,7 @@ def check(argv: list[str]) -> str | None:
     overrides = [a for a in argv if not a.startswith("-")]
     multirun = bool(flags) or "hydra.mode=MULTIRUN" in overrides
     jobs, problem = sweep_jobs(overrides) if multirun else ([overrides], None)
-    if problem := problem or _schema_chosen(overrides):
+    if problem := problem or next(filter(None, map(_schema_chosen, jobs)), None):
         return problem
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

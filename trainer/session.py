@@ -232,6 +232,7 @@ class Session(LoopEvents):
                 state.model, place.write_dir, data.feature_shape, only=missing_exports, step=step
             )
             place.cleanup()
+            exports = place.in_run_dir(exports)
             return _sync_remote(remote, cfg, latest, already_complete(step, run_dir, exports))
         run = cls(cfg, run_dir, place, data, state, store, step, resumed_from, experiment)
         if remote is not None:

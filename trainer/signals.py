@@ -65,7 +65,7 @@ class StopRequest:
         self._sigint = False
         self._previous = {}
         self._newest = newest or (lambda: None)
-        self._newest_at_stop: int | None = None
+        self.saving_step: int | None = None  # the stop's checkpoint, once the loop has ended
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -74,8 +74,6 @@ class StopRequest:
             sys.stderr.flush()
             SweepSignals.abort_children()
             os._exit(130)
-        if not self._sigint and self.signal_name is None:
-            self._newest_at_stop = self._newest()
         self._sigint = self._sigint or name == "SIGINT"
         self.signal_name = self.signal_name or name
         SweepSignals.note(name)  # in a sweep: no further job starts, whatever this job does
@@ -85,7 +83,7 @@ class StopRequest:
     def _abort_message(self) -> str:
         """True whenever it comes: the stop's own checkpoint may have committed already."""
         newest = self._newest()
-        if newest is not None and newest != self._newest_at_stop:
+        if newest is not None and newest == self.saving_step:
             return (
                 f"\nSecond SIGINT: exiting now; the stop's checkpoint (step {newest}) is saved.\n"
             )

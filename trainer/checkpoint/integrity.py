@@ -279,7 +279,7 @@ def save(store: CheckpointStore, step: int, before_write=None, **kwargs) -> floa
         # never into the chief's checkpoints).
         write_dir = store.manager.directory if store.manager is not None else store.directory
         prefix = os.path.join(write_dir, f"ckpt-{step}")
-        if os.path.exists(prefix + MANIFEST_SUFFIX):  # it committed; what came after failed
+        if store.committed_step == step:  # it committed; what came after failed
             # (the manager's state file, written every few seconds: a full disk was seen)
             what = f"ckpt-{step} was saved, then a write after it failed ({describe(e)})"
         else:  # never a checkpoint: free the space

@@ -241,6 +241,14 @@ class Placement:
     def _on_preempted_exit(self) -> None:
         self._preempted = True
 
+    def in_run_dir(self, paths: dict[str, str]) -> dict[str, str]:
+        """Paths written under `write_dir`, named where the run keeps them: a worker's copies
+        are deleted at its end, the run's are the chief's (what a summary names)."""
+        return {
+            k: os.path.join(self.run_dir, os.path.relpath(p, self.write_dir))
+            for k, p in paths.items()
+        }
+
     def cleanup(self) -> None:
         """Delete this worker's temporary directory (non-chief only)."""
         if not self.is_chief and self.write_dir and os.path.isdir(self.write_dir):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import os
-import re
 from dataclasses import dataclass
 
 from trainer.checkpoint.fingerprint import flatten
@@ -95,24 +94,13 @@ def _prefix(run_dir: str, step: int | None) -> str:
     raise UserError(f"STEP: received {step}; allowed: one of the checkpoint steps {steps}")
 
 
-_ESCAPE = re.compile(r"\.(.)")
-_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-def readable(key: str) -> str:
-    """A checkpoint key as a path: `model/my_model.Sdense.Sw/.ATTRIBUTES/VARIABLE_VALUE` ->
-    `model/my_model/dense/w` (the object's place in the checkpoint, then the Keras variable's
-    path; TensorFlow escapes a name's '/' as '.S' and its '.' as '..')."""
-    parts = key.removesuffix(_VALUE).split("/")
-    unescape = {".": ".", "S": "/"}
-    return "/".join(_ESCAPE.sub(lambda m: unescape.get(m[1], m[0]), p) for p in parts)
-
-
 def variable_table(run_dir: str, step: int) -> list[tuple[str, list[int], str]]:
     """(name, shape, dtype) of every variable saved in checkpoint `step`, by its readable
     path (the key `tf.train.load_checkpoint(...).get_tensor` takes is TensorFlow's escaped
     form of it, followed by /.ATTRIBUTES/VARIABLE_VALUE)."""
     import tensorflow as tf
+
+    from trainer.state import readable
 
     prefix = _prefix(run_dir, step)
     try:
