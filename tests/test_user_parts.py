@@ -372,3 +372,14 @@ def test_accumulation_under_a_strategy_is_refused_in_one_line(tmp_path, compose)
 def test_a_function_with_kwargs_takes_any_key(tmp_path, compose):
     over = ["data=custom", "data._target_=user_parts.make_arrays_kw", "+data.rows=300", *STEPS]
     assert fit(compose(over), str(tmp_path / "run")).status == "completed"
+
+
+def test_a_part_that_calls_sys_exit_with_a_message_prints_it(tmp_path):
+    """User code that gives up with sys.exit("message") (the CLI's single run ends through
+    os._exit, which skips the interpreter's printing of it): the message, exit 1."""
+    from conftest import train
+
+    r = train(tmp_path / "run", "data=custom", "data._target_=user_parts.not_ready")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "/data/today is not ready yet; try again later"
+    assert "Traceback" not in r.stderr

@@ -154,3 +154,10 @@ def no_len(n: int = 10):
             return np.zeros(3, np.float32), np.zeros(1, np.float32)
 
     return Stream()
+
+
+def not_ready(path: str = "/data/today"):
+    """A data function that gives up the way scripts do: sys.exit with a message."""
+    import sys
+
+    sys.exit(f"{path} is not ready yet; try again later")
