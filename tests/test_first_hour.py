@@ -82,6 +82,29 @@ def test_a_signal_after_the_summary_changes_nothing(tmp_path, sig):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_swallowed_during_start_up_still_stops_the_run(tmp_path, sig):
+    """A signal raised inside code that swallows it (a user model's constructor with a bare
+    `except:`; TensorFlow turning it into a SystemError inside a trace was seen too) is not
+    lost: the loop finds it pending, saves at once and exits 3, naming it."""
+    import signal
+
+    run = tmp_path / "run"
+    model = ["model=custom", "model._target_=user_models.SwallowsEverything"]
+    proc = spawn(run, *model, "trainer.max_steps=20000")
+    assert proc.stdout.readline().strip() == "waiting for the weights server"
+    time.sleep(1.0)  # inside its wait (of up to 60 s), past the print
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 3, (proc.returncode, err[-2000:])
+    assert f"{sig} received while starting: saving a checkpoint, then stopping" in err, err
+    assert "Traceback" not in err, err
+    assert [p.name for p in (run / "checkpoints").glob("*.manifest.json")] == [
+        "ckpt-0.manifest.json"
+    ]
+
+
+@pytest.mark.slow
 def test_a_signal_during_start_up_of_a_resume_keeps_its_checkpoints(tmp_path):
     import signal
 

@@ -228,3 +228,26 @@ class HiddenInNamespace(_Base):
 
     def call(self, x, training=False):
         return self.out(self.parts.norm(self.dense(x), training=training))
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class SwallowsEverything(_Base):
+    """Its constructor waits for something (a file, a server; here up to 60 s) with a bare
+    `except:` around the wait that gives up on any error, as such code often has: a signal
+    raised inside it is swallowed."""
+
+    def __init__(self, **kwargs):
+        import time
+
+        super().__init__(**kwargs)
+        print("waiting for the weights server", flush=True)
+        for _ in range(600):
+            try:
+                time.sleep(0.1)
+            except:  # noqa: E722
+                break
+        self.hidden = keras.layers.Dense(self.units, activation="relu")
+        self.out = keras.layers.Dense(self.output_units)
+
+    def call(self, x, training=False):
+        return self.out(self.hidden(x))

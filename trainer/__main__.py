@@ -59,8 +59,7 @@ def _entry(cfg) -> float | None:
 def main() -> None:
     single = not any(a in ("-m", "--multirun", "hydra.mode=MULTIRUN") for a in sys.argv[1:])
     if single:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
-        signals.interrupt_outside_the_loop()  # a SIGTERM during start-up ends it as Ctrl-C does
+        signals.interrupt_outside_the_loop()  # Ctrl-C or SIGTERM during start-up ends it
     try:
         _main()
     except SystemExit as e:

@@ -35,13 +35,20 @@ class Interrupted(KeyboardInterrupt):
 
 
 def interrupt_outside_the_loop() -> None:
-    """A single run: SIGTERM raises `Interrupted` until the loop's StopRequest takes over (and
-    again after it); SIGINT raises KeyboardInterrupt, Python's default."""
+    """A single run: SIGTERM and SIGINT raise `Interrupted` (a KeyboardInterrupt) until the
+    loop's StopRequest takes over (and again after it). The signal is also kept as pending:
+    raised inside code that swallows it (TensorFlow turning it into a SystemError that a
+    caller's `except Exception` catches, seen in a trace during start-up; a user's bare
+    `except:`), the run would otherwise train on as if it had never come. The loop's
+    StopRequest finds it pending and stops at once, with a checkpoint."""
 
     def handle(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        mark_pending(name)
+        raise Interrupted(name)
 
-    signal.signal(signal.SIGTERM, handle)
+    for sig in _STOPS:
+        signal.signal(sig, handle)
 
 
 def ignore_stops() -> None:
@@ -93,8 +100,14 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         for sig in _STOPS:
             self._previous[sig] = signal.signal(sig, self._handle)
-        if _pending:  # asked for before this run's loop began (a sweep's job setting up)
-            self.signal_name = _pending[0]
+        if _pending:  # asked for before this run's loop began (a sweep's job setting up, or
+            self.signal_name = _pending[0]  # a single run's start-up that swallowed it)
+            if SweepSignals._installed_in != os.getpid():
+                sys.stderr.write(
+                    f"\n{self.signal_name} received while starting: saving a checkpoint, then "
+                    "stopping.\n"
+                )
+                sys.stderr.flush()
         return self
 
     def __exit__(self, *exc) -> None:
