@@ -102,6 +102,7 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
         if _pending:  # asked for before this run's loop began (a sweep's job setting up, or
             self.signal_name = _pending[0]  # a single run's start-up that swallowed it)
+            self._sigint = self.signal_name == "SIGINT"  # (a second one aborts)
             if SweepSignals._installed_in != os.getpid():
                 sys.stderr.write(
                     f"\n{self.signal_name} received while starting: saving a checkpoint, then "
