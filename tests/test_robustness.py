@@ -173,6 +173,18 @@ def test_sigterm_saves_flushes_logs_and_exits_3(tmp_path, reference):
     assert losses(run) == losses(reference)
 
 
+def _start_script(script: Path) -> subprocess.Popen:
+    """Run a Python file standing for the loop, with text pipes, not waiting."""
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.slow
 def test_second_sigint_aborts_at_once(tmp_path):
     """First SIGINT: a graceful stop is scheduled; second SIGINT: exit 130 at once."""
@@ -189,14 +201,7 @@ def test_second_sigint_aborts_at_once(tmp_path):
             """
         )
     )
-    p = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    p = _start_script(script)
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGINT)
     assert "SIGINT received" in p.stderr.readline() + p.stderr.readline()
@@ -232,14 +237,7 @@ def test_a_second_sigint_after_the_stops_checkpoint_committed_says_so(tmp_path, 
             """
         )
     )
-    p = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    p = _start_script(script)
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGINT)
     assert p.stdout.readline().strip() == "saved"
