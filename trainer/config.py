@@ -266,8 +266,11 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def group_options(group: str) -> list[str]:
     """The options of a config group a user chooses from: its YAML files (the schemas beside
-    them in Hydra's ConfigStore are not options)."""
+    them in Hydra's ConfigStore are not options); none for a group not in conf/ (Hydra's own
+    hydra/... groups, a key)."""
     folder = os.path.join(CONF_DIR, group)
+    if not os.path.isdir(folder):
+        return []
     return sorted(n[: -len(".yaml")] for n in os.listdir(folder) if n.endswith(".yaml"))
 
 

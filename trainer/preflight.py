@@ -66,8 +66,7 @@ def message(e: Exception, overrides: list[str]) -> str:
 
     if isinstance(e, MissingConfigException) and e.options:
         group, _, name = str(e.missing_cfg_file).rpartition("/")
-        ours = os.path.isdir(os.path.join(CONF_DIR, group))  # (not Hydra's own, hydra/...)
-        options = group_options(group) if ours else e.options
+        options = group_options(group) or e.options  # (Hydra's own groups: its list)
         return f"{group}: received {name!r}; allowed: {' | '.join(options)}"
     if isinstance(e, OverrideParseException):
         return f"cannot parse the command line: {str(e).splitlines()[0]}"
@@ -248,10 +247,9 @@ def _schema_chosen(overrides: list[str]) -> str | None:
     option's defaults)."""
     for o in overrides:  # (one job's: a sweep's lists and choice() are expanded)
         group, eq, choice = o.lstrip("+~").partition("=")
-        if eq and "." not in group and os.path.isdir(os.path.join(CONF_DIR, group)):
-            if choice.endswith("_schema") and choice not in group_options(group):
-                allowed = " | ".join(group_options(group))
-                return f"{group}: received {choice!r}; allowed: {allowed}"
+        options = group_options(group) if eq and "." not in group else []
+        if options and choice.endswith("_schema") and choice not in options:
+            return f"{group}: received {choice!r}; allowed: {' | '.join(options)}"
     return None
 
 
